@@ -1,0 +1,142 @@
+"""Where to intercept: targets (module paths + how their outputs are forecast) resolved from a model and a config.
+
+Adapters are data: an ``AdapterSpec`` registered by model class names which module outputs are forecast
+(module granularity), which modules are blocks whose residual is forecast (block granularity), and which forward
+arguments those residuals are taken against. Any other ``nn.Module`` uses path patterns given in the config.
+
+Example:
+    >>> spec = AdapterSpec("my-dit", modules=("blocks.*.attn", "blocks.*.mlp"), blocks=("blocks.*",))
+    >>> register_adapter("MyDiT", spec)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+MODES = ("output", "residual")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One intercepted module: its path in the model and what is forecast.
+
+    ``mode="output"``: the module's output (a tensor or a tuple/list/dict of tensors) is forecast.
+    ``mode="residual"``: the module is a block ``out = in + r``; ``r = out - in`` is forecast, with ``inputs``
+    naming, for each tensor output in order, the forward argument it is the residual of.
+    """
+
+    path: str
+    mode: str = "output"
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode == "residual" and not self.inputs:
+            raise ValueError(f"target {self.path!r}: mode 'residual' needs the names of its input arguments")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A model family's declaration: which module outputs are forecast at each granularity."""
+
+    name: str
+    modules: tuple[str, ...]
+    blocks: tuple[str, ...] = ()
+    block_inputs: tuple[str, ...] = ("hidden_states",)
+    notes: str = ""
+
+
+_REGISTRY: dict[str, AdapterSpec] = {}
+
+
+def register_adapter(class_name: str, spec: AdapterSpec) -> None:
+    """Register ``spec`` for models whose class (or a base class) is named ``class_name``."""
+    _REGISTRY[class_name] = spec
+
+
+def registered_adapters() -> dict[str, AdapterSpec]:
+    """A copy of the registry: class name -> spec."""
+    return dict(_REGISTRY)
+
+
+def find_adapter(model: nn.Module) -> AdapterSpec | None:
+    """The spec registered for the model's class or nearest registered base class, if any."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _REGISTRY:
+            return _REGISTRY[cls.__name__]
+    return None
+
+
+#################################################################################
+#                               Path patterns                                   #
+#################################################################################
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for component in pattern.split("."):
+        if component == "**":
+            parts.append(r"(?:[^.]+(?:\.[^.]+)*)")
+        else:
+            parts.append("".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in component))
+    return re.compile(r"\.".join(parts) + r"\Z")
+
+
+def match_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Paths of the sub-modules matching any pattern, in model order (``*``: one component, ``**``: any).
+
+    Raises ``ValueError`` naming a pattern that matches nothing, with example paths of the model.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    matched: list[str] = []
+    for pattern in patterns:
+        regex = _pattern_regex(pattern)
+        hits = [n for n in names if regex.match(n)]
+        if not hits:
+            raise ValueError(
+                f"modules pattern {pattern!r} matches no sub-module of {type(model).__name__}; "
+                f"patterns use '*' for one path component, e.g. {suggest_patterns(model)[:4]}"
+            )
+        matched.extend(h for h in hits if h not in matched)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(matched, key=order.__getitem__)
+
+
+def suggest_patterns(model: nn.Module) -> list[str]:
+    """Patterns for the children of the model's repeated blocks (``ModuleList`` items), e.g. ``blocks.*.attn``."""
+    out: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            for child, _ in module[0].named_children():
+                pattern = f"{name}.*.{child}" if name else f"*.{child}"
+                if pattern not in out:
+                    out.append(pattern)
+    return out
+
+
+def resolve_targets(model: nn.Module, config) -> list[Target]:
+    """The targets for ``model`` under ``config`` (its ``modules`` patterns, else the registered adapter)."""
+    if config.granularity == "output":
+        return [Target("", "output")]
+    spec = find_adapter(model)
+    if config.modules:
+        paths = match_modules(model, config.modules)
+        inputs = spec.block_inputs if spec is not None else ("hidden_states",)
+    elif spec is not None:
+        patterns = spec.modules if config.granularity == "module" else spec.blocks
+        if not patterns:
+            raise ValueError(f"adapter {spec.name!r} declares no {config.granularity!r} targets; "
+                             f"pass modules=... patterns or use granularity='output'")
+        paths = match_modules(model, patterns)
+        inputs = spec.block_inputs
+    else:
+        raise ValueError(
+            f"no adapter is registered for {type(model).__name__}: pass the sub-modules to forecast as "
+            f"TaylorSeerConfig(modules=...), e.g. modules={tuple(suggest_patterns(model)[:4])}"
+        )
+    if config.granularity == "block":
+        return [Target(p, "residual", tuple(inputs)) for p in paths]
+    return [Target(p, "output") for p in paths]

@@ -1,0 +1,149 @@
+"""Typed, frozen, validated configs and the paper presets. The ground floor: imports nothing of ours.
+
+One config object drives the API, the CLI and the report headers, and round-trips through JSON.
+
+Example:
+    >>> cfg = TaylorSeerConfig(interval=5, max_order=2)
+    >>> TaylorSeerConfig.from_json(cfg.to_json()) == cfg
+    True
+    >>> preset("paper_dit").full_steps(50)
+    14
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMES = ("reference", "divided")
+ABSCISSAE = ("step", "timestep", "sigma")
+GRANULARITIES = ("module", "block", "output")
+FACTOR_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TaylorSeerConfig:
+    """How to forecast skipped steps: schedule (policy), forecaster and where to intercept.
+
+    Schedule: a model call is computed in full for the first ``warmup_steps`` steps, then once every
+    ``interval`` steps (the ``interval - 1`` steps between are forecast), and for the last ``tail_steps`` steps.
+    ``interval=1`` computes every step (no acceleration).
+
+    Forecaster: Taylor factors up to ``max_order`` (0 = plain reuse, i.e. FORA) kept per cached module output.
+    ``scheme="reference"`` reproduces the official code (step-index units, higher orders divided by the latest
+    spacing only, history dropped on full steps with index <= warmup_steps - 2); ``scheme="divided"`` uses
+    Newton divided differences over the actual abscissae (exact for polynomials of degree <= max_order).
+    ``abscissa`` is what the series is expanded in: the step index, the scheduler's timestep, or sigma.
+
+    Where: ``modules`` are path patterns (``"blocks.*.attn"``; ``*`` matches one path component, ``**`` any
+    number) naming the sub-modules whose outputs are forecast; empty means the adapter registered for the model
+    class. ``granularity`` picks module outputs (paper), block residuals, or the model output ("lite").
+    ``factor_dtype`` stores the factors in another dtype (None: the feature's own) to save memory.
+    """
+
+    interval: int = 4
+    warmup_steps: int = 2
+    max_order: int = 2
+    tail_steps: int = 0
+    scheme: str = "divided"
+    abscissa: str = "step"
+    modules: tuple[str, ...] = ()
+    granularity: str = "module"
+    factor_dtype: str | None = None
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_int("interval", self.interval, 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("max_order", self.max_order, 0)
+        _check_int("tail_steps", self.tail_steps, 0)
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("abscissa", self.abscissa, ABSCISSAE)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
+        if isinstance(self.modules, str) or not all(isinstance(p, str) and p for p in self.modules):
+            raise TypeError(f"modules must be a tuple of non-empty path patterns, got {self.modules!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {self.name!r}")
+
+    # -- schedule facts --------------------------------------------------------------------------------
+    def full_steps(self, num_steps: int) -> int:
+        """Number of fully computed steps in a generation of ``num_steps`` steps."""
+        from .policy.interval import IntervalPolicy  # local: policy stands above config
+
+        return sum(IntervalPolicy.from_config(self).plan(num_steps))
+
+    # -- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field (``modules`` as a list)."""
+        out = dataclasses.asdict(self)
+        out["modules"] = list(self.modules)
+        return out
+
+    def to_json(self) -> str:
+        """JSON text of ``to_dict()``."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaylorSeerConfig:
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError`` naming them and the allowed keys."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown TaylorSeerConfig field(s) {unknown}; allowed: {allowed}")
+        data = dict(data)
+        if "modules" in data:
+            data["modules"] = tuple(data["modules"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TaylorSeerConfig:
+        """Inverse of ``to_json``."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> TaylorSeerConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+#################################################################################
+#                                    Presets                                    #
+#################################################################################
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # The official code's settings (../shared/ALGORITHM.md), step-index units, reference differences.
+    "paper_dit": dict(warmup_steps=2, interval=4, max_order=4, scheme="reference", abscissa="step"),
+    "paper_flux": dict(warmup_steps=3, interval=6, max_order=1, scheme="reference", abscissa="step"),
+    "paper_hunyuan_video": dict(warmup_steps=1, interval=5, max_order=1, scheme="reference", abscissa="step"),
+    "paper_wan": dict(warmup_steps=1, interval=5, max_order=1, scheme="reference", abscissa="step"),
+    # Plain reuse of the last computed features (FORA) on DiT's schedule.
+    "fora": dict(warmup_steps=2, interval=4, max_order=0, scheme="reference", abscissa="step"),
+}
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str, **overrides: Any) -> TaylorSeerConfig:
+    """A named preset (see ``PRESET_NAMES``), optionally with fields overridden.
+
+    Example:
+        >>> preset("paper_flux", interval=4).interval
+        4
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESET_NAMES)}, got {name!r}")
+    return TaylorSeerConfig(**{**_PRESETS[name], "name": name, **overrides})

@@ -1,0 +1,270 @@
+"""A small CNN classifier for 28x28 Fashion-MNIST, used as the feature extractor of FID-FMNIST.
+
+The shipped weights live in ``taylorseer/assets/fmnist_classifier.safetensors`` (float32, no pickle) and are
+verified against the SHA-256 recorded in ``taylorseer/assets/MANIFEST.json`` before they are loaded.
+Rebuild them with ``python scripts/build_eval_assets.py``.
+
+Example:
+    >>> clf = load_classifier()                                  # doctest: +SKIP
+    >>> images, labels = load_fashion_mnist("test")              # doctest: +SKIP
+    >>> clf(images[:8]).shape, clf.features(images[:8]).shape    # doctest: +SKIP
+    (torch.Size([8, 10]), torch.Size([8, 128]))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
+from ..models.data import load_fashion_mnist
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+MANIFEST_PATH = ASSETS_DIR / "MANIFEST.json"
+CLASSIFIER_FILE = "fmnist_classifier.safetensors"
+CLASSIFIER_PATH = ASSETS_DIR / CLASSIFIER_FILE
+
+
+class FMNISTClassifier(nn.Module):
+    """Three conv blocks (conv 3x3, 2x2 max-pool, batch norm, ReLU) then two linear layers.
+
+    Pooling before batch norm and ReLU gives the same kind of block as the usual order at a quarter of the
+    normalisation cost; with channels-last tensors one training epoch takes ~45 s on one CPU thread.
+
+    ``features`` returns the ``feature_dim`` penultimate activations (after ReLU), ``forward`` the class
+    logits. Inputs are images in [-1, 1], float32, shape [N, 1, 28, 28].
+    """
+
+    def __init__(self, feature_dim: int = 128, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, padding=1)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.fc1 = nn.Linear(128 * 3 * 3, feature_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(feature_dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations [N, feature_dim] of images [N, 1, 28, 28] in [-1, 1]."""
+        h = self.conv1(x)  # [N, 32, 28, 28]
+        h = F.relu(self.bn1(F.max_pool2d(h, 2)))  # [N, 32, 14, 14]
+        h = self.conv2(h)  # [N, 64, 14, 14]
+        h = F.relu(self.bn2(F.max_pool2d(h, 2)))  # [N, 64, 7, 7]
+        h = self.conv3(h)  # [N, 128, 7, 7]
+        h = F.relu(self.bn3(F.max_pool2d(h, 2)))  # [N, 128, 3, 3]
+        h = h.flatten(1)  # [N, 1152]
+        return F.relu(self.fc1(h))  # [N, feature_dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits [N, 10] of images [N, 1, 28, 28] in [-1, 1]."""
+        f = self.features(x)  # [N, feature_dim]
+        return self.fc2(self.dropout(f))  # [N, 10]
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
+    """The assets manifest: file name -> {"sha256": hex digest, ...notes}; ``{}`` if the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object mapping file names to entries")
+    return manifest
+
+
+def update_manifest(name: str, entry: dict[str, Any], path: str | os.PathLike = MANIFEST_PATH) -> None:
+    """Set ``manifest[name] = entry`` by read-modify-write, keeping every other key; atomic replace.
+
+    Example:
+        >>> update_manifest("x.safetensors", {"sha256": file_sha256("x.safetensors")})   # doctest: +SKIP
+    """
+    if "sha256" not in entry:
+        raise ValueError("a manifest entry needs a 'sha256' key")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(path)
+    manifest[name] = entry
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def manifest_sha256(name: str, manifest_path: str | os.PathLike = MANIFEST_PATH) -> str:
+    """The SHA-256 recorded for asset ``name``; raises ``CheckpointError`` if it is not recorded."""
+    entry = read_manifest(manifest_path).get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CheckpointError(
+            f"no SHA-256 recorded for {name} in {manifest_path}; rebuild with scripts/build_eval_assets.py"
+        )
+    return entry["sha256"]
+
+
+# ----------------------------------------------------------------------------------------------- load / save
+
+
+def save_classifier(path: str | os.PathLike, model: FMNISTClassifier, metadata: dict[str, str] | None = None) -> str:
+    """Write the weights as float32 safetensors (architecture in the header); returns the file's SHA-256."""
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps({"feature_dim": model.feature_dim}), **(metadata or {})}
+    save_tensors(path, tensors, meta)
+    return file_sha256(path)
+
+
+def load_classifier(path: str | os.PathLike | None = None, sha256: str | None = None) -> FMNISTClassifier:
+    """Load a classifier in eval mode after verifying the file's SHA-256.
+
+    With no arguments this loads the shipped asset and checks it against ``MANIFEST.json``. With ``path``
+    given, ``sha256`` is the expected digest (if omitted, the manifest entry for the file's name is used).
+    A missing, corrupted or mismatching file raises ``CheckpointError``.
+
+    Example:
+        >>> clf = load_classifier()                                          # doctest: +SKIP
+        >>> clf = load_classifier("copy.safetensors", sha256="9f2c...")      # doctest: +SKIP
+    """
+    path = Path(path) if path is not None else CLASSIFIER_PATH
+    if sha256 is None:
+        sha256 = manifest_sha256(path.name)
+    tensors, metadata = load_tensors(path, sha256=sha256)
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+        model = FMNISTClassifier(feature_dim=int(config.get("feature_dim", 128)))
+        model.load_state_dict(tensors, strict=True)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"weights file {path} does not hold an FMNISTClassifier: {err}") from err
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def shipped_classifier() -> FMNISTClassifier:
+    """The shipped classifier, loaded (and verified) once per process. Do not train or modify it in place."""
+    model = load_classifier()
+    model.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flip and random translation by up to ``max_shift`` pixels (filled with -1, black)."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # [N, 1, 28, 28]
+    if max_shift > 0:
+        padded = F.pad(x, (max_shift,) * 4, value=-1.0)  # [N, 1, 28+2s, 28+2s], -1 is the black background
+        dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(x.shape[-2]))[:, :, None]  # [N, 28, 1]
+        cols = (dx[:, None] + torch.arange(x.shape[-1]))[:, None, :]  # [N, 1, 28]
+        x = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)  # [N, 1, 28, 28]
+    return x
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction (in [0, 1]) of ``images`` whose arg-max logit equals ``labels``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, images.shape[0], batch_size):
+        correct += int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, images.shape[0])
+
+
+def train_classifier(
+    out_path: str | os.PathLike,
+    epochs: int = 6,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    augment: bool = True,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Train ``FMNISTClassifier`` on the 60k train split, save it to ``out_path``, report test accuracy.
+
+    AdamW with a one-cycle learning-rate schedule, label smoothing 0.1, random flips and +-1 pixel shifts.
+    All randomness comes from ``seed``. Returns a summary dict: ``test_accuracy`` (fraction in [0, 1]),
+    ``train_seconds`` (wall-clock seconds of the training loop), ``epochs``, ``seed``, ``sha256``.
+
+    Example:
+        >>> info = train_classifier("fmnist_classifier.safetensors", epochs=6, seed=0)   # doctest: +SKIP
+        >>> info["test_accuracy"] > 0.9                                                # doctest: +SKIP
+        True
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+
+    model = FMNISTClassifier().to(memory_format=torch.channels_last)  # ~1.6x faster convolutions on CPU
+    steps_per_epoch = (train_x.shape[0] + batch_size - 1) // batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
+    )
+
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(train_x.shape[0], generator=generator)
+        bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{epochs}", leave=False)
+        running = 0.0
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            x, y = train_x[idx], train_y[idx]
+            if augment:
+                x = _augment(x, generator, max_shift=1)
+            x = x.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.3f}")
+        bar.close()
+        acc = evaluate_accuracy(model, test_x, test_y)
+        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {running:.4f}, test accuracy {acc:.4f}")
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    test_accuracy = evaluate_accuracy(model, test_x, test_y)
+    info: dict[str, Any] = {
+        "test_accuracy": round(test_accuracy, 4),
+        "train_seconds": round(train_seconds, 1),
+        "epochs": epochs,
+        "seed": seed,
+        "threads": threads,
+        "batch_size": batch_size,
+        "lr": lr,
+        "augment": augment,
+    }
+    info["sha256"] = save_classifier(out_path, model, {k: str(v) for k, v in info.items()})
+    return info

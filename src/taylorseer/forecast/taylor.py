@@ -1,0 +1,128 @@
+"""Forecast math as pure tensor functions: update Taylor factors at a computed step, evaluate at another.
+
+No modules, hooks or globals: a ``TaylorState`` goes in, a new one comes out. Order 0 is plain reuse (FORA).
+
+Two schemes (see docs/design.md):
+
+* ``reference`` -- the official TaylorSeer code, to the last bit in float32. Factors are derivative estimates
+  ``d[0] = F(s)``, ``d[i+1] = (d[i] - d_old[i]) / h`` with ``h`` the latest spacing only, and the forecast is the
+  Taylor sum ``sum_i (1/i!) * d[i] * x**i`` evaluated term by term from ``i = 0`` with ``x = s - s_last``.
+* ``divided`` -- Newton divided differences over the actual abscissae ``a_0 (newest), a_1, ...``: factors
+  ``c[i] = f[a_0, ..., a_i]`` and the forecast ``sum_i c[i] * prod_{j<i} (x - a_j)``, i.e. the polynomial through
+  the last ``k + 1`` computed points. Exact for polynomials of degree <= k on any spacing. On uniform spacing its
+  derivative estimates ``i! * c[i]`` equal the reference factors; forecasts coincide for orders 0 and 1.
+
+Example:
+    >>> s = TaylorState.empty()
+    >>> for x in (0.0, 1.0, 2.0):
+    ...     s = update(s, torch.tensor([x * x]), x, max_order=2, scheme="divided")
+    >>> forecast(s, 3.0, scheme="divided")
+    tensor([9.])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class TaylorState(NamedTuple):
+    """Factors of one cached feature and the abscissae of the computed steps they came from (newest first)."""
+
+    factors: tuple[torch.Tensor, ...]
+    points: tuple[float, ...]
+
+    @staticmethod
+    def empty() -> TaylorState:
+        """The state before any computed step."""
+        return TaylorState((), ())
+
+    @property
+    def order(self) -> int:
+        """Highest available order (-1 when empty)."""
+        return len(self.factors) - 1
+
+    def nbytes(self) -> int:
+        """Bytes held by the factor tensors."""
+        return sum(f.numel() * f.element_size() for f in self.factors)
+
+
+def update(
+    state: TaylorState,
+    feature: torch.Tensor,
+    point: float,
+    max_order: int,
+    scheme: str = "divided",
+    keep_history: bool = True,
+    factor_dtype: torch.dtype | None = None,
+) -> TaylorState:
+    """New factors after computing ``feature`` at abscissa ``point``.
+
+    ``keep_history=False`` drops the old factors (only ``feature`` is kept), as the reference code does on its
+    first steps. ``factor_dtype`` stores the factors in another dtype; differences are taken in the feature's.
+    Raises ``ValueError`` if ``point`` repeats the latest computed abscissa (zero spacing).
+    """
+    old = state.factors if keep_history else ()
+    old_points = state.points if keep_history else ()
+    if old_points and point == old_points[0]:
+        raise ValueError(f"point {point} repeats the latest computed abscissa: spacing would be zero")
+    new = [feature]
+    for i in range(min(max_order, len(old))):
+        if scheme == "reference":
+            spacing = point - old_points[0]
+        elif scheme == "divided":
+            spacing = point - old_points[i]
+        else:
+            raise ValueError(f"scheme must be one of ['reference', 'divided'], got {scheme!r}")
+        previous = old[i] if old[i].dtype == feature.dtype else old[i].to(feature.dtype)
+        new.append((new[i] - previous) / spacing)
+    if factor_dtype is not None:
+        new = [f.to(factor_dtype) for f in new]
+    return TaylorState(tuple(new), ((point,) + tuple(old_points))[: max_order + 1])
+
+
+def forecast(state: TaylorState, point: float, scheme: str = "divided", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The feature forecast at abscissa ``point`` (a new tensor; the state is not modified).
+
+    ``dtype`` is the result's dtype (default: the factors'). Raises ``ValueError`` on an empty state.
+    """
+    if not state.factors:
+        raise ValueError("cannot forecast from an empty state: no step has been computed yet")
+    if scheme == "reference":
+        return _forecast_reference(state, point, dtype)
+    if scheme == "divided":
+        return _forecast_newton(state, point, dtype)
+    raise ValueError(f"scheme must be one of ['reference', 'divided'], got {scheme!r}")
+
+
+def _forecast_reference(state: TaylorState, point: float, dtype: torch.dtype | None) -> torch.Tensor:
+    # Keep the reference's exact evaluation order: ((1/i!) * d_i) * x**i, summed from i = 0 upward.
+    distance = point - state.points[0]
+    factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
+    output = factors[0].clone()
+    for i in range(1, len(factors)):
+        output += (1 / math.factorial(i)) * factors[i] * (distance**i)
+    return output
+
+
+def _forecast_newton(state: TaylorState, point: float, dtype: torch.dtype | None) -> torch.Tensor:
+    factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
+    output = factors[0].clone()
+    weight = 1.0
+    for i in range(1, len(factors)):
+        weight *= point - state.points[i - 1]
+        output.add_(factors[i], alpha=weight)
+    return output
+
+
+def derivatives(state: TaylorState, scheme: str = "divided") -> list[torch.Tensor]:
+    """Derivative estimates ``d[i]`` at the newest point: the factors themselves (reference) or ``i! * c[i]``.
+
+    For ``divided`` these are the derivatives of the interpolating polynomial's *leading* terms (exact for
+    ``i = k``); they equal the reference factors on uniform spacing.
+    """
+    if scheme == "reference":
+        return list(state.factors)
+    return [math.factorial(i) * f for i, f in enumerate(state.factors)]
