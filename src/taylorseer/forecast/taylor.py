@@ -83,7 +83,9 @@ def update(
     return TaylorState(tuple(new), ((point,) + tuple(old_points))[: max_order + 1])
 
 
-def forecast(state: TaylorState, point: float, scheme: str = "divided", dtype: torch.dtype | None = None) -> torch.Tensor:
+def forecast(
+    state: TaylorState, point: float, scheme: str = "divided", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The feature forecast at abscissa ``point`` (a new tensor; the state is not modified).
 
     ``dtype`` is the result's dtype (default: the factors'). Raises ``ValueError`` on an empty state.

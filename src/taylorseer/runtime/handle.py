@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -31,6 +31,7 @@ from ..forecast.taylor import TaylorState, forecast, update
 from ..policy.interval import IntervalPolicy
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_TENSOR = object()  # placeholder for a tensor leaf in a stored output structure
 _INSTALLED: dict[int, CacheHandle] = {}  # id(module) -> handle, to refuse applying twice
 
 
@@ -273,44 +274,50 @@ class CacheHandle:
             if step.full or states is None:
                 output = original(*args, **kwargs)
                 leaves, spec = pytree.tree_flatten(output)
+                tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
                 if target.mode == "residual":
-                    leaves = [o - i for o, i in zip(leaves, inputs_of(args, kwargs))]
-                self._record(key, leaves, spec, step)
+                    tensors = [o - i for o, i in zip(tensors, inputs_of(args, kwargs))]
+                self._record(key, leaves, tensors, spec, step)
                 self.stats.module_full[target.path] += 1
                 return output
-            spec, dtypes = self._structures[key]
+            spec, leaves, dtypes = self._structures[key]
             predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
             if target.mode == "residual":
                 predicted = [i + r for i, r in zip(inputs_of(args, kwargs), predicted)]
             if target.path in self._probes:
                 self._measure(target.path, step, predicted, original(*args, **kwargs))
             self.stats.module_forecast[target.path] += 1
-            return pytree.tree_unflatten(predicted, spec)
+            it = iter(predicted)
+            return pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
 
         return forward
 
-    def _record(self, key: tuple, leaves: list, spec: Any, step: _Step) -> None:
+    def _record(self, key: tuple, leaves: list, tensors: list, spec: Any, step: _Step) -> None:
         if self._last_forecast is not None and step.index >= self._last_forecast:
             if self._states:
                 self._clear_state()
             return
-        if not all(isinstance(x, torch.Tensor) for x in leaves):
-            kinds = sorted({type(x).__name__ for x in leaves})
-            raise TypeError(f"target {key[1]!r} returned non-tensor outputs {kinds}; only tensors can be forecast")
-        old = self._states.get(key) or tuple(TaylorState.empty() for _ in leaves)
+        old = self._states.get(key) or tuple(TaylorState.empty() for _ in tensors)
+        if old and old[0].points and old[0].points[0] == step.point:
+            raise ValueError(
+                f"target {key[1]!r} was computed twice in step {step.index} of branch {key[0]!r}: give each "
+                f"model call of a step its own branch (handle.step(..., branch=...)) or let calls number themselves"
+            )
         before = sum(s.nbytes() for s in old)
         new = tuple(
             update(s, x.detach(), step.point, self.config.max_order, self.config.scheme,
                    keep_history=step.keep_history, factor_dtype=self._factor_dtype)
-            for s, x in zip(old, leaves)
+            for s, x in zip(old, tensors)
         )
         self._states[key] = new
-        self._structures[key] = (spec, [x.dtype for x in leaves])
+        # Non-tensor leaves (None, flags) are returned as the last full step gave them; tensor slots are _TENSOR.
+        constants = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+        self._structures[key] = (spec, constants, [x.dtype for x in tensors])
         self.stats.cache_bytes += sum(s.nbytes() for s in new) - before
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.stats.cache_bytes)
 
     def _measure(self, path: str, step: _Step, predicted: list, true_output: Any) -> None:
-        true_leaves, _ = pytree.tree_flatten(true_output)
+        true_leaves = [x for x in pytree.tree_flatten(true_output)[0] if isinstance(x, torch.Tensor)]
         num = sum(float((p - t).float().pow(2).sum()) for p, t in zip(predicted, true_leaves))
         den = sum(float(t.float().pow(2).sum()) for t in true_leaves)
         self.stats.probe_errors.append({"path": path, "step": step.index, "rel_l2": (num / max(den, 1e-30)) ** 0.5})

@@ -8,7 +8,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch  # noqa: F401  (used in the docstring example)
 from torch.utils.flop_counter import FlopCounterMode
