@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -26,11 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
+from ..models.checkpoint import ASSETS_DIR, CheckpointError, file_sha256, load_tensors, manifest_sha256, save_tensors
 from ..models.data import load_fashion_mnist
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-MANIFEST_PATH = ASSETS_DIR / "MANIFEST.json"
 CLASSIFIER_FILE = "fmnist_classifier.safetensors"
 CLASSIFIER_PATH = ASSETS_DIR / CLASSIFIER_FILE
 
@@ -75,58 +72,12 @@ class FMNISTClassifier(nn.Module):
         return self.fc2(self.dropout(f))  # [N, 10]
 
 
-# ----------------------------------------------------------------------------------------------- manifest
-
-
-def read_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
-    """The assets manifest: file name -> {"sha256": hex digest, ...notes}; ``{}`` if the file does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} must hold a JSON object mapping file names to entries")
-    return manifest
-
-
-def update_manifest(name: str, entry: dict[str, Any], path: str | os.PathLike = MANIFEST_PATH) -> None:
-    """Set ``manifest[name] = entry`` by read-modify-write, keeping every other key; atomic replace.
-
-    Example:
-        >>> update_manifest("x.safetensors", {"sha256": file_sha256("x.safetensors")})   # doctest: +SKIP
-    """
-    if "sha256" not in entry:
-        raise ValueError("a manifest entry needs a 'sha256' key")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(path)
-    manifest[name] = entry
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def manifest_sha256(name: str, manifest_path: str | os.PathLike = MANIFEST_PATH) -> str:
-    """The SHA-256 recorded for asset ``name``; raises ``CheckpointError`` if it is not recorded."""
-    entry = read_manifest(manifest_path).get(name)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise CheckpointError(
-            f"no SHA-256 recorded for {name} in {manifest_path}; rebuild with scripts/build_eval_assets.py"
-        )
-    return entry["sha256"]
-
-
 # ----------------------------------------------------------------------------------------------- load / save
 
 
-def save_classifier(path: str | os.PathLike, model: FMNISTClassifier, metadata: dict[str, str] | None = None) -> str:
+def save_classifier(
+    path: str | os.PathLike, model: FMNISTClassifier, metadata: dict[str, str] | None = None
+) -> str:
     """Write the weights as float32 safetensors (architecture in the header); returns the file's SHA-256."""
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     meta = {"config": json.dumps({"feature_dim": model.feature_dim}), **(metadata or {})}
@@ -185,7 +136,9 @@ def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) ->
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def evaluate_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
     """Fraction (in [0, 1]) of ``images`` whose arg-max logit equals ``labels``."""
     was_training = model.training
     model.eval()

@@ -7,12 +7,12 @@ is biased upward for small sample counts: compare runs only at the same number o
 
 Example:
     >>> real, labels = load_fashion_mnist("test")            # doctest: +SKIP
-    >>> psnr(real[:64], real[:64].flip(-1)), ssim(real[:64], real[:64])   # doctest: +SKIP
-    (13.1..., 1.0)
-    >>> class_accuracy(real[:1000], labels[:1000])          # doctest: +SKIP
-    0.92...
-    >>> fid_fmnist(real)                                     # doctest: +SKIP
-    0.0...
+    >>> psnr(real[:64], real[:64]), ssim(real[:64], real[:64])   # doctest: +SKIP
+    (inf, 1.0)
+    >>> class_accuracy(real[:1000], labels[:1000]) > 0.9   # doctest: +SKIP
+    True
+    >>> fid_fmnist(real) < 1e-6                             # same images as the reference   # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ..models.checkpoint import CheckpointError, load_tensors
+from ..models.checkpoint import ASSETS_DIR, CheckpointError, load_tensors, manifest_sha256
 from ..models.data import load_fashion_mnist
-from .classifier import ASSETS_DIR, CLASSIFIER_FILE, manifest_sha256, shipped_classifier
+from .classifier import CLASSIFIER_FILE, shipped_classifier
 
 STATS_FILE = "fmnist_test_stats.safetensors"
 STATS_PATH = ASSETS_DIR / STATS_FILE
@@ -44,11 +44,11 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB between image batches ``a`` and ``b`` ([N, C, H, W], values in [-1, 1]).
+    """Peak signal-to-noise ratio in dB between image batches ``a``, ``b`` ([N, C, H, W], values in [-1, 1]).
 
     ``10 * log10(data_range**2 / MSE)`` with the MSE pooled over every pixel of the batch (torchmetrics'
-    default), computed in float64. ``data_range`` is the value span, 2.0 for [-1, 1] images. Identical
-    batches give ``inf``.
+    default), computed in float64 (torchmetrics' float32 ln-to-log10 constant limits accuracy to ~1e-5 dB).
+    ``data_range`` is the value span, 2.0 for [-1, 1] images. Identical batches give ``inf``.
 
     Example:
         >>> x = torch.zeros(2, 1, 28, 28)
@@ -105,7 +105,7 @@ def _batched(
 def class_accuracy(
     images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None, batch_size: int = 500
 ) -> float:
-    """Fraction (in [0, 1]) of ``images`` ([N, 1, 28, 28] in [-1, 1]) the classifier assigns to ``labels`` [N].
+    """Fraction (in [0, 1]) of ``images`` ([N, 1, 28, 28] in [-1, 1]) classified as their ``labels`` [N].
 
     For class-conditional samples, ``labels`` are the conditioning classes. ``classifier`` defaults to the
     shipped ``FMNISTClassifier`` (about 0.92 on the real test set).
@@ -199,19 +199,19 @@ def load_reference_statistics(
         sha256 = manifest_sha256(path.name)
     tensors, metadata = load_tensors(path, sha256=sha256)
     if set(tensors) != {"mu", "sigma"}:
-        raise CheckpointError(f"statistics file {path} must hold exactly 'mu' and 'sigma', got {sorted(tensors)}")
+        raise CheckpointError(f"statistics file {path} must hold exactly 'mu' and 'sigma': {sorted(tensors)}")
     expected_clf = manifest_sha256(CLASSIFIER_FILE)
     if metadata.get("classifier_sha256") != expected_clf:
         raise CheckpointError(
-            f"statistics file {path} was computed with classifier {metadata.get('classifier_sha256')!r}, not the "
-            f"shipped one ({expected_clf[:16]}...); rebuild with scripts/build_eval_assets.py"
+            f"statistics file {path} was computed with classifier {metadata.get('classifier_sha256')!r}, "
+            f"not the shipped one ({expected_clf[:16]}...); rebuild with scripts/build_eval_assets.py"
         )
     return tensors["mu"].double(), tensors["sigma"].double()
 
 
 @lru_cache(maxsize=1)
 def reference_statistics() -> tuple[torch.Tensor, torch.Tensor]:
-    """Shipped (mu [128], sigma [128, 128]) float64 of the shipped classifier's features on the 10k test images.
+    """Shipped (mu [128], sigma [128, 128]) float64 of the classifier's features on the 10k test images.
 
     Loaded once per process and verified against ``MANIFEST.json``. Treat the tensors as read-only.
 

@@ -10,13 +10,18 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+MANIFEST_PATH = ASSETS_DIR / "MANIFEST.json"
 
 
 class CheckpointError(ValueError):
@@ -40,6 +45,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are package data, readable by all
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,3 +73,51 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> tuple[di
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {path} is not a readable safetensors file: {err}") from err
     return tensors, metadata
+
+
+#################################################################################
+#                         Manifest of the shipped assets                        #
+#################################################################################
+
+def read_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
+    """The assets manifest: file name -> {"sha256": hex digest, ...notes}; ``{}`` if there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object mapping file names to entries")
+    return manifest
+
+
+def update_manifest(name: str, entry: dict[str, Any], path: str | os.PathLike = MANIFEST_PATH) -> None:
+    """Set ``manifest[name] = entry`` by read-modify-write, keeping every other key; atomic replace.
+
+    Example:
+        >>> update_manifest("x.safetensors", {"sha256": file_sha256("x.safetensors")})   # doctest: +SKIP
+    """
+    if "sha256" not in entry:
+        raise ValueError("a manifest entry needs a 'sha256' key")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(path)
+    manifest[name] = entry
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is package data, readable by all
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def manifest_sha256(name: str, manifest_path: str | os.PathLike = MANIFEST_PATH) -> str:
+    """The SHA-256 recorded for asset ``name``; raises ``CheckpointError`` if it is not recorded."""
+    entry = read_manifest(manifest_path).get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CheckpointError(f"no SHA-256 recorded for {name} in {manifest_path}; the package is incomplete")
+    return entry["sha256"]

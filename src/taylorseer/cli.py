@@ -1,0 +1,172 @@
+"""Command line: parses arguments and calls the API; nothing else lives here.
+
+    taylorseer demo                      # embedded DiT, full compute vs TaylorSeer, side by side
+    taylorseer plan --preset paper_dit   # print a schedule's compute/forecast pattern
+    taylorseer bench [--quick]           # measure methods, write JSONL records
+    taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
+    taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline, accelerated
+    taylorseer train-reference           # (re)train the embedded model, resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerConfig, preset
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit") -> None:
+    g = p.add_argument_group("cache config (a preset, with any field overridden)")
+    g.add_argument("--preset", choices=PRESET_NAMES, default=default_preset)
+    g.add_argument("--interval", type=int, help="N: compute one step in N (1 = every step)")
+    g.add_argument("--order", type=int, dest="max_order", help="O: Taylor order (0 = reuse, FORA)")
+    g.add_argument("--warmup", type=int, dest="warmup_steps", help="W: first steps always computed")
+    g.add_argument("--tail", type=int, dest="tail_steps", help="last steps always computed")
+    g.add_argument("--scheme", choices=SCHEMES)
+    g.add_argument("--abscissa", choices=ABSCISSAE)
+    g.add_argument("--granularity", choices=GRANULARITIES)
+    g.add_argument("--modules", nargs="+", help="path patterns of the modules to forecast, e.g. 'blocks.*.attn'")
+
+
+def config_from_args(args: argparse.Namespace) -> TaylorSeerConfig:
+    """The ``TaylorSeerConfig`` named by ``--preset`` with the explicitly given fields overridden."""
+    fields = ("interval", "max_order", "warmup_steps", "tail_steps", "scheme", "abscissa", "granularity")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.modules:
+        overrides["modules"] = tuple(args.modules)
+    if args.preset:
+        return preset(args.preset, **overrides)
+    return TaylorSeerConfig(**overrides)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from .demo import format_table, run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=args.steps, guidance_scale=args.cfg_scale,
+                    seed=args.seed)
+    print(f"\n{10 * args.per_class} images, {args.steps} DDIM steps, CFG {args.cfg_scale}, "
+          f"{torch.get_num_threads()} CPU thread(s); PSNR/SSIM vs the full-compute images of the same seeds; "
+          f"FID-FMNIST over {10 * args.per_class} images (compare rows, not with other sample counts)\n")
+    print(format_table(rows))
+    print(f"\nside-by-side: {args.out}/demo.png")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .policy.interval import IntervalPolicy
+
+    config = config_from_args(args)
+    pattern = IntervalPolicy.from_config(config).pattern(args.steps)
+    print(config.to_json())
+    print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .models.train import TrainConfig, train_reference
+
+    cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, threads=args.threads, seed=args.seed)
+    path = train_reference(cfg)
+    print(f"training state: {path}")
+    if args.export:
+        from .models.pretrained import export_reference
+
+        print(f"exported: {export_reference(path)}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .eval.bench import main as bench_main
+
+    bench_main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .eval.report import write_report
+
+    print(f"report: {write_report(args.records, args.out)}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    config = None if args.no_cache else config_from_args(args)
+    stats = generate(model=args.model, prompt=args.prompt, config=config, num_inference_steps=args.steps,
+                     seed=args.seed, out_dir=args.out)
+    for key, value in stats.items():
+        print(f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``taylorseer`` argument parser."""
+    parser = argparse.ArgumentParser(prog="taylorseer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="embedded DiT: full compute vs TaylorSeer, measured, side by side")
+    p.add_argument("--out", default="out/demo", help="folder for demo.png")
+    p.add_argument("--per-class", type=int, default=4, help="images per class (10 classes)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the full-compute run")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plan", help="print a schedule's compute/forecast pattern")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("train-reference", help="train (or resume) the embedded reference DiT")
+    p.add_argument("--out-dir", default="runs/reference")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="measure speed, memory and quality of many methods; write JSONL records")
+    p.add_argument("--quick", action="store_true", help="a handful of methods and images (CI)")
+    p.add_argument("--out", default="out/bench/records.jsonl", help="JSONL file (appended)")
+    p.add_argument("--images", type=int, default=None, help="images per method (default: grid's choice)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps of the full-compute reference")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives the most stable ratios)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="write a Markdown/HTML report with plots from bench records")
+    p.add_argument("records", help="a JSONL file written by `taylorseer bench`")
+    p.add_argument("--out", default="out/report")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("generate", help="run a diffusers pipeline with TaylorSeer and save its images")
+    p.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/generate")
+    p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer")
+    _add_config_args(p, default_preset=None)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors print one line and exit with status 2."""
+    from .models.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
+        print(f"taylorseer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
