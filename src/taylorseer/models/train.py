@@ -112,11 +112,14 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     while step < end:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the global RNG too: diffusers' label dropout draws from it
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         x0, y = images[idx], labels[idx]
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(cfg.batch_size, generator=gen) < 0.1  # classifier-free guidance: null class 10%
+        # Classifier-free guidance: 10% null labels here, and diffusers' LabelEmbedding drops another 10% in train
+        # mode, so about 19% of the batch trains the unconditional branch (the recipe of the shipped model).
+        drop = torch.rand(cfg.batch_size, generator=gen) < 0.1
         y = torch.where(drop, torch.full_like(y, model.config.num_embeds_ada_norm), y)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -1,0 +1,90 @@
+"""Data loader, checkpoints (corruption, truncation, checksum), resumable training, reference export/load."""
+
+import gzip
+import shutil
+
+import pytest
+import torch
+
+from taylorseer.models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
+from taylorseer.models.data import load_fashion_mnist
+from taylorseer.models.pretrained import export_reference, load_reference
+from taylorseer.models.train import TrainConfig, train_reference
+
+
+def test_fashion_mnist_shapes_range_and_labels():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
+    assert x.min() == -1 and x.max() == 1 and sorted(y.unique().tolist()) == list(range(10))
+
+
+def test_missing_dataset_names_the_apt_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist("test", folder=tmp_path)
+
+
+def test_truncated_idx_file_is_an_error(tmp_path):
+    src = "/usr/share/datasets/fashion-mnist/"
+    shutil.copy(src + "t10k-labels-idx1-ubyte.gz", tmp_path)
+    with gzip.open(src + "t10k-images-idx3-ubyte.gz") as f:
+        data = f.read()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(data[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        load_fashion_mnist("test", folder=tmp_path)
+
+
+def test_bad_split():
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_fashion_mnist("valid")
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, {"a": torch.arange(6.0)}, {"k": "v"})
+    sha = file_sha256(path)
+    tensors, meta = load_tensors(path, sha256=sha)
+    assert torch.equal(tensors["a"], torch.arange(6.0)) and meta["k"] == "v"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_tensors(path, sha256=sha)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_tensors(path)  # no checksum given: still a clear error, never garbage
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tensors(tmp_path / "missing.safetensors")
+
+
+def _tiny(out, **kw):
+    return TrainConfig(out_dir=str(out), size="DiT-FM-T/4", steps=6, batch_size=8, checkpoint_every=2,
+                       warmup_steps=2, threads=1, **kw)
+
+
+def test_training_resumes_after_interruption(tmp_path):
+    straight = train_reference(_tiny(tmp_path / "a"))
+    train_reference(_tiny(tmp_path / "b"), stop_at=3)  # "killed" after step 3 (checkpointed at 2 and 3)
+    _, meta = load_tensors(tmp_path / "b" / "train_state.safetensors")
+    assert meta["step"] == "3"
+    resumed = train_reference(_tiny(tmp_path / "b"))
+    a, meta_a = load_tensors(straight)
+    b, meta_b = load_tensors(resumed)
+    assert meta_a["step"] == meta_b["step"] == "6"
+    assert len(a) == len(b) > 100 and all(torch.equal(a[k], b[k]) for k in a)  # model, EMA and optimiser
+    log = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [2, 3, 4, 6]
+
+
+def test_export_and_load_reference(tmp_path):
+    state = train_reference(_tiny(tmp_path / "t"))
+    out = export_reference(state, tmp_path / "ref.safetensors", update_manifest=False)
+    model = load_reference(out, sha256=file_sha256(out))
+    tensors, _ = load_tensors(state)
+    for name, param in model.state_dict().items():
+        assert torch.equal(param, tensors["ema." + name].half().float())
+    assert not any(p.requires_grad for p in model.parameters())
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    out.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_reference(out, sha256=file_sha256(state))
