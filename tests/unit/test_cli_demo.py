@@ -1,0 +1,46 @@
+"""CLI: one-line errors and exit codes; demo rows and picture on a tiny model."""
+
+import pytest
+
+from taylorseer import TaylorSeerConfig
+from taylorseer.cli import main
+from taylorseer.demo import DemoMethod, format_table, run_demo
+
+
+def test_plan_prints_pattern(capsys):
+    assert main(["plan", "--preset", "paper_dit", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "FFfffFfffF" in out and "4 full / 10 steps" in out
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [(["plan", "--interval", "0"], "interval"), (["plan", "--order", "-1"], "max_order"),
+     (["plan", "--steps", "0"], "num_steps")],
+)
+def test_bad_values_exit_2_with_one_line(capsys, argv, field):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err and "Traceback" not in err
+
+
+def test_unknown_choice_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--scheme", "newton"])
+    assert info.value.code == 2 and "divided" in capsys.readouterr().err
+
+
+def test_demo_rows_and_picture(tmp_path, tiny_dit):
+    methods = [DemoMethod("full", None, 6),
+               DemoMethod("ts", TaylorSeerConfig(interval=2, warmup_steps=1, max_order=1), 6),
+               DemoMethod("ddim-4", None, 4)]
+    rows = run_demo(out_dir=tmp_path, per_class=1, model=tiny_dit, methods=methods, progress=False)
+    assert [r["method"] for r in rows] == ["full", "ts", "ddim-4"]
+    full, ts, ddim = rows
+    assert full["psnr"] == float("inf") and full["flops_speedup"] == 1.0
+    assert ts["full_steps"] == methods[1].config.full_steps(6) == 3 and ts["flops_speedup"] > 1.0 and ts["cache_mb"] > 0
+    assert ddim["full_steps"] == 4 and ddim["flops_speedup"] == pytest.approx(1.5)
+    assert all(0 <= r["class_acc"] <= 1 and r["fid_fmnist"] >= 0 for r in rows)
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    table = format_table(rows)
+    assert table.count("\n") == 4 and "| ts | 3 |" in table
