@@ -35,6 +35,13 @@ _TENSOR = object()  # placeholder for a tensor leaf in a stored output structure
 _INSTALLED: dict[int, CacheHandle] = {}  # id(module) -> handle, to refuse applying twice
 
 
+def _flatten(output: Any) -> tuple[list, Any]:
+    """Leaves and structure of a module output; a bare tensor (the common case) skips pytree (spec None)."""
+    if isinstance(output, torch.Tensor):
+        return [output], None
+    return pytree.tree_flatten(output)
+
+
 @dataclass
 class CacheStats:
     """What happened in the current generation (reset by ``begin``). Counts are per model call and module."""
@@ -273,7 +280,7 @@ class CacheHandle:
             states = self._states.get(key)
             if step.full or states is None:
                 output = original(*args, **kwargs)
-                leaves, spec = pytree.tree_flatten(output)
+                leaves, spec = _flatten(output)
                 tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
                 if target.mode == "residual":
                     tensors = [o - i for o, i in zip(tensors, inputs_of(args, kwargs))]
@@ -281,12 +288,17 @@ class CacheHandle:
                 self.stats.module_full[target.path] += 1
                 return output
             spec, leaves, dtypes = self._structures[key]
-            predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
+            if self._factor_dtype is None:
+                predicted = [forecast(s, step.point, self.config.scheme) for s in states]
+            else:
+                predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
             if target.mode == "residual":
                 predicted = [i + r for i, r in zip(inputs_of(args, kwargs), predicted)]
             if target.path in self._probes:
                 self._measure(target.path, step, predicted, original(*args, **kwargs))
             self.stats.module_forecast[target.path] += 1
+            if spec is None:
+                return predicted[0]
             it = iter(predicted)
             return pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
 
@@ -317,7 +329,7 @@ class CacheHandle:
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.stats.cache_bytes)
 
     def _measure(self, path: str, step: _Step, predicted: list, true_output: Any) -> None:
-        true_leaves = [x for x in pytree.tree_flatten(true_output)[0] if isinstance(x, torch.Tensor)]
+        true_leaves = [x for x in _flatten(true_output)[0] if isinstance(x, torch.Tensor)]
         num = sum(float((p - t).float().pow(2).sum()) for p, t in zip(predicted, true_leaves))
         den = sum(float(t.float().pow(2).sum()) for t in true_leaves)
         self.stats.probe_errors.append({"path": path, "step": step.index, "rel_l2": (num / max(den, 1e-30)) ** 0.5})
