@@ -125,6 +125,9 @@ def test_flops_ratio_close_to_ideal(tiny_dit):
     with taylorseer.apply(tiny_dit, cfg) as handle:
         _, flops_cached = count_flops(lambda: sample(tiny_dit, LABELS, num_steps=steps, seed=0, listener=handle))
         plan = handle.plan(steps)
+        with handle.count_flops():
+            sample(tiny_dit, LABELS, num_steps=steps, seed=0, listener=handle)
+        stats = handle.stats
     # FLOPs of the forecast modules alone, in one full step, counted the same way.
     x = torch.zeros(2 * len(LABELS), 1, 28, 28)
     _, per_step = count_flops(lambda: tiny_dit(x, timestep=torch.full((6,), 500), class_labels=torch.zeros(6).long()))
@@ -137,6 +140,10 @@ def test_flops_ratio_close_to_ideal(tiny_dit):
     ideal = steps * per_step - (steps - full_steps) * modules_flops
     assert flops_cached == ideal
     assert flops_full / flops_cached > 1.5
+    # The handle's own measurement reports the same numbers.
+    assert stats.flops_executed == flops_cached
+    assert stats.flops_executed + stats.flops_skipped == flops_full
+    assert stats.to_dict()["flops_speedup"] == pytest.approx(flops_full / flops_cached)
 
 
 def test_granularities_interval_one_identical_and_forecast_reduces_calls(tiny_dit):

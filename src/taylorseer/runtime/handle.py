@@ -53,6 +53,15 @@ class CacheStats:
     cache_bytes: int = 0
     peak_cache_bytes: int = 0
     probe_errors: list[dict] = field(default_factory=list)
+    flops_executed: int | None = None  # counted under handle.count_flops(); None when not measured
+    flops_skipped: int | None = None  # FLOPs the forecast calls did not execute (each module's counted full cost)
+
+    @property
+    def flops_speedup(self) -> float | None:
+        """Full-compute FLOPs / executed FLOPs of the measured run (None when not measured)."""
+        if not self.flops_executed:
+            return None
+        return (self.flops_executed + (self.flops_skipped or 0)) / self.flops_executed
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (module counters summed over modules)."""
@@ -63,6 +72,9 @@ class CacheStats:
             "module_calls_forecast": sum(self.module_forecast.values()),
             "cache_bytes": self.cache_bytes,
             "peak_cache_bytes": self.peak_cache_bytes,
+            "flops_executed": self.flops_executed,
+            "flops_skipped": self.flops_skipped,
+            "flops_speedup": self.flops_speedup,
         }
 
 
@@ -96,6 +108,8 @@ class CacheHandle:
         self._saved: list[tuple[nn.Module, bool, Any]] = []
         self._hooks: list[Any] = []
         self._probes: set[str] = set()
+        self._flop_counter: Any = None
+        self._module_flops: dict[str, int] = {}
         self._removed = False
 
     # ---------------------------------------------------------------------------------------------------
@@ -208,6 +222,28 @@ class CacheHandle:
         finally:
             self._step = None
 
+    @contextlib.contextmanager
+    def count_flops(self) -> Iterator[CacheStats]:
+        """Count the FLOPs executed inside (``torch.utils.flop_counter``) into ``stats.flops_executed``, and the
+        FLOPs each forecast call skipped (its module's cost counted at its latest full call) into
+        ``stats.flops_skipped``; ``stats.flops_speedup`` is then the measured ratio. Measurement only: slower.
+
+        Example:
+            >>> with handle.count_flops():                                    # doctest: +SKIP
+            ...     images = sample(model, labels, listener=handle)
+            >>> handle.stats.flops_speedup                                     # doctest: +SKIP
+            3.1
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self._flop_counter = counter
+            try:
+                yield self.stats
+            finally:
+                self._flop_counter = None
+        self.stats.flops_executed = int(counter.get_total_flops())
+
     def probe(self, *paths: str) -> None:
         """Also compute the true output of these target paths on forecast steps and record the relative L2 error
         of the forecast in ``stats.probe_errors`` (the forecast is still what the model receives). Measurement
@@ -279,7 +315,11 @@ class CacheHandle:
             key = (branch, target.path)
             states = self._states.get(key)
             if step.full or states is None:
+                counter = self._flop_counter
+                before = counter.get_total_flops() if counter is not None else 0
                 output = original(*args, **kwargs)
+                if counter is not None:
+                    self._module_flops[target.path] = counter.get_total_flops() - before
                 leaves, spec = _flatten(output)
                 tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
                 if target.mode == "residual":
@@ -297,6 +337,8 @@ class CacheHandle:
             if target.path in self._probes:
                 self._measure(target.path, step, predicted, original(*args, **kwargs))
             self.stats.module_forecast[target.path] += 1
+            if self._flop_counter is not None:
+                self.stats.flops_skipped = (self.stats.flops_skipped or 0) + self._module_flops.get(target.path, 0)
             if spec is None:
                 return predicted[0]
             it = iter(predicted)

@@ -1,0 +1,52 @@
+"""Evaluate the shipped reference DiT at full compute and write its numbers into the assets manifest.
+
+    python scripts/evaluate_reference.py --per-class 30 --threads 2
+
+Prints class accuracy (shipped classifier) and FID-FMNIST (vs the 10k test set statistics) of DDIM-50 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from taylorseer.eval import metrics
+from taylorseer.models.checkpoint import read_manifest, update_manifest
+from taylorseer.models.pretrained import REFERENCE_FILE, load_reference
+from taylorseer.models.sampler import sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--record", action="store_true", help="write the results into MANIFEST.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_reference()
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    results = []
+    for scale in args.cfg_scale:
+        start = time.perf_counter()
+        images = sample(model, labels, num_steps=args.steps, guidance_scale=scale, seed=args.seed, progress=True)
+        seconds = time.perf_counter() - start
+        row = {"images": len(labels), "ddim_steps": args.steps, "cfg_scale": scale, "seed": args.seed,
+               "class_accuracy": round(metrics.class_accuracy(images, labels), 4),
+               "fid_fmnist": round(metrics.fid_fmnist(images), 3), "seconds": round(seconds, 1),
+               "threads": args.threads}
+        print(json.dumps(row))
+        results.append(row)
+    if args.record:
+        entry = dict(read_manifest()[REFERENCE_FILE])
+        entry["evaluation"] = results
+        update_manifest(REFERENCE_FILE, entry)
+
+
+if __name__ == "__main__":
+    main()
