@@ -79,15 +79,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from .eval.bench import main as bench_main
+    from .eval.bench import default_grid, run_bench
+    from .models.pretrained import load_reference
 
-    bench_main(args)
+    methods = default_grid(quick=args.quick, num_steps=args.steps)
+    images = args.images or (8 if args.quick else 50)
+    repeats = args.repeats or (1 if args.quick else 2)
+    records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
+                        repeats=repeats, out_path=args.out, model_name="DiT-FM-S/4 (embedded, Fashion-MNIST)")
+    print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from .eval.report import write_report
 
-    print(f"report: {write_report(args.records, args.out)}")
+    print(f"report: {write_report(args.records, args.out, notes=args.notes)}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -131,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure speed, memory and quality of many methods; write JSONL records")
     p.add_argument("--quick", action="store_true", help="a handful of methods and images (CI)")
     p.add_argument("--out", default="out/bench/records.jsonl", help="JSONL file (appended)")
-    p.add_argument("--images", type=int, default=None, help="images per method (default: grid's choice)")
+    p.add_argument("--images", type=int, default=None, help="images per method (default: 50; --quick: 8)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the full-compute reference")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 2; --quick: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives the most stable ratios)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
@@ -141,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write a Markdown/HTML report with plots from bench records")
     p.add_argument("records", help="a JSONL file written by `taylorseer bench`")
     p.add_argument("--out", default="out/report")
+    p.add_argument("--notes", default=None, help="a paragraph added to the report (e.g. why a target was missed)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("generate", help="run a diffusers pipeline with TaylorSeer and save its images")

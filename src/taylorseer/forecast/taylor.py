@@ -111,9 +111,11 @@ def _forecast_reference(state: TaylorState, point: float, dtype: torch.dtype | N
 
 def _forecast_newton(state: TaylorState, point: float, dtype: torch.dtype | None) -> torch.Tensor:
     factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
-    output = factors[0].clone()
-    weight = 1.0
-    for i in range(1, len(factors)):
+    if len(factors) == 1:
+        return factors[0].clone()
+    weight = point - state.points[0]
+    output = torch.add(factors[0], factors[1], alpha=weight)  # one fused pass for the first two terms
+    for i in range(2, len(factors)):
         weight *= point - state.points[i - 1]
         output.add_(factors[i], alpha=weight)
     return output

@@ -1,0 +1,575 @@
+"""The measuring instrument: run a grid of methods on one model, write one JSON record per method (JSONL).
+
+Every record is measured, never estimated: FLOPs are counted (``torch.utils.flop_counter``), wall times are
+medians of runs of different methods *interleaved* (full, A, B, ..., full, A, B, ...) so that a noisy shared
+machine slows every method alike, quality is compared with the full-compute images of the same seeds. A value
+that could not be measured is ``null`` and ``reasons[field]`` says why. Reports read these records only.
+
+Methods are benchmarked in groups of about eight. For each method of a group: a probe run on a few images
+(per-step forecast error of one module; it costs extra compute, so it is never timed), then a counted run on
+all images (FLOPs, step counts, cache bytes, the images for the quality metrics; it is also the method's
+warm-up). Then ``repeats`` timed rounds, each running the full-compute reference and the group's methods once,
+in order; speedups divide by the reference's median from the same rounds. Records are appended to the JSONL
+file group by group, so an interrupted run keeps what it finished.
+
+Record schema (``SCHEMA`` = "taylorseer.bench/1"; one JSON object per method; times in seconds, sizes in bytes
+unless named ``_mb``): run header (``run_id``, ``model``, ``num_images``, ``seed``, ``repeats``, ``guidance_scale``,
+``cfg_mode``, ``machine``), the method (``name``, ``family``, ``num_steps``, ``config``, ``counterpart``, ``group``),
+counts (``steps_full``, ``steps_forecast``, ``flops``, ``flops_speedup``, ``peak_cache_bytes``,
+``process_max_rss_mb``: the process's peak so far), timing (``wall_s`` median, ``wall_min_s``, ``wall_max_s``,
+``wall_samples_s``, ``cpu_s``, ``wall_full_s``, ``wall_speedup``, ``efficiency`` = wall / FLOPs speedup), quality
+(``psnr`` dB and ``ssim`` vs the reference images, ``class_accuracy``, ``fid_fmnist``), the probe
+(``probe_path``, ``probe_images``, ``probe_errors`` = [{step, rel_l2}]), ``samples_png``, ``error`` (None or
+"Type: message"), ``reasons`` ({field: why it is null}) and ``bench_elapsed_s``.
+
+Example:
+    >>> model = build_reference("DiT-FM-T/4")                                           # doctest: +SKIP
+    >>> records = run_bench(model, default_grid(quick=True, num_steps=10), num_images=8, repeats=1,
+    ...                     out_path="runs/bench/records.jsonl")                       # doctest: +SKIP
+    >>> [(r["name"], r["flops_speedup"]) for r in records][:2]                          # doctest: +SKIP
+    [('full', 1.0), ('ddim-4', 2.5)]
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters import resolve_targets
+from ..api import apply
+from ..config import TaylorSeerConfig, preset
+from ..models.reference import NUM_CLASSES
+from ..models.sampler import StepListener, sample
+from ..runtime.measure import count_flops
+
+SCHEMA = "taylorseer.bench/1"
+FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer")
+CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer")
+GRID_INTERVALS = tuple(range(2, 9))
+GRID_WARMUP = 2  # DiT's reference warm-up (../shared/ALGORITHM.md)
+SAMPLE_GRID_IMAGES = 16
+
+Sampler = Callable[..., torch.Tensor]
+
+
+#################################################################################
+#                                    Methods                                    #
+#################################################################################
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked method: how ``num_steps`` sampler steps are computed.
+
+    ``family`` is one of ``FAMILIES``. ``full`` and ``fewer-steps`` run the plain sampler (``config`` None);
+    the cached families carry the ``TaylorSeerConfig`` that is applied (for ``diffusers-peer``: the schedule and
+    order the peer integration is asked to reproduce). ``counterpart`` names our method that a peer is compared
+    with (same schedule and modules); the bench times them in the same group.
+
+    Example:
+        >>> Method("ts-O2-N5-divided", "taylorseer", TaylorSeerConfig(interval=5, max_order=2)).full_steps()
+        11
+    """
+
+    name: str
+    family: str
+    config: TaylorSeerConfig | None = None
+    num_steps: int = 50
+    counterpart: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        if (self.config is None) != (self.family in ("full", "fewer-steps")):
+            raise ValueError(f"method {self.name!r}: families full/fewer-steps take no config, the others need one")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
+
+    def full_steps(self) -> int:
+        """Sampler steps computed in full (model evaluations that run the cached modules)."""
+        return self.config.full_steps(self.num_steps) if self.config is not None else self.num_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (the config as its ``to_dict()``)."""
+        return {"name": self.name, "family": self.family, "num_steps": self.num_steps,
+                "config": self.config.to_dict() if self.config is not None else None,
+                "counterpart": self.counterpart}
+
+
+def _taylorseer(order: int, interval: int, num_steps: int, scheme: str = "divided", abscissa: str = "step",
+                granularity: str = "module") -> Method:
+    suffix = ("" if abscissa == "step" else f"-{abscissa}") + ("" if granularity == "module" else f"-{granularity}")
+    config = TaylorSeerConfig(interval=interval, warmup_steps=GRID_WARMUP, max_order=order, scheme=scheme,
+                              abscissa=abscissa, granularity=granularity,
+                              name=f"ts-O{order}-N{interval}-{scheme}{suffix}")
+    return Method(config.name, "taylorseer", config, num_steps)
+
+
+def _fora(interval: int, num_steps: int) -> Method:
+    return Method(f"fora-N{interval}", "fora", preset("fora", interval=interval, warmup_steps=GRID_WARMUP), num_steps)
+
+
+def _peer(ours: Method) -> Method:
+    cfg = ours.config
+    return Method(f"diffusers-O{cfg.max_order}-N{cfg.interval}", "diffusers-peer", cfg, ours.num_steps, ours.name)
+
+
+def _fewer_steps(cached: list[Method], num_steps: int) -> list[Method]:
+    """Plain DDIM at each distinct number of full steps of the cached methods (equal model evaluations)."""
+    counts = sorted({m.full_steps() for m in cached if m.full_steps() < num_steps}, reverse=True)
+    return [Method(f"ddim-{k}", "fewer-steps", None, k) for k in counts]
+
+
+def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
+    """The benchmark grid for ``num_steps``-step sampling (the paper's DiT setting is 50).
+
+    Full grid (61 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
+    at N = 2..8 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
+    timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa); block-residual
+    and model-output ("lite") granularity at N = 5, O = 1, 2; the paper presets
+    (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
+    diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
+    methods. ``quick``: seven methods at one interval, for CI.
+
+    Example:
+        >>> [m.name for m in default_grid(quick=True, num_steps=10)][:3]
+        ['full', 'ddim-4', 'fora-N3']
+    """
+    if quick:
+        return _quick_grid(num_steps)
+    cached = [_fora(n, num_steps) for n in GRID_INTERVALS]
+    cached += [_taylorseer(o, n, num_steps) for o in (1, 2, 3) for n in GRID_INTERVALS]
+    cached += [_taylorseer(o, n, num_steps, scheme="reference") for o in (2, 3) for n in GRID_INTERVALS]
+    cached += [_taylorseer(o, 5, num_steps, abscissa="timestep") for o in (1, 2, 3)]
+    cached += [_taylorseer(o, 5, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)]
+    cached += [Method(p, "preset", preset(p), num_steps) for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
+    by_name = {m.name: m for m in cached}
+    peers = [_peer(by_name["ts-O1-N5-divided"]), _peer(by_name["ts-O2-N4-reference"])]
+    return [Method("full", "full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, *peers]
+
+
+def _quick_grid(num_steps: int) -> list[Method]:
+    n = 3 if num_steps < 20 else 5  # at 50 steps: N=5, 11 model evaluations, so P1-P3 all get checked
+    ours = _taylorseer(1, n, num_steps)
+    cached = [_fora(n, num_steps), ours, _taylorseer(2, n, num_steps, scheme="reference"),
+              Method("paper_dit", "preset", preset("paper_dit"), num_steps)]
+    return [Method("full", "full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, _peer(ours)]
+
+
+#################################################################################
+#                          Installers (one per family)                          #
+#################################################################################
+
+@dataclass
+class Installed:
+    """A method made ready on a model: what to sample with, what to tell, how to undo it and read its stats."""
+
+    model: nn.Module
+    listener: StepListener | None
+    remove: Callable[[], None]
+    stats: Callable[[], dict[str, Any]]
+    targets: list[str] = field(default_factory=list)
+    probe: Callable[[str], None] | None = None
+
+
+Installer = Callable[[nn.Module, Method], Installed]
+INSTALLERS: dict[str, Installer] = {}
+
+
+def register_installer(family: str, installer: Installer) -> None:
+    """Register how methods of ``family`` are installed on a model (replaces any previous installer)."""
+    INSTALLERS[family] = installer
+
+
+def _install_plain(model: nn.Module, method: Method) -> Installed:
+    stats = {"steps_full": method.num_steps, "steps_forecast": 0, "peak_cache_bytes": 0}
+    return Installed(model, None, lambda: None, lambda: dict(stats))
+
+
+def _install_taylorseer(model: nn.Module, method: Method) -> Installed:
+    handle = apply(model, method.config)
+
+    def stats() -> dict[str, Any]:
+        return {**handle.stats.to_dict(), "probe_errors": list(handle.stats.probe_errors)}
+
+    return Installed(model, handle, handle.remove, stats, [t.path for t in handle.targets], handle.probe)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+
+def _install_peer(model: nn.Module, method: Method) -> Installed:
+    """diffusers' own TaylorSeer hook via ``taylorseer.integrations.peers``, on our adapter's modules and schedule.
+
+    It runs on a deep copy of the model (diffusers' hook removal leaves attributes behind), so the peer never
+    touches the model the other methods run on. The peer is told the steps like our handle when it has
+    ``begin``/``step``; a ``stats`` attribute (``to_dict()`` or a dict) is recorded if present. Any failure,
+    including a missing module, becomes the method's ``error``.
+    """
+    from ..integrations.peers import adapter_regexes, apply_diffusers_taylorseer
+
+    cfg = method.config
+    clone = copy.deepcopy(model)
+    peer = apply_diffusers_taylorseer(clone, cfg.interval, cfg.warmup_steps, cfg.max_order,
+                                      adapter_regexes(clone, cfg), factor_dtype=_TORCH_DTYPES.get(cfg.factor_dtype))
+    listener = peer if hasattr(peer, "begin") and hasattr(peer, "step") else None
+
+    def stats() -> dict[str, Any]:
+        raw = getattr(peer, "stats", None)
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
+        return dict(raw) if isinstance(raw, dict) else {}
+
+    return Installed(clone, listener, getattr(peer, "remove", lambda: None), stats)
+
+
+for _family in ("full", "fewer-steps"):
+    register_installer(_family, _install_plain)
+for _family in ("fora", "taylorseer", "preset"):
+    register_installer(_family, _install_taylorseer)
+register_installer("diffusers-peer", _install_peer)
+
+
+#################################################################################
+#                                    Runs                                       #
+#################################################################################
+
+@dataclass
+class _Context:
+    model: nn.Module
+    sampler: Sampler
+    labels: torch.Tensor
+    seed: int
+    guidance_scale: float
+    cfg_mode: str
+
+
+@dataclass
+class _Run:
+    images: torch.Tensor
+    flops: int | None
+    stats: dict[str, Any]
+    wall_s: float
+    cpu_s: float
+
+
+def _run(ctx: _Context, method: Method, labels: torch.Tensor, count: bool = False, probe: str | None = None) -> _Run:
+    """Install ``method``, sample ``labels`` once (optionally counting FLOPs or probing a module), uninstall."""
+    installed = INSTALLERS[method.family](ctx.model, method)
+    try:
+        if probe is not None:
+            installed.probe(probe)
+
+        def call() -> torch.Tensor:
+            return ctx.sampler(installed.model, labels, num_steps=method.num_steps, guidance_scale=ctx.guidance_scale,
+                               seed=ctx.seed, cfg_mode=ctx.cfg_mode, listener=installed.listener)
+
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        images, flops = count_flops(call) if count else (call(), None)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        stats = installed.stats()
+    finally:
+        installed.remove()
+    return _Run(images, flops, stats, wall, cpu)
+
+
+def _probe_path(model: nn.Module, method: Method) -> str | None:
+    """The middle attention target of ``method`` (e.g. ``transformer_blocks.3.attn1``), None if not probeable."""
+    if INSTALLERS.get(method.family) is not _install_taylorseer:
+        return None
+    targets = [t.path for t in resolve_targets(model, method.config)]
+    paths = [p for p in targets if "attn" in p] or targets
+    return paths[len(paths) // 2] if paths else None
+
+
+#################################################################################
+#                                 Measurements                                  #
+#################################################################################
+
+def machine_facts() -> dict[str, Any]:
+    """CPU model, core count, library versions, torch threads, UTC date and load average right now."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import diffusers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, is_reference: bool) -> tuple:
+    """PSNR/SSIM vs the reference images, class accuracy and FID-FMNIST; (values, reasons for the nulls)."""
+    values: dict[str, Any] = {"psnr": None, "ssim": None, "class_accuracy": None, "fid_fmnist": None}
+    reasons: dict[str, str] = {}
+    try:
+        from . import metrics
+    except Exception as err:  # noqa: BLE001 - the metrics module may be missing or broken: record why
+        return values, {k: f"eval.metrics unavailable: {type(err).__name__}: {err}" for k in values}
+    jobs = {"psnr": lambda: metrics.psnr(images, reference), "ssim": lambda: metrics.ssim(images, reference),
+            "class_accuracy": lambda: metrics.class_accuracy(images, labels),
+            "fid_fmnist": lambda: metrics.fid_fmnist(images)}
+    for key, job in jobs.items():
+        if key == "psnr" and is_reference:
+            reasons[key] = "this is the reference: PSNR against itself is infinite by definition"
+            continue
+        try:
+            values[key] = float(job())
+        except Exception as err:  # noqa: BLE001 - e.g. classifier assets missing: null with the reason
+            reasons[key] = f"{type(err).__name__}: {err}"
+    return values, reasons
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    """Save the first images ([N, 1, 28, 28] in [-1, 1]) as one PNG, 2 rows, each pixel drawn 2x2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+
+    x = images[:SAMPLE_GRID_IMAGES, 0].float()  # [n, 28, 28]
+    rows = 2 if len(x) > 1 else 1
+    cols = -(-len(x) // rows)
+    x = torch.cat([x, x.new_full((rows * cols - len(x), *x.shape[1:]), -1.0)])  # pad with black tiles
+    tiled = x.reshape(rows, cols, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, cols * 28)
+    tiled = tiled.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mpimg.imsave(path, tiled.numpy(), cmap="gray", vmin=-1.0, vmax=1.0)
+
+
+def _probe(ctx: _Context, method: Method, probe_images: int) -> dict[str, Any]:
+    """Per-step relative L2 error of the forecast of one module, from a separate run on a few images."""
+    path = _probe_path(ctx.model, method)
+    keys = ("probe_path", "probe_images", "probe_errors")
+    if path is None:
+        why = "no forecast steps" if method.config is None else "the peer integration exposes no probe"
+        return {**dict.fromkeys(keys), "reasons": dict.fromkeys(keys, why)}
+    labels = ctx.labels[:probe_images]
+    run = _run(ctx, method, labels, probe=path)
+    errors = [{"step": e["step"], "rel_l2": e["rel_l2"]} for e in run.stats["probe_errors"]]
+    return {"probe_path": path, "probe_images": len(labels), "probe_errors": errors, "reasons": {}}
+
+
+def _measure(ctx: _Context, method: Method, reference: torch.Tensor | None, out_dir: Path | None,
+             probe_images: int) -> dict[str, Any]:
+    """Everything but timing: probe run, counted run, quality metrics, sample grid. Fills a partial record."""
+    rec = _probe(ctx, method, probe_images)
+    run = _run(ctx, method, ctx.labels, count=True)
+    rec["flops"] = run.flops
+    rec["process_max_rss_mb"] = _max_rss_mb()
+    for key in ("steps_full", "steps_forecast", "peak_cache_bytes"):
+        rec[key] = run.stats.get(key)
+        if rec[key] is None:
+            rec["reasons"][key] = "not reported by this method's integration"
+    values, reasons = _quality(run.images, run.images if reference is None else reference, ctx.labels,
+                               is_reference=reference is None)
+    rec.update(values)
+    rec["reasons"].update(reasons)
+    rec["samples_png"] = None
+    if out_dir is None:
+        rec["reasons"]["samples_png"] = "sample grids were not requested"
+    else:
+        png = Path("samples") / f"{method.name}.png"
+        _save_grid(run.images, out_dir / png)
+        rec["samples_png"] = png.as_posix()
+    rec["_images"] = run.images
+    return rec
+
+
+#################################################################################
+#                                Timing + records                               #
+#################################################################################
+
+def _groups(methods: list[Method], full: Method, size: int) -> list[list[Method]]:
+    """Chunk the non-reference methods into timing groups of about ``size``; a peer joins its counterpart."""
+    others = [m for m in methods if m is not full]
+    units: list[list[Method]] = [[m] for m in others if m.counterpart is None or m.counterpart not in
+                                 {o.name for o in others}]
+    for peer in (m for m in others if m not in [u[0] for u in units]):
+        next(u for u in units if u[0].name == peer.counterpart).append(peer)
+    groups: list[list[Method]] = [[]]
+    for unit in units:
+        if groups[-1] and len(groups[-1]) + len(unit) > size:
+            groups.append([])
+        groups[-1].extend(unit)
+    return [[full] + g for g in groups] if groups[0] else [[full]]
+
+
+def _wall_fields(samples: list[float], cpu: list[float], full: list[float]) -> dict[str, Any]:
+    median, full_median = statistics.median(samples), statistics.median(full)
+    return {"wall_s": median, "wall_min_s": min(samples), "wall_max_s": max(samples), "wall_samples_s": samples,
+            "cpu_s": statistics.median(cpu), "wall_full_s": full_median, "wall_speedup": full_median / median}
+
+
+def _error_record(message: str) -> dict[str, Any]:
+    keys = ("flops", "steps_full", "steps_forecast", "peak_cache_bytes", "psnr", "ssim", "class_accuracy",
+            "fid_fmnist", "probe_path", "probe_images", "probe_errors", "samples_png", "process_max_rss_mb")
+    return {**dict.fromkeys(keys), "reasons": {k: "the method failed (see error)" for k in keys}, "error": message}
+
+
+def _finish(rec: dict[str, Any], timing: dict[str, Any] | None, full_flops: int | None) -> dict[str, Any]:
+    """Add timing and the ratios; nulls (with reasons) for what is missing."""
+    rec.pop("_images", None)
+    timed = ("wall_s", "wall_min_s", "wall_max_s", "wall_samples_s", "cpu_s", "wall_full_s", "wall_speedup")
+    rec.update(timing if timing is not None else dict.fromkeys(timed))
+    if timing is None:
+        rec["reasons"].update({k: "not timed: the method failed" for k in timed})
+    flops = rec.get("flops")
+    rec["flops_speedup"] = full_flops / flops if flops and full_flops else None
+    rec["efficiency"] = (rec["wall_speedup"] / rec["flops_speedup"]
+                         if rec["wall_speedup"] and rec["flops_speedup"] else None)
+    for key in ("flops_speedup", "efficiency"):
+        if rec[key] is None:
+            rec["reasons"].setdefault(key, "an input of the ratio is missing")
+    return rec
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+class _Bench:
+    """State of one ``run_bench`` call: context, reference images and FLOPs, progress bar, output file."""
+
+    def __init__(self, ctx: _Context, out_path: Path, header: dict[str, Any], probe_images: int,
+                 save_samples: bool, bar: tqdm) -> None:
+        self.ctx, self.out_path, self.header, self.bar = ctx, out_path, header, bar
+        self.probe_images, self.save_samples = probe_images, save_samples
+        self.reference: torch.Tensor | None = None
+        self.full_flops: int | None = None
+        self.started = time.perf_counter()
+
+    def measure(self, method: Method) -> dict[str, Any]:
+        self.bar.set_description(f"measure {method.name}")
+        try:
+            rec = _measure(self.ctx, method, self.reference, self.out_path.parent if self.save_samples else None,
+                           self.probe_images)
+            rec["error"] = None
+        except Exception as err:  # noqa: BLE001 - a failing method is recorded, the bench goes on
+            rec = _error_record(f"{type(err).__name__}: {err}")
+        self.bar.update(2)
+        if method.family == "full" and self.reference is None:
+            self.reference, self.full_flops = rec.get("_images"), rec["flops"]
+        return rec
+
+    def time_group(self, group: list[Method], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+        samples: dict[str, tuple[list[float], list[float]]] = {m.name: ([], []) for m in group}
+        for _ in range(repeats):
+            for method in group:  # interleaved: every round runs each method once, in order
+                self.bar.set_description(f"time {method.name}")
+                run = _run(self.ctx, method, self.ctx.labels)
+                samples[method.name][0].append(run.wall_s)
+                samples[method.name][1].append(run.cpu_s)
+                self.bar.update(1)
+        return samples
+
+    def record(self, method: Method, rec: dict[str, Any], group: int, timing: dict[str, Any] | None) -> dict:
+        out = {**self.header, **method.to_dict(), "group": group, **_finish(rec, timing, self.full_flops)}
+        out["bench_elapsed_s"] = time.perf_counter() - self.started
+        _append(self.out_path, out)
+        return out
+
+
+def run_bench(
+    model: nn.Module | Callable[[], nn.Module],
+    methods: list[Method],
+    num_images: int = 100,
+    seed: int = 0,
+    threads: int | None = None,
+    repeats: int = 3,
+    out_path: str | os.PathLike = "bench.jsonl",
+    progress: bool = True,
+    *,
+    sampler: Sampler = sample,
+    guidance_scale: float = 1.5,
+    cfg_mode: str = "batch",
+    group_size: int = 8,
+    probe_images: int = 16,
+    model_name: str | None = None,
+    save_samples: bool = True,
+) -> list[dict[str, Any]]:
+    """Benchmark ``methods`` on ``model`` and append one JSON record per method to ``out_path``; return them.
+
+    ``model`` is a module or a factory returning one; ``sampler(model, labels, num_steps=, guidance_scale=,
+    seed=, cfg_mode=, listener=)`` generates images in [-1, 1]. Exactly one method must have family ``full``:
+    its images (``num_images`` images of classes 0..9 in turn, noise from ``seed``) are the reference of PSNR
+    and SSIM and its FLOPs and wall time the denominators of the speedups. ``threads`` sets torch's thread
+    count for the whole process (None: leave it). Wall times are in seconds: median, min, max and all samples
+    of ``repeats`` interleaved rounds of groups of ``group_size`` methods plus the reference. Sample grids go
+    to ``samples/`` beside ``out_path`` (paths in the records are relative to that directory). Records are
+    appended, never truncated: ``report.read_records`` picks the last run (``run_id``) of a file.
+
+    Example:
+        >>> recs = run_bench(build_reference("DiT-FM-T/4"), default_grid(True, 10), num_images=8,
+        ...                  repeats=1, out_path="bench.jsonl", progress=False)         # doctest: +SKIP
+    """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    fulls = [m for m in methods if m.family == "full"]
+    if len(fulls) != 1:
+        raise ValueError(f"methods must hold exactly one 'full' method (the reference), got {len(fulls)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = model if isinstance(model, nn.Module) else model()
+    labels = torch.arange(num_images) % NUM_CLASSES
+    ctx = _Context(model, sampler, labels, seed, guidance_scale, cfg_mode)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    groups = _groups(methods, fulls[0], group_size)
+    header = _header(model, model_name, num_images, seed, repeats, guidance_scale, cfg_mode, probe_images)
+    total = 2 * len(methods) + repeats * sum(len(g) for g in groups)
+    with tqdm(total=total, disable=not progress, desc="bench") as bar:
+        bench = _Bench(ctx, out_path, header, probe_images, save_samples, bar)
+        return [r for index, group in enumerate(groups) for r in _bench_group(bench, group, index, repeats)]
+
+
+def _bench_group(bench: _Bench, group: list[Method], index: int, repeats: int) -> list[dict[str, Any]]:
+    """Measure the group's methods (the reference only in group 0), time them interleaved, append the records."""
+    full, members = group[0], group[1:]
+    todo = group if index == 0 else members
+    partial = {m.name: bench.measure(m) for m in todo}
+    if bench.reference is None:
+        raise RuntimeError(f"the reference method {full.name!r} failed: {partial[full.name]['error']}")
+    ok = [full] + [m for m in members if partial[m.name]["error"] is None]
+    bench.bar.update(repeats * (len(group) - len(ok)))
+    samples = bench.time_group(ok, repeats)
+    full_wall = samples[full.name][0]
+    records = []
+    for method in todo:
+        timing = _wall_fields(*samples[method.name], full_wall) if method.name in samples else None
+        records.append(bench.record(method, partial[method.name], index, timing))
+    return records
+
+
+def _header(model: nn.Module, model_name: str | None, num_images: int, seed: int, repeats: int,
+            guidance_scale: float, cfg_mode: str, probe_images: int) -> dict[str, Any]:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return {"schema": SCHEMA, "run_id": f"{stamp}-{os.getpid()}",
+            "model": {"name": model_name or type(model).__name__, "class": type(model).__name__,
+                      "params": sum(p.numel() for p in model.parameters())},
+            "num_images": num_images, "seed": seed, "repeats": repeats, "guidance_scale": guidance_scale,
+            "cfg_mode": cfg_mode, "probe_images_requested": probe_images, "machine": machine_facts()}
