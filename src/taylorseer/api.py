@@ -1,4 +1,7 @@
-"""One verb: ``apply(model, config) -> handle``; ``handle.remove()`` (or leaving ``with``) undoes it exactly.
+"""One verb: ``apply(model_or_pipe, config) -> handle``; ``handle.remove()`` (or leaving ``with``) undoes it exactly.
+
+On a model, the sampling loop tells the handle each step. On a diffusers pipeline (an object with ``.transformer``
+and ``.scheduler``), the pipeline's scheduler tells it: just call the pipeline.
 
 Example:
     >>> import taylorseer
@@ -6,27 +9,37 @@ Example:
     >>> with handle.step(0, timestep=999):                                         # doctest: +SKIP
     ...     eps = model(x, 999, labels)
     >>> handle.remove()                                                            # doctest: +SKIP
+    >>> with taylorseer.apply(pipe, taylorseer.preset("paper_flux")) as handle:  # doctest: +SKIP
+    ...     image = pipe("a cat", num_inference_steps=50).images[0]
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from .adapters import resolve_targets
 from .config import TaylorSeerConfig
+from .integrations.pipeline import PipelineHandle, check_pipeline, is_pipeline
 from .runtime.handle import CacheHandle
 
 
-def apply(model: nn.Module, config: TaylorSeerConfig | None = None) -> CacheHandle:
+def apply(model: nn.Module | Any, config: TaylorSeerConfig | None = None) -> CacheHandle | PipelineHandle:
     """Install forecasting on ``model`` (in place, reversibly) and return the handle that owns its state.
 
+    ``model`` is a ``torch.nn.Module`` (returns a ``CacheHandle``; tell it the steps) or a diffusers pipeline with
+    ``.transformer`` and ``.scheduler`` (returns a ``PipelineHandle``; the scheduler tells the steps).
     The targets come from ``config.modules`` path patterns or the adapter registered for the model's class.
     Everything is validated before the model is touched: on any error the model is left unmodified.
     """
     config = TaylorSeerConfig() if config is None else config
     if not isinstance(config, TaylorSeerConfig):
         raise TypeError(f"config must be a TaylorSeerConfig (see taylorseer.preset), got {type(config).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = resolve_targets(model, config)
-    return CacheHandle.install(model, config, targets)
+    if isinstance(model, nn.Module):
+        return CacheHandle.install(model, config, resolve_targets(model, config))
+    if is_pipeline(model) or hasattr(model, "transformer") or hasattr(model, "unet"):
+        check_pipeline(model)
+        return PipelineHandle.install(model, config, resolve_targets(model.transformer, config))
+    raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline with .transformer and .scheduler, "
+                    f"got {type(model).__name__}")

@@ -1,7 +1,8 @@
 """Where to intercept: targets (module paths + how their outputs are forecast) resolved from a model and a config.
 
 Adapters are data: an ``AdapterSpec`` registered by model class names which module outputs are forecast
-(module granularity), which modules are blocks whose residual is forecast (block granularity), and which forward
+(module granularity), which modules may skip their compute on forecast steps because only forecast modules consume
+their outputs, which modules are blocks whose residual is forecast (block granularity), and which forward
 arguments those residuals are taken against. Any other ``nn.Module`` uses path patterns given in the config.
 
 Example:
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-MODES = ("output", "residual")
+MODES = ("output", "residual", "skip")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class Target:
 
     ``mode="output"``: the module's output (a tensor or a tuple/list/dict of tensors) is forecast.
     ``mode="residual"``: the module is a block ``out = in + r``; ``r = out - in`` is forecast, with ``inputs``
-    naming, for each tensor output in order, the forward argument it is the residual of.
+    naming, for each output position in order (a tensor, or the items of a returned tuple), the forward argument it
+    is the residual of; ``None`` items are passed through.
+    ``mode="skip"``: nothing is forecast; on forecast steps the module returns zeros shaped like its last computed
+    output, because the only consumers of that output are forecast targets of the same block (e.g. the attention
+    and MLP inputs of a single-stream block's forecast ``proj_out``).
     """
 
     path: str
@@ -39,15 +44,38 @@ class Target:
             raise ValueError(f"target {self.path!r}: mode 'residual' needs the names of its input arguments")
 
 
+BlockInputs = tuple[str, ...] | tuple[tuple[str, tuple[str, ...]], ...]
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A model family's declaration: which module outputs are forecast at each granularity."""
+    """A model family's declaration: which module outputs are forecast at each granularity.
+
+    ``modules``: patterns of the modules whose raw outputs are forecast (module granularity, the paper's).
+    ``skip``: patterns of modules whose outputs feed only forecast targets; they return zeros on forecast steps.
+    ``blocks``: patterns of the blocks whose residuals are forecast (block granularity).
+    ``block_inputs``: the forward argument names the block outputs are residuals of, in output order; either one
+    tuple of names for every block, or ``((pattern, names), ...)`` pairs when block types differ (first match wins).
+    Declared patterns may individually match nothing (e.g. ``attn2`` exists only in some SD3.5 layers), but
+    together they must match something.
+    """
 
     name: str
     modules: tuple[str, ...]
     blocks: tuple[str, ...] = ()
-    block_inputs: tuple[str, ...] = ("hidden_states",)
+    block_inputs: BlockInputs = ("hidden_states",)
+    skip: tuple[str, ...] = ()
     notes: str = ""
+
+    def inputs_for(self, path: str) -> tuple[str, ...]:
+        """The residual input names of the block at ``path``; ``ValueError`` if no ``block_inputs`` pair matches."""
+        if all(isinstance(entry, str) for entry in self.block_inputs):
+            return tuple(self.block_inputs)
+        for pattern, names in self.block_inputs:
+            if _pattern_regex(pattern).match(path):
+                return tuple(names)
+        raise ValueError(f"adapter {self.name!r} declares no block_inputs for {path!r}; "
+                         f"patterns: {[pattern for pattern, _ in self.block_inputs]}")
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}
@@ -85,17 +113,18 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile(r"\.".join(parts) + r"\Z")
 
 
-def match_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+def match_modules(model: nn.Module, patterns: tuple[str, ...], require_each: bool = True) -> list[str]:
     """Paths of the sub-modules matching any pattern, in model order (``*``: one component, ``**``: any).
 
-    Raises ``ValueError`` naming a pattern that matches nothing, with example paths of the model.
+    Raises ``ValueError`` naming a pattern that matches nothing (unless ``require_each=False``), with example
+    patterns of the model.
     """
     names = [name for name, _ in model.named_modules() if name]
     matched: list[str] = []
     for pattern in patterns:
         regex = _pattern_regex(pattern)
         hits = [n for n in names if regex.match(n)]
-        if not hits:
+        if not hits and require_each:
             raise ValueError(
                 f"modules pattern {pattern!r} matches no sub-module of {type(model).__name__}; "
                 f"patterns use '*' for one path component, e.g. {suggest_patterns(model)[:4]}"
@@ -122,21 +151,23 @@ def resolve_targets(model: nn.Module, config) -> list[Target]:
     if config.granularity == "output":
         return [Target("", "output")]
     spec = find_adapter(model)
+    skipped: list[str] = []
     if config.modules:
         paths = match_modules(model, config.modules)
-        inputs = spec.block_inputs if spec is not None else ("hidden_states",)
     elif spec is not None:
         patterns = spec.modules if config.granularity == "module" else spec.blocks
-        if not patterns:
-            raise ValueError(f"adapter {spec.name!r} declares no {config.granularity!r} targets; "
-                             f"pass modules=... patterns or use granularity='output'")
-        paths = match_modules(model, patterns)
-        inputs = spec.block_inputs
+        paths = match_modules(model, patterns, require_each=False)
+        if not paths:
+            raise ValueError(f"adapter {spec.name!r} declares no {config.granularity!r} targets matching "
+                             f"{type(model).__name__} (patterns {list(patterns)}); pass modules=... patterns "
+                             f"or use granularity='output'")
+        if config.granularity == "module":
+            skipped = [p for p in match_modules(model, spec.skip, require_each=False) if p not in paths]
     else:
         raise ValueError(
             f"no adapter is registered for {type(model).__name__}: pass the sub-modules to forecast as "
             f"TaylorSeerConfig(modules=...), e.g. modules={tuple(suggest_patterns(model)[:4])}"
         )
     if config.granularity == "block":
-        return [Target(p, "residual", tuple(inputs)) for p in paths]
-    return [Target(p, "output") for p in paths]
+        return [Target(p, "residual", spec.inputs_for(p) if spec else ("hidden_states",)) for p in paths]
+    return [Target(p, "output") for p in paths] + [Target(p, "skip") for p in skipped]

@@ -19,7 +19,7 @@ import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -76,6 +76,14 @@ class CacheStats:
             "flops_skipped": self.flops_skipped,
             "flops_speedup": self.flops_speedup,
         }
+
+
+class _Zeros(NamedTuple):
+    """A skipped module's tensor output, remembered by shape only."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 @dataclass
@@ -302,10 +310,18 @@ class CacheHandle:
             self._step.calls += 1
 
     def _wrap(self, target: Target, module: nn.Module, original: Callable) -> Callable:
+        if target.mode == "skip":
+            return self._wrap_skip(target, original)
         names = list(inspect.signature(original).parameters) if target.mode == "residual" else []
 
-        def inputs_of(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-            return [kwargs[n] if n in kwargs else args[names.index(n)] for n in target.inputs]
+        def inputs_of(args: tuple, kwargs: dict, is_tensor: list[bool]) -> list[torch.Tensor]:
+            # Output position k (a tensor, or item k of a returned tuple) is the residual of target.inputs[k];
+            # None items (e.g. SD3's last block returns (None, hidden_states)) have no residual.
+            if len(is_tensor) != len(target.inputs):
+                raise ValueError(f"block {target.path!r} returned {len(is_tensor)} outputs but its adapter names "
+                                 f"{len(target.inputs)} residual inputs {target.inputs}")
+            return [kwargs[n] if n in kwargs else args[names.index(n)]
+                    for n, t in zip(target.inputs, is_tensor) if t]
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             step = self._step
@@ -323,7 +339,8 @@ class CacheHandle:
                 leaves, spec = _flatten(output)
                 tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
                 if target.mode == "residual":
-                    tensors = [o - i for o, i in zip(tensors, inputs_of(args, kwargs))]
+                    is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+                    tensors = [o - i for o, i in zip(tensors, inputs_of(args, kwargs, is_tensor))]
                 self._record(key, leaves, tensors, spec, step)
                 self.stats.module_full[target.path] += 1
                 return output
@@ -333,7 +350,8 @@ class CacheHandle:
             else:
                 predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
             if target.mode == "residual":
-                predicted = [i + r for i, r in zip(inputs_of(args, kwargs), predicted)]
+                is_tensor = [x is _TENSOR for x in leaves]
+                predicted = [i + r for i, r in zip(inputs_of(args, kwargs, is_tensor), predicted)]
             if target.path in self._probes:
                 self._measure(target.path, step, predicted, original(*args, **kwargs))
             self.stats.module_forecast[target.path] += 1
@@ -343,6 +361,35 @@ class CacheHandle:
                 return predicted[0]
             it = iter(predicted)
             return pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
+
+        return forward
+
+    def _wrap_skip(self, target: Target, original: Callable) -> Callable:
+        """A module whose outputs feed only forecast targets: zeros of its last computed shape on forecast steps."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            step = self._step
+            key = (None if step is None else step.branch if step.branch is not None else step.calls - 1, target.path)
+            # Zeros only while the consumers are forecast: a forecast step of a branch with a computed record.
+            if step is None or step.full or key not in self._structures or self._probes:
+                counter = self._flop_counter
+                before = counter.get_total_flops() if counter is not None else 0
+                output = original(*args, **kwargs)
+                if step is not None:
+                    if counter is not None:
+                        self._module_flops[target.path] = counter.get_total_flops() - before
+                    leaves, spec = _flatten(output)
+                    shapes = [_Zeros(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves]
+                    self._structures[key] = (spec, shapes, None)
+                    self.stats.module_full[target.path] += 1
+                return output
+            spec, shapes, _ = self._structures[key]
+            self.stats.module_forecast[target.path] += 1
+            if self._flop_counter is not None:
+                self.stats.flops_skipped = (self.stats.flops_skipped or 0) + self._module_flops.get(target.path, 0)
+            zeros = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, _Zeros) else x
+                     for x in shapes]
+            return zeros[0] if spec is None else pytree.tree_unflatten(zeros, spec)
 
         return forward
 
