@@ -101,7 +101,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     config = None if args.no_cache else config_from_args(args)
     stats = generate(model=args.model, prompt=args.prompt, config=config, num_inference_steps=args.steps,
-                     seed=args.seed, out_dir=args.out)
+                     seed=args.seed, out_dir=args.out, num_images=args.num_images, guidance_scale=args.guidance_scale,
+                     device=args.device, dtype=args.dtype, measure_flops=args.measure_flops, progress=True)
     for key, value in stats.items():
         print(f"{key}: {value}")
 
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/generate")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    p.add_argument("--measure-flops", action="store_true", help="count executed/skipped FLOPs (slower)")
     p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer")
     _add_config_args(p, default_preset=None)
     p.set_defaults(func=_cmd_generate)

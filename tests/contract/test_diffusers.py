@@ -695,3 +695,16 @@ def test_generate_errors_are_one_line(saved_dit, tmp_path):
     with pytest.raises(ValueError, match="unknown class label 'zebra': pass a class id or one of") as caught:
         generate(str(saved_dit), "zebra", TaylorSeerConfig(), num_inference_steps=2, out_dir=tmp_path / "x")
     assert "\n" not in str(caught.value)
+
+
+def test_generate_cli(saved_dit, tmp_path, capsys):
+    from taylorseer.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["generate", "--model", str(saved_dit), "--prompt", "cat", "--steps", "8", "--preset", "paper_dit",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps_forecast" in printed and list(out.glob("*.png"))
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "nope" in err

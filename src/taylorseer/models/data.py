@@ -71,3 +71,10 @@ def load_fashion_mnist(split: str = "train", folder: Path | None = None) -> tupl
     x = torch.from_numpy(images.copy()).float().div_(127.5).sub_(1.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images [N, C, H, W] resized to ``size`` x ``size`` by area averaging (identity if already that size)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="area")

@@ -27,14 +27,14 @@ SCHEDULE = {"num_train_timesteps": TRAIN_TIMESTEPS, "beta_start": 0.0001, "beta_
 #                                  Model sizes                                  #
 #################################################################################
 
-def _dit_config(hidden: int, depth: int, heads: int, patch: int) -> dict:
+def _dit_config(hidden: int, depth: int, heads: int, patch: int, size: int = IMAGE_SIZE) -> dict:
     return {
         "num_attention_heads": heads,
         "attention_head_dim": hidden // heads,
         "in_channels": 1,
         "out_channels": 1,  # epsilon prediction, fixed variance (no learned sigma)
         "num_layers": depth,
-        "sample_size": IMAGE_SIZE,
+        "sample_size": size,
         "patch_size": patch,
         "num_embeds_ada_norm": NUM_CLASSES,
         "norm_num_groups": 1,
@@ -51,7 +51,12 @@ def DiT_FM_T_4() -> dict:  # noqa: N802
     return _dit_config(hidden=64, depth=2, heads=2, patch=4)
 
 
-DIT_MODELS = {"DiT-FM-S/4": DiT_FM_S_4, "DiT-FM-T/4": DiT_FM_T_4}
+def DiT_FM_B_2_16() -> dict:  # noqa: N802
+    """6 blocks x 128 wide, patch 2 on Fashion-MNIST resized to 16x16 (64 tokens), 2.1M parameters."""
+    return _dit_config(hidden=128, depth=6, heads=4, patch=2, size=16)
+
+
+DIT_MODELS = {"DiT-FM-S/4": DiT_FM_S_4, "DiT-FM-T/4": DiT_FM_T_4, "DiT-FM-B/2-16": DiT_FM_B_2_16}
 
 
 def build_reference(size: str = "DiT-FM-S/4") -> DiTTransformer2DModel:

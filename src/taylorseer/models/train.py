@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from tqdm import tqdm
 
 from .checkpoint import load_tensors, save_tensors
-from .data import load_fashion_mnist
+from .data import load_fashion_mnist, resize_images
 from .reference import DIT_MODELS, SCHEDULE, build_reference, initialize_weights
 
 STATE_FILE = "train_state.safetensors"
@@ -96,6 +96,7 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
     images, labels = load_fashion_mnist("train")
     torch.manual_seed(cfg.seed)
     model = build_reference(cfg.size)
+    images = resize_images(images, model.config.sample_size)
     initialize_weights(model)
     ema = build_reference(cfg.size)
     ema.load_state_dict(model.state_dict())
@@ -130,9 +131,10 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade out fast
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.copy_(p_ema * cfg.ema_decay + p * (1 - cfg.ema_decay))  # no fused op: bitwise resumable
+                p_ema.copy_(p_ema * decay + p * (1 - decay))
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
