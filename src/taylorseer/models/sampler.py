@@ -37,9 +37,9 @@ def make_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULE, clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading")
 
 
-def initial_noise(num_images: int, seed: int) -> torch.Tensor:
-    """The starting noise x_T for ``num_images`` images from one seed (float32, [N, 1, 28, 28])."""
-    return torch.randn(num_images, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+def initial_noise(num_images: int, seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """The starting noise x_T for ``num_images`` images from one seed (float32, [N, 1, size, size])."""
+    return torch.randn(num_images, 1, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def sample(
     listener: StepListener | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Generate images in [-1, 1] ([N, 1, 28, 28]) for integer ``class_labels`` [N] with DDIM.
+    """Generate images in [-1, 1] ([N, 1, S, S], S the model's ``sample_size``) for ``class_labels`` [N] with DDIM.
 
     ``guidance_scale`` > 1 runs classifier-free guidance, as one doubled batch (``cfg_mode="batch"``) or as two
     calls per step, conditional then unconditional (``cfg_mode="split"``). ``listener`` is told the steps.
@@ -67,7 +67,7 @@ def sample(
     scheduler.set_timesteps(num_steps)
     labels = class_labels.long()
     null = torch.full_like(labels, NULL_CLASS)
-    x = initial_noise(len(labels), seed)
+    x = initial_noise(len(labels), seed, model.config.sample_size)
     if listener is not None:
         listener.begin(num_steps)
     guided = guidance_scale != 1.0
