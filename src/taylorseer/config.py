@@ -53,6 +53,8 @@ class TaylorSeerConfig:
     number) naming the sub-modules whose outputs are forecast; empty means the adapter registered for the model
     class. ``granularity`` picks module outputs (paper), block residuals, or the model output ("lite").
     ``factor_dtype`` stores the factors in another dtype (None: the feature's own) to save memory.
+    ``block_shortcuts`` lets blocks with a registered shortcut skip, on forecast steps, the work that only feeds
+    forecast modules (bit-identical output, less wall time; see ``adapters/shortcuts.py``).
     """
 
     interval: int = 4
@@ -64,6 +66,7 @@ class TaylorSeerConfig:
     modules: tuple[str, ...] = ()
     granularity: str = "module"
     factor_dtype: str | None = None
+    block_shortcuts: bool = True
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class TaylorSeerConfig:
         if isinstance(self.modules, str) or not all(isinstance(p, str) and p for p in self.modules):
             raise TypeError(f"modules must be a tuple of non-empty path patterns, got {self.modules!r}")
         object.__setattr__(self, "modules", tuple(self.modules))
+        if not isinstance(self.block_shortcuts, bool):
+            raise TypeError(f"block_shortcuts must be a bool, got {self.block_shortcuts!r}")
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {self.name!r}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-MODES = ("output", "residual", "skip")
+MODES = ("output", "residual", "skip", "shortcut")
 
 
 @dataclass(frozen=True)
@@ -170,4 +170,18 @@ def resolve_targets(model: nn.Module, config) -> list[Target]:
         )
     if config.granularity == "block":
         return [Target(p, "residual", spec.inputs_for(p) if spec else ("hidden_states",)) for p in paths]
-    return [Target(p, "output") for p in paths] + [Target(p, "skip") for p in skipped]
+    targets = [Target(p, "output") for p in paths] + [Target(p, "skip") for p in skipped]
+    return targets + (_shortcut_targets(model, paths) if config.block_shortcuts else [])
+
+
+def _shortcut_targets(model: nn.Module, paths: list[str]) -> list[Target]:
+    """Blocks with a registered shortcut whose consumed children are all forecast module targets."""
+    from .shortcuts import find_shortcut
+
+    chosen = set(paths)
+    out = []
+    for name, module in model.named_modules():
+        record = find_shortcut(module)
+        if record is not None and all(f"{name}.{child}" in chosen for child in record.children):
+            out.append(Target(name, "shortcut", record.children))
+    return out

@@ -102,7 +102,8 @@ class CacheHandle:
     def __init__(self, model: nn.Module, config: TaylorSeerConfig, targets: list[Target]):
         self.model = model
         self.config = config
-        self.targets = list(targets)
+        self.targets = [t for t in targets if t.mode != "shortcut"]  # modules whose outputs are forecast/skipped
+        self.shortcuts = [t for t in targets if t.mode == "shortcut"]  # blocks that may take their shortcut
         self.policy = IntervalPolicy.from_config(config)
         self.stats = CacheStats()
         self._factor_dtype = _DTYPES.get(config.factor_dtype) if config.factor_dtype else None
@@ -127,7 +128,7 @@ class CacheHandle:
     def install(cls, model: nn.Module, config: TaylorSeerConfig, targets: list[Target]) -> CacheHandle:
         """Swap the forward of each target module (per instance) and return the handle owning them."""
         handle = cls(model, config, targets)
-        modules = [(t, model.get_submodule(t.path)) for t in targets]
+        modules = [(t, model.get_submodule(t.path)) for t in handle.targets + handle.shortcuts]
         taken = [t.path for t, m in modules if id(m) in _INSTALLED]
         if taken:
             raise ValueError(f"taylorseer is already applied to {taken[:3]}: remove() that handle first")
@@ -312,6 +313,8 @@ class CacheHandle:
     def _wrap(self, target: Target, module: nn.Module, original: Callable) -> Callable:
         if target.mode == "skip":
             return self._wrap_skip(target, original)
+        if target.mode == "shortcut":
+            return self._wrap_shortcut(target, module, original)
         names = list(inspect.signature(original).parameters) if target.mode == "residual" else []
 
         def inputs_of(args: tuple, kwargs: dict, is_tensor: list[bool]) -> list[torch.Tensor]:
@@ -329,8 +332,7 @@ class CacheHandle:
                 return original(*args, **kwargs)
             branch = step.branch if step.branch is not None else step.calls - 1
             key = (branch, target.path)
-            states = self._states.get(key)
-            if step.full or states is None:
+            if step.full or key not in self._states:
                 counter = self._flop_counter
                 before = counter.get_total_flops() if counter is not None else 0
                 output = original(*args, **kwargs)
@@ -344,23 +346,57 @@ class CacheHandle:
                 self._record(key, leaves, tensors, spec, step)
                 self.stats.module_full[target.path] += 1
                 return output
-            spec, leaves, dtypes = self._structures[key]
-            if self._factor_dtype is None:
-                predicted = [forecast(s, step.point, self.config.scheme) for s in states]
-            else:
-                predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
+            predicted = self._predict(key, step)
             if target.mode == "residual":
-                is_tensor = [x is _TENSOR for x in leaves]
+                is_tensor = [x is _TENSOR for x in self._structures[key][1]]
                 predicted = [i + r for i, r in zip(inputs_of(args, kwargs, is_tensor), predicted)]
             if target.path in self._probes:
                 self._measure(target.path, step, predicted, original(*args, **kwargs))
-            self.stats.module_forecast[target.path] += 1
-            if self._flop_counter is not None:
-                self.stats.flops_skipped = (self.stats.flops_skipped or 0) + self._module_flops.get(target.path, 0)
-            if spec is None:
-                return predicted[0]
-            it = iter(predicted)
-            return pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
+            return self._assemble(key, predicted)
+
+        return forward
+
+    def _predict(self, key: tuple, step: _Step) -> list[torch.Tensor]:
+        """The forecast tensors of a target at this step; counts the forecast call (and its skipped FLOPs)."""
+        states = self._states[key]
+        if self._factor_dtype is None:
+            predicted = [forecast(s, step.point, self.config.scheme) for s in states]
+        else:
+            dtypes = self._structures[key][2]
+            predicted = [forecast(s, step.point, self.config.scheme, dtype=d) for s, d in zip(states, dtypes)]
+        path = key[1]
+        self.stats.module_forecast[path] += 1
+        if self._flop_counter is not None:
+            self.stats.flops_skipped = (self.stats.flops_skipped or 0) + self._module_flops.get(path, 0)
+        return predicted
+
+    def _assemble(self, key: tuple, predicted: list[torch.Tensor]) -> Any:
+        """Predicted tensors put back into the output structure the target returned on its last full step."""
+        spec, leaves, _ = self._structures[key]
+        if spec is None:
+            return predicted[0]
+        it = iter(predicted)
+        return pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
+
+    def _wrap_shortcut(self, target: Target, module: nn.Module, original: Callable) -> Callable:
+        """A block whose module targets (``target.inputs``, child names) are all forecast on a forecast step:
+        run the adapter's shortcut (gates and residual adds only) instead of the block's forward, skipping work
+        whose only consumers are the forecast modules (e.g. the layer norms feeding attention and MLP)."""
+        from ..adapters.shortcuts import shortcut_for
+
+        function = shortcut_for(module)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            step = self._step
+            if step is None or step.full or self._probes:
+                return original(*args, **kwargs)
+            branch = step.branch if step.branch is not None else step.calls - 1
+            keys = [(branch, f"{target.path}.{child}") for child in target.inputs]
+            if any(key not in self._states for key in keys):
+                return original(*args, **kwargs)
+            forecasts = {child: self._assemble(key, self._predict(key, step))
+                         for child, key in zip(target.inputs, keys)}
+            return function(module, forecasts, *args, **kwargs)
 
         return forward
 

@@ -1,0 +1,74 @@
+"""Block shortcuts for forecast steps: quarantined, per-block-class code, parity-tested against the block.
+
+On a forecast step where every forecast module of a block is forecast, the block's own forward still runs the
+layer norms and modulations that only feed those modules. A shortcut computes what the block returns from the
+forecasts, the gates and the residual adds alone, *in the same floating-point operation order*, so its output
+is bit-identical to running the block with the forecast modules (tests/contract/test_shortcuts.py). It is an
+optimisation of wall time only; executed FLOPs are unchanged (the skipped work is elementwise).
+
+Pinned to the block code of diffusers 0.42.1; ``applies`` checks the block's configuration, and any block it
+does not recognise runs its own forward.
+
+Example:
+    >>> shortcut_for(model.transformer_blocks[0])   # doctest: +SKIP
+    <function _dit_block ...>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A block class, the child modules whose forecasts it consumes, when it applies, and the function."""
+
+    block_class: str
+    children: tuple[str, ...]
+    applies: Callable[[nn.Module], bool]
+    function: Callable[..., Any]
+
+
+def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_states: torch.Tensor,
+               attention_mask: Any = None, encoder_hidden_states: Any = None, encoder_attention_mask: Any = None,
+               timestep: Any = None, cross_attention_kwargs: Any = None, class_labels: Any = None,
+               added_cond_kwargs: Any = None) -> torch.Tensor:
+    # diffusers BasicTransformerBlock, norm_type "ada_norm_zero", self-attention only (DiT), same op order.
+    emb = block.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)  # [B, D]
+    emb = block.norm1.linear(block.norm1.silu(emb))  # [B, 6D]
+    _, _, gate_msa, _, _, gate_mlp = emb.chunk(6, dim=1)  # each [B, D]
+    hidden_states = gate_msa.unsqueeze(1) * forecasts["attn1"] + hidden_states  # [B, L, D]
+    hidden_states = gate_mlp.unsqueeze(1) * forecasts["ff"] + hidden_states  # [B, L, D]
+    return hidden_states
+
+
+def _is_dit_block(block: nn.Module) -> bool:
+    return (getattr(block, "norm_type", None) == "ada_norm_zero" and getattr(block, "attn2", None) is None
+            and getattr(block, "pos_embed", None) is None and getattr(block.norm1, "emb", None) is not None
+            and getattr(block, "_chunk_size", None) is None)
+
+
+SHORTCUTS: tuple[Shortcut, ...] = (
+    Shortcut("BasicTransformerBlock", ("attn1", "ff"), _is_dit_block, _dit_block),
+)
+
+
+def find_shortcut(block: nn.Module) -> Shortcut | None:
+    """The shortcut record that applies to this block instance, if any."""
+    for record in SHORTCUTS:
+        if type(block).__name__ == record.block_class and record.applies(block):
+            return record
+    return None
+
+
+def shortcut_for(block: nn.Module) -> Callable[..., Any]:
+    """The shortcut function of a block (``ValueError`` if none applies)."""
+    record = find_shortcut(block)
+    if record is None:
+        raise ValueError(f"no block shortcut applies to {type(block).__name__}")
+    return record.function
