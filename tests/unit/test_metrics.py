@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from taylorseer.eval.classifier import CLASSIFIER_FILE, CLASSIFIER_PATH, load_classifier, manifest_sha256
+from taylorseer.eval.classifier import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_PATH,
+    FMNISTClassifier,
+    load_classifier,
+    manifest_sha256,
+    shipped_classifier,
+)
 from taylorseer.eval.metrics import (
     class_accuracy,
     feature_statistics,
@@ -19,7 +26,7 @@ from taylorseer.eval.metrics import (
     ssim,
 )
 from taylorseer.models.checkpoint import CheckpointError
-from taylorseer.models.data import load_fashion_mnist
+from taylorseer.models.data import load_fashion_mnist, resize_images
 
 torch.set_num_threads(1)
 
@@ -30,9 +37,9 @@ def test_split() -> tuple[torch.Tensor, torch.Tensor]:
     return images[:1000], labels[:1000]
 
 
-def _random_images(n: int, seed: int = 0) -> torch.Tensor:
+def _random_images(n: int, seed: int = 0, size: int = 28) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=generator, dtype=torch.float64) * 2 - 1
+    return torch.rand(n, 1, size, size, generator=generator, dtype=torch.float64) * 2 - 1
 
 
 # ----------------------------------------------------------------------------------------------- PSNR / SSIM
@@ -126,3 +133,41 @@ def test_corrupted_classifier_file_is_rejected(tmp_path) -> None:
     truncated.write_bytes(bytes(data[: len(data) // 3]))
     with pytest.raises(CheckpointError):
         load_classifier(truncated, sha256=expected)
+
+
+# ------------------------------------------------------------------------------------------------ 16x16 images
+
+
+def test_classifier_flattened_size_follows_image_size() -> None:
+    for size, side in ((28, 3), (16, 2)):
+        model = FMNISTClassifier(image_size=size).eval()
+        assert model.fc1.in_features == 128 * side * side
+        assert model.features(torch.zeros(2, 1, size, size)).shape == (2, 128)
+    with pytest.raises(ValueError, match="16, 16"):
+        FMNISTClassifier(image_size=16).features(torch.zeros(2, 1, 28, 28))
+
+
+def test_shipped_16x16_classifier_accuracy_on_resized_test_images(test_split) -> None:
+    images, labels = test_split
+    small = resize_images(images, 16)  # [1000, 1, 16, 16]
+    assert shipped_classifier(16).image_size == 16 and shipped_classifier().image_size == 28
+    assert class_accuracy(small, labels) >= 0.88
+    assert class_accuracy(small, (labels + 1) % 10) < 0.1
+
+
+def test_fid_16x16_real_below_noise() -> None:
+    train, _ = load_fashion_mnist("train")
+    real = fid_fmnist(resize_images(train[:1000], 16))
+    noise = fid_fmnist(_random_images(1000, size=16).float())
+    ref_mu, ref_sigma = reference_statistics(16)
+    assert ref_mu.shape == (128,) and ref_sigma.shape == (128, 128) and ref_sigma.dtype == torch.float64
+    assert 0.0 <= real < noise
+
+
+def test_unsupported_image_size_is_rejected() -> None:
+    images = _random_images(4, size=20).float()
+    for call in (lambda: fid_fmnist(images), lambda: class_accuracy(images, torch.zeros(4, dtype=torch.long)),
+                 lambda: feature_statistics(images), lambda: reference_statistics(20),
+                 lambda: shipped_classifier(20)):
+        with pytest.raises(ValueError, match=r"\{16, 28\}"):
+            call()

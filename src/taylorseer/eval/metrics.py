@@ -1,9 +1,15 @@
-"""Image metrics for generated 28x28 Fashion-MNIST images in [-1, 1]: PSNR, SSIM, class accuracy, FID-FMNIST.
+"""Image metrics for generated Fashion-MNIST images in [-1, 1]: PSNR, SSIM, class accuracy, FID-FMNIST.
+
+The classifier-based metrics take 28x28 images or 16x16 ones (Fashion-MNIST downsampled by area averaging,
+``resize_images(images, 16)``) and pick the shipped classifier and reference statistics by the image size
+(``images.shape[-1]``); other sizes raise ``ValueError``.
 
 FID-FMNIST is the Fréchet distance between Gaussians fitted to the penultimate features (128-d) of the shipped
-``FMNISTClassifier`` on generated images and on the 10,000 real test images (statistics shipped in
-``taylorseer/assets/fmnist_test_stats.safetensors``). It is in squared feature units, lower is better, and it
-is biased upward for small sample counts: compare runs only at the same number of generated images.
+``FMNISTClassifier`` for that size on generated images and on the 10,000 real test images at the same size
+(statistics shipped in ``taylorseer/assets/fmnist_test_stats.safetensors`` for 28x28 and
+``fmnist_test_stats_16.safetensors`` for 16x16). It is in squared feature units, lower is better, and it is
+biased upward for small sample counts: compare runs only at the same number of generated images. Values at
+16x16 and at 28x28 come from different classifiers and are not comparable with each other.
 
 Example:
     >>> real, labels = load_fashion_mnist("test")            # doctest: +SKIP
@@ -28,11 +34,17 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..models.checkpoint import ASSETS_DIR, CheckpointError, load_tensors, manifest_sha256
-from ..models.data import load_fashion_mnist
-from .classifier import CLASSIFIER_FILE, shipped_classifier
+from ..models.data import load_fashion_mnist, resize_images
+from .classifier import CLASSIFIER_FILES, SUPPORTED_SIZES, check_image_size, shipped_classifier
 
-STATS_FILE = "fmnist_test_stats.safetensors"
+STATS_FILES = {28: "fmnist_test_stats.safetensors", 16: "fmnist_test_stats_16.safetensors"}
+STATS_FILE = STATS_FILES[28]
 STATS_PATH = ASSETS_DIR / STATS_FILE
+
+
+def stats_path(image_size: int = 28) -> Path:
+    """Path of the shipped reference statistics for ``image_size`` x ``image_size`` images (16 or 28)."""
+    return ASSETS_DIR / STATS_FILES[check_image_size(image_size)]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -74,9 +86,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     return float(structural_similarity_index_measure(a.double(), b.double(), data_range=data_range))
 
 
-def _check_images(images: torch.Tensor) -> None:
-    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected images of shape [N, 1, 28, 28], got {tuple(images.shape)}")
+def _check_images(images: torch.Tensor, classifier: nn.Module | None = None) -> int:
+    """Validate a batch [N, 1, S, S] in [-1, 1] with S in ``SUPPORTED_SIZES``; returns S."""
+    sizes = " or ".join(f"[N, 1, {s}, {s}]" for s in SUPPORTED_SIZES)
+    if images.dim() != 4 or images.shape[1] != 1 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected images of shape {sizes}, got {tuple(images.shape)}")
+    image_size = int(images.shape[-1])
+    if image_size not in SUPPORTED_SIZES:
+        raise ValueError(f"unsupported image size {image_size}x{image_size}: expected images of shape {sizes} "
+                         f"(allowed sizes {{{', '.join(str(s) for s in SUPPORTED_SIZES)}}})")
+    clf_size = getattr(classifier, "image_size", image_size)
+    if clf_size != image_size:
+        raise ValueError(f"the classifier takes {clf_size}x{clf_size} images, got {image_size}x{image_size}")
     if images.shape[0] == 0:
         raise ValueError("expected at least one image")
     if not torch.isfinite(images).all():
@@ -84,6 +105,7 @@ def _check_images(images: torch.Tensor) -> None:
     lo, hi = float(images.min()), float(images.max())
     if lo < -2.0 or hi > 2.0:
         raise ValueError(f"images must be scaled to [-1, 1]; got values in [{lo:.3g}, {hi:.3g}]")
+    return image_size
 
 
 def _batched(
@@ -105,19 +127,20 @@ def _batched(
 def class_accuracy(
     images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None, batch_size: int = 500
 ) -> float:
-    """Fraction (in [0, 1]) of ``images`` ([N, 1, 28, 28] in [-1, 1]) classified as their ``labels`` [N].
+    """Fraction (in [0, 1]) of ``images`` ([N, 1, S, S], S = 28 or 16, in [-1, 1]) classified as ``labels`` [N].
 
     For class-conditional samples, ``labels`` are the conditioning classes. ``classifier`` defaults to the
-    shipped ``FMNISTClassifier`` (about 0.92 on the real test set).
+    shipped ``FMNISTClassifier`` for the images' size (about 0.93 on the real 28x28 test set; see
+    ``MANIFEST.json`` for the 16x16 one).
 
     Example:
         >>> class_accuracy(samples, torch.arange(10).repeat_interleave(100))   # doctest: +SKIP
         0.87
     """
-    _check_images(images)
+    image_size = _check_images(images, classifier)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"expected labels of shape [{images.shape[0]}], got {tuple(labels.shape)}")
-    classifier = classifier if classifier is not None else shipped_classifier()
+    classifier = classifier if classifier is not None else shipped_classifier(image_size)
     logits = _batched(classifier, classifier, images, batch_size)  # [N, 10]
     return float((logits.argmax(1) == labels.cpu()).double().mean())
 
@@ -127,18 +150,18 @@ def feature_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean [D] and covariance [D, D] (float64, unbiased) of the classifier's penultimate features.
 
-    ``images`` are [N, 1, 28, 28] in [-1, 1] with N >= 2; ``classifier`` (with a ``features`` method)
-    defaults to the shipped one, D = 128.
+    ``images`` are [N, 1, S, S] (S = 28 or 16) in [-1, 1] with N >= 2; ``classifier`` (with a ``features``
+    method) defaults to the shipped one for size S, D = 128.
 
     Example:
         >>> mu, sigma = feature_statistics(samples)   # doctest: +SKIP
         >>> mu.shape, sigma.shape, sigma.dtype          # doctest: +SKIP
         (torch.Size([128]), torch.Size([128, 128]), torch.float64)
     """
-    _check_images(images)
+    image_size = _check_images(images, classifier)
     if images.shape[0] < 2:
         raise ValueError("feature statistics need at least 2 images")
-    classifier = classifier if classifier is not None else shipped_classifier()
+    classifier = classifier if classifier is not None else shipped_classifier(image_size)
     feats = _batched(classifier, classifier.features, images, batch_size).double()  # [N, D]
     mu = feats.mean(0)  # [D]
     centered = feats - mu  # [N, D]
@@ -186,21 +209,26 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
 
 
 def load_reference_statistics(
-    path: str | os.PathLike | None = None, sha256: str | None = None
+    path: str | os.PathLike | None = None, sha256: str | None = None, image_size: int = 28
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load (mu [D], sigma [D, D]) float64 from a statistics file after verifying its SHA-256.
 
-    Defaults to the shipped ``fmnist_test_stats.safetensors``, checked against ``MANIFEST.json``; the file
-    must also have been computed with the shipped classifier (its SHA-256 is recorded in the file's header).
-    Raises ``CheckpointError`` on any mismatch.
+    Defaults to the shipped statistics for ``image_size`` (16 or 28), checked against ``MANIFEST.json``; a
+    ``path`` given is checked against ``sha256`` (default: the manifest entry for its name). The file must
+    have been computed with the shipped classifier for ``image_size`` (its SHA-256 is recorded in the file's
+    header). Raises ``CheckpointError`` on any mismatch.
     """
-    path = Path(path) if path is not None else STATS_PATH
+    image_size = check_image_size(image_size)
+    path = Path(path) if path is not None else stats_path(image_size)
     if sha256 is None:
         sha256 = manifest_sha256(path.name)
     tensors, metadata = load_tensors(path, sha256=sha256)
     if set(tensors) != {"mu", "sigma"}:
         raise CheckpointError(f"statistics file {path} must hold exactly 'mu' and 'sigma': {sorted(tensors)}")
-    expected_clf = manifest_sha256(CLASSIFIER_FILE)
+    if metadata.get("image_size", "28") != str(image_size):  # files without the key are the original 28x28 ones
+        raise CheckpointError(f"statistics file {path} is for {metadata.get('image_size', '28')}x"
+                              f"{metadata.get('image_size', '28')} images, not {image_size}x{image_size}")
+    expected_clf = manifest_sha256(CLASSIFIER_FILES[image_size])
     if metadata.get("classifier_sha256") != expected_clf:
         raise CheckpointError(
             f"statistics file {path} was computed with classifier {metadata.get('classifier_sha256')!r}, "
@@ -209,16 +237,26 @@ def load_reference_statistics(
     return tensors["mu"].double(), tensors["sigma"].double()
 
 
-@lru_cache(maxsize=1)
-def reference_statistics() -> tuple[torch.Tensor, torch.Tensor]:
+def reference_statistics(image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Shipped (mu [128], sigma [128, 128]) float64 of the classifier's features on the 10k test images.
 
-    Loaded once per process and verified against ``MANIFEST.json``. Treat the tensors as read-only.
+    ``image_size`` (16 or 28) selects the classifier and the test images' size (16: resized by area
+    averaging). Loaded once per process and size, verified against ``MANIFEST.json``. Treat the tensors as
+    read-only; ``reference_statistics.cache_clear()`` forgets them.
 
     Example:
-        >>> mu, sigma = reference_statistics()   # doctest: +SKIP
+        >>> mu, sigma = reference_statistics()     # 28x28   # doctest: +SKIP
+        >>> mu, sigma = reference_statistics(16)   # 16x16   # doctest: +SKIP
     """
-    return load_reference_statistics()
+    return _reference_statistics(check_image_size(image_size))
+
+
+@lru_cache(maxsize=len(SUPPORTED_SIZES))
+def _reference_statistics(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_reference_statistics(image_size=image_size)
+
+
+reference_statistics.cache_clear = _reference_statistics.cache_clear  # type: ignore[attr-defined]
 
 
 def fid_fmnist(
@@ -227,23 +265,26 @@ def fid_fmnist(
     reference: tuple[ArrayLike, ArrayLike] | None = None,
     batch_size: int = 500,
 ) -> float:
-    """FID-FMNIST (squared feature units, lower is better) of ``images`` [N, 1, 28, 28] in [-1, 1].
+    """FID-FMNIST (squared feature units, lower is better) of ``images`` [N, 1, S, S] in [-1, 1], S = 28 or 16.
 
     Fréchet distance between the classifier-feature Gaussian of ``images`` and that of the 10,000 real test
-    images. With the defaults both use the shipped classifier and shipped reference statistics. If a custom
-    ``classifier`` is given without ``reference``, the reference is recomputed from the test split with it.
+    images at the same size. With the defaults both use the shipped classifier and shipped reference
+    statistics for size S. If a custom ``classifier`` is given without ``reference``, the reference is
+    recomputed from the test split (resized to S) with it. Values at different sizes are not comparable.
 
     The estimate is biased upward for small N (the covariance of few samples is noisy), so values are only
     comparable between runs with the same number of generated images (e.g. always 10,000 or always 1,000).
 
     Example:
-        >>> fid_fmnist(samples)   # samples: [10000, 1, 28, 28] in [-1, 1]   # doctest: +SKIP
+        >>> fid_fmnist(samples)   # samples: [10000, 1, 28, 28] or [10000, 1, 16, 16] in [-1, 1]   # doctest: +SKIP
         3.41
     """
     mu, sigma = feature_statistics(images, classifier, batch_size)
+    image_size = int(images.shape[-1])  # validated by feature_statistics
     if reference is None:
         if classifier is None:
-            reference = reference_statistics()
+            reference = reference_statistics(image_size)
         else:
-            reference = feature_statistics(load_fashion_mnist("test")[0], classifier, batch_size)
+            real = resize_images(load_fashion_mnist("test")[0], image_size)  # [10000, 1, S, S]
+            reference = feature_statistics(real, classifier, batch_size)
     return frechet_distance(mu, sigma, reference[0], reference[1])

@@ -17,7 +17,7 @@ from .checkpoint import ASSETS_DIR, CheckpointError, file_sha256, load_tensors, 
 from .checkpoint import update_manifest as _update_manifest
 from .reference import model_from_config
 
-REFERENCE_FILE = "dit_fmnist_s4.safetensors"
+REFERENCE_FILE = "dit_fmnist.safetensors"
 REFERENCE_PATH = ASSETS_DIR / REFERENCE_FILE
 
 

@@ -44,10 +44,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     threads: int = 2
+    beta_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         if self.size not in DIT_MODELS:
             raise ValueError(f"size must be one of {sorted(DIT_MODELS)}, got {self.size!r}")
+        if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
+            raise ValueError(f"beta_schedule must be one of ['linear', 'squaredcos_cap_v2'], "
+                             f"got {self.beta_schedule!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -102,7 +106,7 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    alphas_cumprod = DDPMScheduler(**SCHEDULE).alphas_cumprod.float()
+    alphas_cumprod = DDPMScheduler(**{**SCHEDULE, "beta_schedule": cfg.beta_schedule}).alphas_cumprod.float()
 
     state_path = out / STATE_FILE
     step, elapsed = (_load_state(state_path, model, ema, opt) if state_path.exists() else (0, 0.0))
