@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="embedded DiT: full compute vs TaylorSeer, measured, side by side")
     p.add_argument("--out", default="out/demo", help="folder for demo.png")
-    p.add_argument("--per-class", type=int, default=4, help="images per class (10 classes)")
+    p.add_argument("--per-class", type=int, default=8, help="images per class (10 classes)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the full-compute run")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)

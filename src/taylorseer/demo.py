@@ -65,7 +65,7 @@ def _flops(model, method: DemoMethod, guidance_scale: float) -> int:
 
 def run_demo(
     out_dir: str | Path = "out/demo",
-    per_class: int = 4,
+    per_class: int = 8,
     num_steps: int = 50,
     guidance_scale: float = 1.5,
     seed: int = 0,
