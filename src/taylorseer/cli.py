@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-reference", help="train (or resume) the embedded reference DiT")
     p.add_argument("--out-dir", default="runs/reference")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")

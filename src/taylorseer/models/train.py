@@ -32,8 +32,8 @@ class TrainConfig:
     """Training hyper-parameters; ``steps`` is the total number of optimiser steps, ``lr`` the peak rate."""
 
     out_dir: str = "runs/reference"
-    size: str = "DiT-FM-S/4"
-    steps: int = 4000
+    size: str = "DiT-FM-B/2-16"
+    steps: int = 1600
     batch_size: int = 128
     lr: float = 4e-4
     warmup_steps: int = 200
@@ -43,8 +43,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
-    threads: int = 2
-    beta_schedule: str = "linear"
+    threads: int = 1
+    beta_schedule: str = "squaredcos_cap_v2"
 
     def __post_init__(self) -> None:
         if self.size not in DIT_MODELS:
