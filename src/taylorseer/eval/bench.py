@@ -55,6 +55,7 @@ from ..config import TaylorSeerConfig, preset
 from ..models.reference import NUM_CLASSES
 from ..models.sampler import StepListener, sample
 from ..runtime.measure import count_flops
+from .grid import image_grid
 
 SCHEMA = "taylorseer.bench/1"
 FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer")
@@ -342,20 +343,10 @@ def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
-    """Save the first images ([N, 1, 28, 28] in [-1, 1]) as one PNG, 2 rows, each pixel drawn 2x2."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-
-    x = images[:SAMPLE_GRID_IMAGES, 0].float()  # [n, 28, 28]
-    rows = 2 if len(x) > 1 else 1
-    cols = -(-len(x) // rows)
-    x = torch.cat([x, x.new_full((rows * cols - len(x), *x.shape[1:]), -1.0)])  # pad with black tiles
-    tiled = x.reshape(rows, cols, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, cols * 28)
-    tiled = tiled.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    """Save the first images ([N, 1, S, S] in [-1, 1]) as one PNG, 2 rows, each pixel drawn 2x2."""
+    x = images[:SAMPLE_GRID_IMAGES]
     path.parent.mkdir(parents=True, exist_ok=True)
-    mpimg.imsave(path, tiled.numpy(), cmap="gray", vmin=-1.0, vmax=1.0)
+    image_grid(x, ncol=-(-len(x) // (2 if len(x) > 1 else 1)), pad=0, scale=2).save(path)
 
 
 def _probe(ctx: _Context, method: Method, probe_images: int) -> dict[str, Any]:
