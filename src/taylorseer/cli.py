@@ -86,7 +86,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     images = args.images or (8 if args.quick else 50)
     repeats = args.repeats or (1 if args.quick else 2)
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
-                        repeats=repeats, out_path=args.out, model_name="DiT-FM-S/4 (embedded, Fashion-MNIST)")
+                        repeats=repeats, out_path=args.out, model_name="DiT-FM-B/2-16 (embedded, Fashion-MNIST 16x16)")
     print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
 
 
