@@ -70,12 +70,14 @@ def _sort_key(record: Record) -> tuple:
 
 
 def _series(record: Record) -> str:
-    """The plot series of a record: one line per method family (TaylorSeer: per order, scheme and abscissa)."""
+    """The plot series of a record: one line per method family (TaylorSeer: per order, scheme, abscissa and
+    granularity)."""
     family = record.get("family")
     if family == "taylorseer":
-        scheme, abscissa = _cfg(record, "scheme"), _cfg(record, "abscissa")
+        scheme, abscissa, granularity = _cfg(record, "scheme"), _cfg(record, "abscissa"), _cfg(record, "granularity")
         return (f"TaylorSeer O={_cfg(record, 'max_order')}" + ("" if scheme == "divided" else f" {scheme}")
-                + ("" if abscissa == "step" else f" {abscissa}"))
+                + ("" if abscissa == "step" else f" {abscissa}")
+                + ("" if granularity in (None, "module") else f" {granularity}"))
     return {"full": "full (reference)", "fewer-steps": "DDIM, fewer steps", "fora": "FORA (O=0)",
             "preset": "paper presets", "diffusers-peer": "diffusers TaylorSeer"}.get(family, str(family))
 
@@ -91,6 +93,8 @@ _SPEEDS = {"flops_speedup": "FLOPs speedup (x)", "wall_speedup": "wall speedup (
 def _style(label: str) -> dict[str, Any]:
     if label in ("full (reference)", "paper presets", "diffusers TaylorSeer"):
         return {"linestyle": "none", "marker": {"full (reference)": "*"}.get(label, "D"), "markersize": 7}
+    if label.endswith(" block") or label.endswith(" output"):
+        return {"linestyle": "none", "marker": "s" if label.endswith(" block") else "^", "markersize": 6}
     dashed = "reference" in label or "timestep" in label
     return {"linestyle": ":" if "timestep" in label else "--" if dashed else "-", "marker": "o", "markersize": 4}
 
