@@ -177,16 +177,8 @@ def plot_probe_errors(records: list[Record]) -> Figure:
         ax.plot(*zip(*pts), marker="o", markersize=3, label=f"O={order} ({rec['name']})")
     if curves and all(e["rel_l2"] > 0 for _, r in curves for e in r["probe_errors"]):
         ax.set_yscale("log")
-    ax.set_xlabel("sampling step")
-    ax.set_ylabel("relative L2 forecast error")
-    ax.grid(True, alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8)
-        ax.set_title(f"Forecast error of {curves[0][1]['probe_path']} at N={interval}")
-    else:
-        ax.text(0.5, 0.5, "no probe records", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return fig
+    title = f"Forecast error of {curves[0][1]['probe_path']} at N={interval}" if curves else None
+    return _finish(fig, ax, "sampling step", "relative L2 forecast error", title, "no probe records")
 
 
 def plot_memory(records: list[Record]) -> Figure:
@@ -208,14 +200,20 @@ def plot_memory(records: list[Record]) -> Figure:
         ax.plot(*zip(*pts), marker="s" if dashed else "o", linestyle="--" if dashed else "-",
                 markersize=5 if dashed else 8, label=f"{scheme} scheme")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("Taylor order O (0 = FORA)")
-    ax.set_ylabel("peak cache (MB)")
+    title = f"Cache memory at N={interval}, {recs[0].get('num_images')} images (CFG batch)" if recs else None
+    return _finish(fig, ax, "Taylor order O (0 = FORA)", "peak cache (MB)", title, "no cache records")
+
+
+def _finish(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, empty: str) -> Figure:
+    """Label and grid one-axis plots; with data (``title`` set) add the legend, else say there is none."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if recs:
+    if title is not None:
         ax.legend(fontsize=8)
-        ax.set_title(f"Cache memory at N={interval}, {recs[0].get('num_images')} images (CFG batch)")
+        ax.set_title(title)
     else:
-        ax.text(0.5, 0.5, "no cache records", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 
