@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5])
+    parser.add_argument("--guidance-interval", nargs="+", default=["0:500"],
+                        help="timestep intervals LO:HI where guidance applies, or 'all' (every step)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--record", action="store_true", help="write the results into MANIFEST.json")
@@ -32,11 +34,14 @@ def main() -> None:
     model = load_reference()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     results = []
-    for scale in args.cfg_scale:
+    intervals = [None if v == "all" else tuple(int(x) for x in v.split(":")) for v in args.guidance_interval]
+    for scale, interval in [(s, i) for s in args.cfg_scale for i in intervals]:
         start = time.perf_counter()
-        images = sample(model, labels, num_steps=args.steps, guidance_scale=scale, seed=args.seed, progress=True)
+        images = sample(model, labels, num_steps=args.steps, guidance_scale=scale, guidance_interval=interval,
+                        seed=args.seed, progress=True)
         seconds = time.perf_counter() - start
-        row = {"images": len(labels), "ddim_steps": args.steps, "cfg_scale": scale, "seed": args.seed,
+        row = {"images": len(labels), "ddim_steps": args.steps, "cfg_scale": scale,
+               "guidance_interval": list(interval) if interval else "all", "seed": args.seed,
                "class_accuracy": round(metrics.class_accuracy(images, labels), 4),
                "fid_fmnist": round(metrics.fid_fmnist(images), 3), "seconds": round(seconds, 1),
                "threads": args.threads}

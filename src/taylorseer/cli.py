@@ -66,10 +66,18 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from .models.train import TrainConfig, train_reference
+def train_config_from_args(args: argparse.Namespace):
+    """The ``TrainConfig`` of ``train-reference``: the flags given, the shipped recipe for the rest."""
+    from .models.train import TrainConfig
 
-    cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, threads=args.threads, seed=args.seed)
+    given = {k: getattr(args, k) for k in ("out_dir", "steps", "batch_size", "lr", "threads", "seed")}
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .models.train import train_reference
+
+    cfg = train_config_from_args(args)
     path = train_reference(cfg)
     print(f"training state: {path}")
     if args.export:
@@ -127,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("train-reference", help="train (or resume) the embedded reference DiT")
-    p.add_argument("--out-dir", default="runs/reference")
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-reference", help="train (or resume) the embedded reference DiT; unset flags take "
+                       "the shipped model's recipe (TrainConfig defaults)")
+    p.add_argument("--out-dir", help="where the training state and log go (default runs/reference)")
+    p.add_argument("--steps", type=int, help="total optimiser steps (sets the lr schedule)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
     p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")
     p.set_defaults(func=_cmd_train)
 

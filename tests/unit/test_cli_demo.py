@@ -44,3 +44,25 @@ def test_demo_rows_and_picture(tmp_path, tiny_dit):
     assert (tmp_path / "demo.png").stat().st_size > 1000
     table = format_table(rows)
     assert table.count("\n") == 4 and "| ts | 3 |" in table
+
+
+def test_train_reference_flags_override_the_shipped_recipe():
+    import json
+    from dataclasses import asdict
+
+    from taylorseer.cli import build_parser, train_config_from_args
+    from taylorseer.models.checkpoint import load_tensors
+    from taylorseer.models.pretrained import REFERENCE_PATH
+    from taylorseer.models.train import TrainConfig
+
+    default = train_config_from_args(build_parser().parse_args(["train-reference"]))
+    assert default == TrainConfig()
+    _, header = load_tensors(REFERENCE_PATH)
+    shipped = json.loads(header["train_config"])
+    ours = asdict(default)
+    shipped.pop("out_dir"), ours.pop("out_dir")
+    assert ours == shipped  # `taylorseer train-reference` with no flags retrains the shipped model
+    given = train_config_from_args(build_parser().parse_args(
+        ["train-reference", "--steps", "12", "--lr", "0.002", "--batch-size", "16", "--out-dir", "x"]))
+    assert (given.steps, given.lr, given.batch_size, given.out_dir) == (12, 0.002, 16, "x")
+    assert given.seed == default.seed

@@ -88,3 +88,32 @@ def test_export_and_load_reference(tmp_path):
     out.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
         load_reference(out, sha256=file_sha256(state))
+
+
+def test_guidance_interval_limits_guidance_to_its_timesteps():
+    from taylorseer.models.reference import build_reference
+    from taylorseer.models.sampler import sample
+
+    torch.manual_seed(0)
+    model = build_reference("DiT-FM-T/4")
+    labels = torch.tensor([0, 3])
+
+    def run(**kw):
+        return sample(model, labels, num_steps=4, guidance_scale=3.0, seed=0, **kw)  # timesteps 750, 500, 250, 0
+
+    everywhere = run(guidance_interval=None)
+    assert torch.equal(run(guidance_interval=(0, 1000)), everywhere)
+    unguided = sample(model, labels, num_steps=4, guidance_scale=1.0, seed=0)
+    assert torch.equal(run(guidance_interval=(1, 2), cfg_mode="split"), unguided)  # no timestep inside: cond only
+    assert torch.allclose(run(guidance_interval=(1, 2)), unguided, atol=1e-5)  # same, from the doubled batch
+    partial = run(guidance_interval=(0, 400))
+    assert not torch.allclose(partial, everywhere, atol=1e-3) and not torch.allclose(partial, unguided, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [(500, 0), (0,), (-1, 5), (0.0, 500), "0-500"])
+def test_bad_guidance_interval_names_the_field(bad):
+    from taylorseer.models.reference import build_reference
+    from taylorseer.models.sampler import sample
+
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(build_reference("DiT-FM-T/4"), torch.tensor([0]), num_steps=2, guidance_interval=bad)

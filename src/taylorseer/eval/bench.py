@@ -52,7 +52,7 @@ from tqdm import tqdm
 from ..adapters import resolve_targets
 from ..api import apply
 from ..config import TaylorSeerConfig, preset
-from ..models.reference import NUM_CLASSES
+from ..models.reference import GUIDANCE_INTERVAL, NUM_CLASSES
 from ..models.sampler import StepListener, sample
 from ..runtime.measure import count_flops
 from .grid import image_grid
@@ -137,9 +137,10 @@ def _fewer_steps(cached: list[Method], num_steps: int) -> list[Method]:
 def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     """The benchmark grid for ``num_steps``-step sampling (the paper's DiT setting is 50).
 
-    Full grid (61 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
+    Full grid (64 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
     at N = 2..8 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
-    timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa); block-residual
+    timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
+    abscissa at N = 5 (the demo's fast schedule; docs/design.md, "Abscissa on the embedded model"); block-residual
     and model-output ("lite") granularity at N = 5, O = 1, 2; the paper presets
     (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
     diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
@@ -154,7 +155,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     cached = [_fora(n, num_steps) for n in GRID_INTERVALS]
     cached += [_taylorseer(o, n, num_steps) for o in (1, 2, 3) for n in GRID_INTERVALS]
     cached += [_taylorseer(o, n, num_steps, scheme="reference") for o in (2, 3) for n in GRID_INTERVALS]
-    cached += [_taylorseer(o, 5, num_steps, abscissa="timestep") for o in (1, 2, 3)]
+    cached += [_taylorseer(o, 5, num_steps, abscissa=a) for a in ("timestep", "sigma") for o in (1, 2, 3)]
     cached += [_taylorseer(o, 5, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)]
     cached += [Method(p, "preset", preset(p), num_steps) for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
     by_name = {m.name: m for m in cached}
@@ -532,6 +533,8 @@ def run_bench(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     groups = _groups(methods, fulls[0], group_size)
     header = _header(model, model_name, num_images, seed, repeats, guidance_scale, cfg_mode, probe_images)
+    # our sampler's default (the embedded model's measured guidance interval); a custom sampler states its own
+    header["guidance_interval"] = list(GUIDANCE_INTERVAL) if sampler is sample else None
     total = 2 * len(methods) + repeats * sum(len(g) for g in groups)
     with tqdm(total=total, disable=not progress, desc="bench") as bar:
         bench = _Bench(ctx, out_path, header, probe_images, save_samples, bar)

@@ -395,7 +395,9 @@ def _header_lines(records: list[Record]) -> list[str]:
             f"Software: torch {m.get('torch')}, diffusers {m.get('diffusers')}, Python {m.get('python')}; "
             f"{m.get('threads')} torch thread(s); process peak RSS {rss:.0f} MB",
             f"Model: {model.get('name')} ({model.get('params', 0) / 1e6:.2f}M parameters); "
-            f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} ({first.get('cfg_mode')})",
+            f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} ({first.get('cfg_mode')}"
+            + (f", applied at timesteps {interval[0]} <= t < {interval[1]}" if (interval := first.get(
+                "guidance_interval")) else "") + ")",
             f"Images: {first.get('num_images')} per method (classes 0-9 in turn, seed {first.get('seed')}); wall "
             f"times are medians of {first.get('repeats')} interleaved rounds; speedups are against the full run "
             f"timed in the same rounds"]

@@ -13,13 +13,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from .reference import IMAGE_SIZE, NULL_CLASS, SCHEDULE, build_reference  # noqa: F401  (docstring example)
+from .reference import (  # noqa: F401  (build_reference: docstring example)
+    GUIDANCE_INTERVAL,
+    IMAGE_SIZE,
+    NULL_CLASS,
+    SCHEDULE,
+    build_reference,
+)
 
 CFG_MODES = ("batch", "split")
 
@@ -49,6 +56,7 @@ def sample(
     *,
     num_steps: int = 50,
     guidance_scale: float = 1.5,
+    guidance_interval: tuple[int, int] | None = GUIDANCE_INTERVAL,
     seed: int = 0,
     cfg_mode: str = "batch",
     listener: StepListener | None = None,
@@ -57,12 +65,17 @@ def sample(
     """Generate images in [-1, 1] ([N, 1, S, S], S the model's ``sample_size``) for ``class_labels`` [N] with DDIM.
 
     ``guidance_scale`` > 1 runs classifier-free guidance, as one doubled batch (``cfg_mode="batch"``) or as two
-    calls per step, conditional then unconditional (``cfg_mode="split"``). ``listener`` is told the steps.
+    calls per step, conditional then unconditional (``cfg_mode="split"``). ``guidance_interval=(lo, hi)`` applies
+    the guidance only at timesteps ``lo <= t < hi`` (Kynkaanniemi et al. 2024, "guidance in a limited interval");
+    elsewhere the conditional prediction is used alone, but both branches are still evaluated, so every step makes
+    the same model calls (what a cache handle expects). ``None``: guidance at every step. The default is the
+    embedded model's measured setting (t < 500, see docs/model_card.md). ``listener`` is told the steps.
     """
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {list(CFG_MODES)}, got {cfg_mode!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    low, high = _check_interval(guidance_interval)
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
     labels = class_labels.long()
@@ -76,9 +89,21 @@ def sample(
         sigma = float(((1 - alpha) / alpha).sqrt())
         context = listener.step(i, int(t), sigma) if listener is not None else contextlib.nullcontext()
         with context:
-            eps = _guided_eps(model, x, int(t), labels, null, guidance_scale if guided else None, cfg_mode)
+            scale = (guidance_scale if low <= int(t) < high else 1.0) if guided else None
+            eps = _guided_eps(model, x, int(t), labels, null, scale, cfg_mode)
         x = scheduler.step(eps, t, x).prev_sample
     return x.clamp(-1, 1)
+
+
+def _check_interval(interval: tuple[int, int] | None) -> tuple[float, float]:
+    if interval is None:
+        return -math.inf, math.inf
+    ok = (isinstance(interval, (tuple, list)) and len(interval) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in interval) and 0 <= interval[0] < interval[1])
+    if not ok:
+        raise ValueError(f"guidance_interval must be None or a pair of ints (lo, hi) with 0 <= lo < hi (timesteps), "
+                         f"got {interval!r}")
+    return interval[0], interval[1]
 
 
 def _guided_eps(model, x, t: int, labels, null, scale: float | None, cfg_mode: str) -> torch.Tensor:
@@ -91,4 +116,4 @@ def _guided_eps(model, x, t: int, labels, null, scale: float | None, cfg_mode: s
         cond, uncond = eps(torch.cat([x, x]), torch.cat([labels, null])).chunk(2)
     else:
         cond, uncond = eps(x, labels), eps(x, null)
-    return uncond + scale * (cond - uncond)
+    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
