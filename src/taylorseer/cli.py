@@ -87,10 +87,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from .eval.bench import default_grid, run_bench
+    from .eval.bench import default_grid, run_bench, select_methods
     from .models.pretrained import load_reference
 
     methods = default_grid(quick=args.quick, num_steps=args.steps)
+    if args.methods:
+        methods = select_methods(methods, [n.strip() for n in args.methods.split(",") if n.strip()])
     images = args.images or (8 if args.quick else 50)
     repeats = args.repeats or (1 if args.quick else 2)
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 2; --quick: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives the most stable ratios)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=None, help="comma-separated method names of the grid to run (full is always "
+                   "run); e.g. fora-N5,ts-O1-N5-divided,ddim-11")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="write a Markdown/HTML report with plots from bench records")

@@ -201,3 +201,21 @@ def test_p2_compares_the_peer_with_its_counterpart():
     assert check_p2([ours, peer]).status == "MISS"
     peer.update(error="ImportError: no peers", wall_s=None, psnr=None)
     assert check_p2([ours, peer]).status == "NOT MEASURED"
+
+
+def test_select_methods_keeps_full_and_names_unknown_methods():
+    from taylorseer.eval.bench import default_grid, select_methods
+
+    grid = default_grid(quick=True, num_steps=10)
+    picked = select_methods(grid, ["fora-N3", "ddim-4"])
+    assert [m.name for m in picked] == ["full", "ddim-4", "fora-N3"]
+    with pytest.raises(ValueError, match=r"methods: unknown name\(s\) \['fora-N9'\]; allowed: .*fora-N3"):
+        select_methods(grid, ["fora-N9"])
+
+
+def test_bench_cli_rejects_an_unknown_method_in_one_line(capsys):
+    from taylorseer.cli import main
+
+    assert main(["bench", "--methods", "no-such-method", "--out", "unused.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no-such-method" in err and "fora-N5" in err

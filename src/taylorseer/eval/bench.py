@@ -163,6 +163,20 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     return [Method("full", "full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, *peers]
 
 
+def select_methods(methods: list[Method], names: list[str]) -> list[Method]:
+    """The methods named in ``names`` (in grid order), plus the ``full`` reference that every run needs.
+
+    Example:
+        >>> [m.name for m in select_methods(default_grid(quick=True, num_steps=10), ["fora-N3"])]
+        ['full', 'fora-N3']
+    """
+    known = [m.name for m in methods]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"methods: unknown name(s) {unknown}; allowed: {known}")
+    return [m for m in methods if m.family == "full" or m.name in names]
+
+
 def _quick_grid(num_steps: int) -> list[Method]:
     n = 3 if num_steps < 20 else 5  # at 50 steps: N=5, 11 model evaluations, so P1-P3 all get checked
     ours = _taylorseer(1, n, num_steps)
