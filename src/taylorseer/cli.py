@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerConfig, preset
+
+if TYPE_CHECKING:
+    from .models.train import TrainConfig
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit") -> None:
@@ -66,7 +70,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` of ``train-reference``: the flags given, the shipped recipe for the rest."""
     from .models.train import TrainConfig
 
@@ -83,7 +87,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.export:
         from .models.pretrained import export_reference
 
-        print(f"exported: {export_reference(path)}")
+        notes = {k: getattr(cfg, k) for k in ("size", "batch_size", "lr", "ema_decay", "beta_schedule", "seed",
+                                              "model_label_dropout")}
+        print(f"exported: {export_reference(path, notes=notes)}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

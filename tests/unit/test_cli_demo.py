@@ -66,3 +66,15 @@ def test_train_reference_flags_override_the_shipped_recipe():
         ["train-reference", "--steps", "12", "--lr", "0.002", "--batch-size", "16", "--out-dir", "x"]))
     assert (given.steps, given.lr, given.batch_size, given.out_dir) == (12, 0.002, 16, "x")
     assert given.seed == default.seed
+
+
+def test_train_reference_export_records_the_recipe(tmp_path, monkeypatch):
+    import taylorseer.models.pretrained as pretrained
+
+    seen = {}
+    monkeypatch.setattr(pretrained, "export_reference",
+                        lambda path, notes=None: seen.update(path=path, notes=notes) or path)  # never the package
+    assert main(["train-reference", "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--export"]) == 0
+    assert seen["path"] == tmp_path / "train_state.safetensors"
+    assert seen["notes"]["batch_size"] == 4 and seen["notes"]["size"] == "DiT-FM-B/2-16"
+    assert "lr" in seen["notes"] and "model_label_dropout" in seen["notes"]
