@@ -389,15 +389,16 @@ def _header_lines(records: list[Record]) -> list[str]:
     full = next((r for r in records if r.get("family") == "full"), first)
     elapsed = max((r.get("bench_elapsed_s") or 0) for r in records)
     rss = max((r.get("process_max_rss_mb") or 0) for r in records)
+    interval = first.get("guidance_interval")
+    where = f", applied at timesteps {interval[0]} <= t < {interval[1]}" if interval else ""
     return [f"Run {first.get('run_id')} on {m.get('date')}, {len(records)} methods, bench time {elapsed / 60:.1f} min",
             f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('platform')}; load average at start "
             f"{m.get('loadavg')}",
             f"Software: torch {m.get('torch')}, diffusers {m.get('diffusers')}, Python {m.get('python')}; "
             f"{m.get('threads')} torch thread(s); process peak RSS {rss:.0f} MB",
             f"Model: {model.get('name')} ({model.get('params', 0) / 1e6:.2f}M parameters); "
-            f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} ({first.get('cfg_mode')}"
-            + (f", applied at timesteps {interval[0]} <= t < {interval[1]}" if (interval := first.get(
-                "guidance_interval")) else "") + ")",
+            f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} "
+            f"({first.get('cfg_mode')}{where})",
             f"Images: {first.get('num_images')} per method (classes 0-9 in turn, seed {first.get('seed')}); wall "
             f"times are medians of {first.get('repeats')} interleaved rounds; speedups are against the full run "
             f"timed in the same rounds"]
