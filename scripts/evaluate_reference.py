@@ -2,7 +2,10 @@
 
     python scripts/evaluate_reference.py --per-class 30 --threads 2
 
-Prints class accuracy (shipped classifier) and FID-FMNIST (vs the 10k test set statistics) of DDIM-50 samples.
+    python scripts/evaluate_reference.py --weights /tmp/candidate.safetensors --per-class 50
+
+Prints class accuracy (shipped classifier, overall and per class) and FID-FMNIST (vs the 10k test set
+statistics) of DDIM-50 samples.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ def main() -> None:
                         help="timestep intervals LO:HI where guidance applies, or 'all' (every step)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--weights", default=None,
+                        help="an exported reference file to evaluate instead of the shipped one (no --record)")
     parser.add_argument("--record", action="store_true", help="write the results into MANIFEST.json")
     args = parser.parse_args()
+    if args.weights and args.record:
+        parser.error("--record writes the shipped model's manifest entry: it cannot be used with --weights")
     torch.set_num_threads(args.threads)
-    model = load_reference()
+    model = load_reference(args.weights)
     labels = torch.arange(10).repeat_interleave(args.per_class)
     results = []
     intervals = [None if v == "all" else tuple(int(x) for x in v.split(":")) for v in args.guidance_interval]
@@ -44,6 +51,8 @@ def main() -> None:
                "guidance_interval": list(interval) if interval else "all", "seed": args.seed,
                "class_accuracy": round(metrics.class_accuracy(images, labels), 4),
                "fid_fmnist": round(metrics.fid_fmnist(images), 3), "seconds": round(seconds, 1),
+               "per_class_accuracy": [round(metrics.class_accuracy(images[labels == c], labels[labels == c]), 3)
+                                      for c in range(10)],
                "threads": args.threads}
         print(json.dumps(row))
         results.append(row)

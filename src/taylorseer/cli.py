@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``taylorseer`` argument parser."""
     parser = argparse.ArgumentParser(prog="taylorseer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep the C allocator's default settings; otherwise commands that run a model call "
+                        "taylorseer.tune_cpu_allocator() first (glibc: about 20%% faster on CPU here, the process "
+                        "keeps its peak memory)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="embedded DiT: full compute vs TaylorSeer, measured, side by side")
@@ -189,11 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUNS_MODELS = ("demo", "bench", "generate", "train-reference")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit with status 2."""
     from .models.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    if not args.default_malloc and args.command in _RUNS_MODELS:
+        from .runtime.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     try:
         args.func(args)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:

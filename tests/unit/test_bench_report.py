@@ -71,7 +71,7 @@ def test_jsonl_holds_every_record_with_the_schema(bench_run):
         if rec["error"] is None:  # every null of a measured record says why
             missing = [k for k in SCHEMA if rec[k] is None and k not in ("error", "config", "counterpart")]
             assert all(k in rec["reasons"] for k in missing), (rec["name"], missing, rec["reasons"])
-        assert {"cpu", "torch", "threads", "date"} <= set(rec["machine"])
+        assert {"cpu", "torch", "threads", "date", "allocator"} <= set(rec["machine"])
     assert len({frozenset(r) for r in records}) == 1  # one key set for all records
 
 

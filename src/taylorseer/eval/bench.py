@@ -54,6 +54,7 @@ from ..api import apply
 from ..config import TaylorSeerConfig, preset
 from ..models.reference import GUIDANCE_INTERVAL, NUM_CLASSES
 from ..models.sampler import StepListener, sample
+from ..runtime.allocator import allocator_setting
 from ..runtime.measure import count_flops
 from .grid import image_grid
 
@@ -316,7 +317,8 @@ def _probe_path(model: nn.Module, method: Method) -> str | None:
 #################################################################################
 
 def machine_facts() -> dict[str, Any]:
-    """CPU model, core count, library versions, torch threads, UTC date and load average right now."""
+    """CPU model, core count, library versions, torch threads, UTC date, load average right now and the C
+    allocator thresholds set by ``tune_cpu_allocator`` (``None``: the C library's defaults)."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -328,7 +330,8 @@ def machine_facts() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "allocator": allocator_setting()}
 
 
 def _max_rss_mb() -> float:

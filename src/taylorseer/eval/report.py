@@ -383,6 +383,14 @@ def _timing_row(r: Record) -> list[str]:
             _num(r.get("wall_full_s"), ".3f"), _num(r.get("cpu_s"), ".3f")]
 
 
+def _allocator(machine: dict) -> str:
+    setting = machine.get("allocator")
+    if not setting:
+        return "defaults" if "allocator" in machine else "not recorded"
+    return (f"tuned (mmap threshold {setting['mmap_threshold_bytes'] >> 20} MiB, trim threshold "
+            f"{setting['trim_threshold_bytes'] >> 20} MiB)")
+
+
 def _header_lines(records: list[Record]) -> list[str]:
     first = records[0]
     m, model = first.get("machine", {}), first.get("model", {})
@@ -395,7 +403,7 @@ def _header_lines(records: list[Record]) -> list[str]:
             f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('platform')}; load average at start "
             f"{m.get('loadavg')}",
             f"Software: torch {m.get('torch')}, diffusers {m.get('diffusers')}, Python {m.get('python')}; "
-            f"{m.get('threads')} torch thread(s); process peak RSS {rss:.0f} MB",
+            f"{m.get('threads')} torch thread(s); process peak RSS {rss:.0f} MB; C allocator: {_allocator(m)}",
             f"Model: {model.get('name')} ({model.get('params', 0) / 1e6:.2f}M parameters); "
             f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} "
             f"({first.get('cfg_mode')}{where})",
