@@ -11,5 +11,6 @@ if __name__ == "__main__":
     images = sample(load_reference(), torch.tensor([1, 7]), num_steps=50, seed=1234)
     save_tensors("tests/golden/shipped_sample.safetensors", {"images": images},
                  {"checkpoint_sha256": manifest_sha256(REFERENCE_FILE), "labels": "1,7", "seed": "1234",
-                  "num_steps": "50", "guidance_scale": "1.5"})
+                  "num_steps": "50", "guidance_scale": "1.5",
+                  "sampler": "DDIM leading, eta 0, x0 not clipped, CFG at every step"})
     print("wrote tests/golden/shipped_sample.safetensors")

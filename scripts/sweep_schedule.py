@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("--warmups", default="1,2,3,4,5")
     parser.add_argument("--abscissae", default="step,sigma")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights", default=None, help="an exported reference file instead of the shipped one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_reference()
+    model = load_reference(args.weights)
     labels = torch.arange(10).repeat_interleave(args.per_class)
     full = sample(model, labels, num_steps=args.steps, seed=0)
     columns = [(0, "step")] + [(o, a) for o in (1, 2) for a in args.abscissae.split(",")]

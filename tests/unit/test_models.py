@@ -110,6 +110,41 @@ def test_guidance_interval_limits_guidance_to_its_timesteps():
     assert not torch.allclose(partial, everywhere, atol=1e-3) and not torch.allclose(partial, unguided, atol=1e-3)
 
 
+def test_sampler_is_ddim_without_x0_clipping_as_in_dit():
+    """An independent DDIM (eta 0, cosine alpha-bar from its formula, CFG on eps, x0 never clipped; DiT samples
+    with clip_denoised=False) gives the sampler's images. Clipping x0 at high noise is what made guidance at every
+    step look harmful on the embedded model (docs/model_card.md)."""
+    import math
+
+    from taylorseer.models.reference import build_reference
+    from taylorseer.models.sampler import initial_noise, sample
+
+    torch.manual_seed(0)
+    model = build_reference("DiT-FM-T/4")
+    labels, null, scale = torch.tensor([0, 3]), torch.tensor([10, 10]), 3.0
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)]
+    alphas = torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+    x = initial_noise(2, 0, model.config.sample_size).double()
+    x0_range = 0.0
+    with torch.no_grad():
+        for t in (750, 500, 250, 0):  # "leading" spacing, 4 steps of 1000
+            inp = torch.cat([x, x]).float()
+            out = model(inp, timestep=torch.full((4,), t), class_labels=torch.cat([labels, null])).sample.double()
+            cond, uncond = out.chunk(2)
+            eps = uncond + scale * (cond - uncond)
+            a, a_prev = alphas[t], alphas[t - 250] if t >= 250 else torch.tensor(1.0, dtype=torch.float64)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x0_range = max(x0_range, float(x0.abs().max()))
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    assert x0_range > 1.5  # clipping x0 to [-1, 1] would change this trajectory
+    images = sample(model, labels, num_steps=4, guidance_scale=scale, guidance_interval=None, seed=0)
+    torch.testing.assert_close(images.double(), x.clamp(-1, 1), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("bad", [(500, 0), (0,), (-1, 5), (0.0, 500), "0-500"])
 def test_bad_guidance_interval_names_the_field(bad):
     from taylorseer.models.reference import build_reference

@@ -141,7 +141,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     Full grid (64 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
     at N = 2..8 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
     timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
-    abscissa at N = 5 (the demo's fast schedule; docs/design.md, "Abscissa on the embedded model"); block-residual
+    abscissa at N = 5 (docs/design.md, "Abscissa on the embedded model"); block-residual
     and model-output ("lite") granularity at N = 5, O = 1, 2; the paper presets
     (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
     diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
@@ -550,8 +550,11 @@ def run_bench(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     groups = _groups(methods, fulls[0], group_size)
     header = _header(model, model_name, num_images, seed, repeats, guidance_scale, cfg_mode, probe_images)
-    # our sampler's default (the embedded model's measured guidance interval); a custom sampler states its own
-    header["guidance_interval"] = list(GUIDANCE_INTERVAL) if sampler is sample else None
+    # our sampler's default ("all": every step); unknown (None) for a custom sampler
+    if sampler is sample:
+        header["guidance_interval"] = list(GUIDANCE_INTERVAL) if GUIDANCE_INTERVAL else "all"
+    else:
+        header["guidance_interval"] = None
     total = 2 * len(methods) + repeats * sum(len(g) for g in groups)
     with tqdm(total=total, disable=not progress, desc="bench") as bar:
         bench = _Bench(ctx, out_path, header, probe_images, save_samples, bar)

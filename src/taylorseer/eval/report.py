@@ -398,7 +398,12 @@ def _header_lines(records: list[Record]) -> list[str]:
     elapsed = max((r.get("bench_elapsed_s") or 0) for r in records)
     rss = max((r.get("process_max_rss_mb") or 0) for r in records)
     interval = first.get("guidance_interval")
-    where = f", applied at timesteps {interval[0]} <= t < {interval[1]}" if interval else ""
+    if interval == "all":
+        where = ", at every step"
+    elif interval:
+        where = f", applied at timesteps {interval[0]} <= t < {interval[1]}"
+    else:
+        where = ""
     return [f"Run {first.get('run_id')} on {m.get('date')}, {len(records)} methods, bench time {elapsed / 60:.1f} min",
             f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('platform')}; load average at start "
             f"{m.get('loadavg')}",

@@ -40,8 +40,11 @@ class StepListener(Protocol):
 
 
 def make_scheduler() -> DDIMScheduler:
-    """DDIM over the reference model's training schedule (eta = 0, samples clipped to [-1, 1])."""
-    return DDIMScheduler(**SCHEDULE, clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading")
+    """DDIM over the reference model's training schedule: eta = 0, and the predicted x0 is *not* clipped, as in
+    DiT's sampler (``clip_denoised=False``); ``sample`` clamps only the final images to [-1, 1]. Clipping x0 at high
+    noise, where x0 = (x - sqrt(1 - a) eps) / sqrt(a) amplifies eps by up to ~30x, turns guided predictions into
+    saturated images (docs/model_card.md, "Sampler")."""
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
 
 
 def initial_noise(num_images: int, seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -69,7 +72,7 @@ def sample(
     the guidance only at timesteps ``lo <= t < hi`` (Kynkaanniemi et al. 2024, "guidance in a limited interval");
     elsewhere the conditional prediction is used alone, but both branches are still evaluated, so every step makes
     the same model calls (what a cache handle expects). ``None``: guidance at every step. The default is the
-    embedded model's measured setting (t < 500, see docs/model_card.md). ``listener`` is told the steps.
+    DiT setting, every step (docs/model_card.md, "Sampler"). ``listener`` is told the steps.
     """
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {list(CFG_MODES)}, got {cfg_mode!r}")

@@ -33,7 +33,7 @@ class TrainConfig:
 
     out_dir: str = "runs/reference"
     size: str = "DiT-FM-B/2-16"
-    steps: int = 9000
+    steps: int = 18000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 200
