@@ -21,14 +21,14 @@ def test_bad_threshold_names_the_field(field, value):
 
 
 _FAULTS = """
-import resource, sys, torch
+import resource, statistics, torch
 def faults_per_alloc():
-    for _ in range(2):
+    counts = []
+    for _ in range(7):
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(16 << 20).sum()  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.ones(16 << 20).sum()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    return statistics.median(counts)
 before = faults_per_alloc()
 from taylorseer.runtime.allocator import tune_cpu_allocator
 setting = tune_cpu_allocator()
@@ -43,7 +43,7 @@ def test_tuning_removes_page_faults_of_reallocation():
     if mmap_threshold < 64 << 20:
         pytest.skip(f"this glibc caps the mmap threshold at {mmap_threshold} bytes, below the test's 64 MiB tensor")
     assert before > 10_000  # 64 MiB = 16,384 pages, mapped afresh on every allocation by default
-    assert after < 100
+    assert after < 100  # median over 7 allocations: the first one after tuning still grows the heap
 
 
 @pytest.mark.parametrize("argv, tuned", [
