@@ -38,7 +38,8 @@ SCHEMA = {  # key -> allowed JSON types
     "wall_samples_s": (list, type(None)), "wall_full_s": OPTIONAL_NUMBER, "wall_speedup": OPTIONAL_NUMBER,
     "efficiency": OPTIONAL_NUMBER, "cpu_s": OPTIONAL_NUMBER, "peak_cache_bytes": (int, type(None)),
     "process_max_rss_mb": OPTIONAL_NUMBER, "psnr": OPTIONAL_NUMBER, "ssim": OPTIONAL_NUMBER,
-    "class_accuracy": OPTIONAL_NUMBER, "fid_fmnist": OPTIONAL_NUMBER, "probe_path": (str, type(None)),
+    "class_accuracy": OPTIONAL_NUMBER, "fid_fmnist": OPTIONAL_NUMBER, "fid_to_full": OPTIONAL_NUMBER,
+    "probe_path": (str, type(None)),
     "probe_images": (int, type(None)), "probe_errors": (list, type(None)), "samples_png": (str, type(None)),
     "bench_elapsed_s": NUMBER,
 }
@@ -79,7 +80,7 @@ def test_reference_record_is_the_unit(bench_run):
     full = _by_name(bench_run[1])["full"]
     assert full["error"] is None and full["config"] is None
     assert full["psnr"] is None and "reference" in full["reasons"]["psnr"]
-    assert full["ssim"] == pytest.approx(1.0)
+    assert full["ssim"] == pytest.approx(1.0) and full["fid_to_full"] == 0.0
     assert full["flops_speedup"] == 1.0 and full["wall_speedup"] == 1.0 and full["efficiency"] == 1.0
     assert (full["steps_full"], full["steps_forecast"], full["peak_cache_bytes"]) == (NUM_STEPS, 0, 0)
     assert full["wall_min_s"] <= full["wall_s"] <= full["wall_max_s"]
@@ -93,7 +94,7 @@ def test_cached_methods_skip_steps_and_flops(bench_run):
         assert rec["error"] is None, rec["error"]
         assert rec["steps_full"] < NUM_STEPS and rec["steps_full"] + rec["steps_forecast"] == NUM_STEPS
         assert rec["flops_speedup"] > 1 and rec["peak_cache_bytes"] > 0
-        assert math.isfinite(rec["psnr"]) and 0 < rec["ssim"] < 1
+        assert math.isfinite(rec["psnr"]) and 0 < rec["ssim"] < 1 and rec["fid_to_full"] > 0
         forecast_steps = [e["step"] for e in rec["probe_errors"]]
         assert len(forecast_steps) == rec["steps_forecast"] and min(forecast_steps) >= 2  # warm-up 2 is computed
         assert all(e["rel_l2"] >= 0 for e in rec["probe_errors"])
@@ -212,6 +213,20 @@ def test_select_methods_keeps_full_and_names_unknown_methods():
     with pytest.raises(ValueError, match=r"methods: unknown name\(s\) \['fora-N9'\]; allowed: .*fora-N3"):
         select_methods(grid, ["fora-N9"])
 
+
+def test_full_grid_has_last_step_full_variants_with_a_ddim_of_equal_model_calls():
+    from taylorseer.eval.bench import default_grid
+    from taylorseer.policy.interval import IntervalPolicy
+
+    by_name = {m.name: m for m in default_grid(num_steps=50)}
+    for name in ("fora-N5-tail1", "ts-O1-N5-divided-tail1", "ts-O2-N5-divided-tail1"):
+        cfg = by_name[name].config
+        assert (cfg.interval, cfg.warmup_steps, cfg.tail_steps) == (5, 2, 1)
+        plan = IntervalPolicy(cfg.interval, cfg.warmup_steps, cfg.tail_steps).plan(50)
+        assert plan[-1] and not plan[-2]  # the last step computed, the one before it still forecast
+        assert by_name[name].full_steps() == sum(plan) == 12
+    assert by_name["fora-N5-tail1"].config.max_order == 0
+    assert by_name["ddim-12"].num_steps == 12
 
 def test_bench_cli_rejects_an_unknown_method_in_one_line(capsys):
     from taylorseer.cli import main

@@ -41,6 +41,7 @@ def test_demo_rows_and_picture(tmp_path, tiny_dit):
     assert ts["full_steps"] == methods[1].config.full_steps(6) == 3 and ts["flops_speedup"] > 1.0 and ts["cache_mb"] > 0
     assert ddim["full_steps"] == 4 and ddim["flops_speedup"] == pytest.approx(1.5)
     assert all(0 <= r["class_acc"] <= 1 and r["fid_fmnist"] >= 0 for r in rows)
+    assert full["fid_to_full"] == 0.0 and ts["fid_to_full"] > 0 and ddim["fid_to_full"] > 0
     assert (tmp_path / "demo.png").stat().st_size > 1000
     table = format_table(rows)
     assert table.count("\n") == 4 and "| ts | 3 |" in table

@@ -18,7 +18,8 @@ unless named ``_mb``): run header (``run_id``, ``model``, ``num_images``, ``seed
 counts (``steps_full``, ``steps_forecast``, ``flops``, ``flops_speedup``, ``peak_cache_bytes``,
 ``process_max_rss_mb``: the process's peak so far), timing (``wall_s`` median, ``wall_min_s``, ``wall_max_s``,
 ``wall_samples_s``, ``cpu_s``, ``wall_full_s``, ``wall_speedup``, ``efficiency`` = wall / FLOPs speedup), quality
-(``psnr`` dB and ``ssim`` vs the reference images, ``class_accuracy``, ``fid_fmnist``), the probe
+(``psnr`` dB and ``ssim`` vs the reference images, ``class_accuracy``, ``fid_fmnist`` vs the real test set,
+``fid_to_full``: the same Fréchet distance but to the full-compute images of the same seeds), the probe
 (``probe_path``, ``probe_images``, ``probe_errors`` = [{step, rel_l2}]), ``samples_png``, ``error`` (None or
 "Type: message"), ``reasons`` ({field: why it is null}) and ``bench_elapsed_s``.
 
@@ -112,16 +113,18 @@ class Method:
 
 
 def _taylorseer(order: int, interval: int, num_steps: int, scheme: str = "divided", abscissa: str = "step",
-                granularity: str = "module") -> Method:
+                granularity: str = "module", tail: int = 0) -> Method:
     suffix = ("" if abscissa == "step" else f"-{abscissa}") + ("" if granularity == "module" else f"-{granularity}")
+    suffix += f"-tail{tail}" if tail else ""
     config = TaylorSeerConfig(interval=interval, warmup_steps=GRID_WARMUP, max_order=order, scheme=scheme,
-                              abscissa=abscissa, granularity=granularity,
+                              abscissa=abscissa, granularity=granularity, tail_steps=tail,
                               name=f"ts-O{order}-N{interval}-{scheme}{suffix}")
     return Method(config.name, "taylorseer", config, num_steps)
 
 
-def _fora(interval: int, num_steps: int) -> Method:
-    return Method(f"fora-N{interval}", "fora", preset("fora", interval=interval, warmup_steps=GRID_WARMUP), num_steps)
+def _fora(interval: int, num_steps: int, tail: int = 0) -> Method:
+    config = preset("fora", interval=interval, warmup_steps=GRID_WARMUP, tail_steps=tail)
+    return Method(f"fora-N{interval}" + (f"-tail{tail}" if tail else ""), "fora", config, num_steps)
 
 
 def _peer(ours: Method) -> Method:
@@ -138,11 +141,12 @@ def _fewer_steps(cached: list[Method], num_steps: int) -> list[Method]:
 def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     """The benchmark grid for ``num_steps``-step sampling (the paper's DiT setting is 50).
 
-    Full grid (64 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
+    Full grid (68 methods): full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
     at N = 2..8 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
     timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
     abscissa at N = 5 (docs/design.md, "Abscissa on the embedded model"); block-residual
-    and model-output ("lite") granularity at N = 5, O = 1, 2; the paper presets
+    and model-output ("lite") granularity at N = 5, O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last
+    step computed in full (``tail_steps=1``, docs/design.md, "The last step"); the paper presets
     (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
     diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
     methods. ``quick``: seven methods at one interval, for CI.
@@ -158,6 +162,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     cached += [_taylorseer(o, n, num_steps, scheme="reference") for o in (2, 3) for n in GRID_INTERVALS]
     cached += [_taylorseer(o, 5, num_steps, abscissa=a) for a in ("timestep", "sigma") for o in (1, 2, 3)]
     cached += [_taylorseer(o, 5, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)]
+    cached += [_fora(5, num_steps, tail=1), *(_taylorseer(o, 5, num_steps, tail=1) for o in (1, 2))]
     cached += [Method(p, "preset", preset(p), num_steps) for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
     by_name = {m.name: m for m in cached}
     peers = [_peer(by_name["ts-O1-N5-divided"]), _peer(by_name["ts-O2-N4-reference"])]
@@ -340,7 +345,8 @@ def _max_rss_mb() -> float:
 
 def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, is_reference: bool) -> tuple:
     """PSNR/SSIM vs the reference images, class accuracy and FID-FMNIST; (values, reasons for the nulls)."""
-    values: dict[str, Any] = {"psnr": None, "ssim": None, "class_accuracy": None, "fid_fmnist": None}
+    values: dict[str, Any] = {"psnr": None, "ssim": None, "class_accuracy": None, "fid_fmnist": None,
+                              "fid_to_full": None}
     reasons: dict[str, str] = {}
     try:
         from . import metrics
@@ -348,10 +354,14 @@ def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
         return values, {k: f"eval.metrics unavailable: {type(err).__name__}: {err}" for k in values}
     jobs = {"psnr": lambda: metrics.psnr(images, reference), "ssim": lambda: metrics.ssim(images, reference),
             "class_accuracy": lambda: metrics.class_accuracy(images, labels),
-            "fid_fmnist": lambda: metrics.fid_fmnist(images)}
+            "fid_fmnist": lambda: metrics.fid_fmnist(images),
+            "fid_to_full": lambda: metrics.fid_fmnist(images, reference=metrics.feature_statistics(reference))}
     for key, job in jobs.items():
         if key == "psnr" and is_reference:
             reasons[key] = "this is the reference: PSNR against itself is infinite by definition"
+            continue
+        if key == "fid_to_full" and is_reference:
+            values[key] = 0.0  # the distance of a set to itself, without the eigendecomposition round-off
             continue
         try:
             values[key] = float(job())
@@ -433,7 +443,8 @@ def _wall_fields(samples: list[float], cpu: list[float], full: list[float]) -> d
 
 def _error_record(message: str) -> dict[str, Any]:
     keys = ("flops", "steps_full", "steps_forecast", "peak_cache_bytes", "psnr", "ssim", "class_accuracy",
-            "fid_fmnist", "probe_path", "probe_images", "probe_errors", "samples_png", "process_max_rss_mb")
+            "fid_fmnist", "fid_to_full", "probe_path", "probe_images", "probe_errors", "samples_png",
+            "process_max_rss_mb")
     return {**dict.fromkeys(keys), "reasons": {k: "the method failed (see error)" for k in keys}, "error": message}
 
 
