@@ -10,8 +10,8 @@ sampling noise common to all methods from their differences. Also printed:
 - FID-FMNIST split into its mean term |mu - mu_real|^2 and covariance term;
 - "FID to full": the Fréchet distance to the full-compute images of the same seed (a distribution-level fidelity
   measure, 0 for a method that reproduces full compute);
-- each method's mean shift from full compute projected on the full-compute -> real direction: negative means the
-  method moves the feature mean towards the real data (lowering FID) without moving towards full compute.
+- each method's feature-mean shift from full compute, projected on the unit vector from full compute's mean to the
+  real data's: positive moves towards the real statistics (lowering FID-FMNIST's mean term), negative away.
 
     python scripts/fid_intervals.py /root/taylorseer-runs/quality/cfg1.5-n1000 --baseline fora-N5
 """

@@ -146,7 +146,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
     abscissa at N = 5 (docs/design.md, "Abscissa on the embedded model"); block-residual
     and model-output ("lite") granularity at N = 5, O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last
-    step computed in full (``tail_steps=1``, docs/design.md, "The last step"); the paper presets
+    step computed in full (``tail_steps=1``, docs/design.md, "FID-FMNIST at scale"); the paper presets
     (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
     diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
     methods. ``quick``: seven methods at one interval, for CI.
@@ -344,7 +344,8 @@ def _max_rss_mb() -> float:
 
 
 def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, is_reference: bool) -> tuple:
-    """PSNR/SSIM vs the reference images, class accuracy and FID-FMNIST; (values, reasons for the nulls)."""
+    """PSNR/SSIM vs the reference images, class accuracy, FID-FMNIST and the Fréchet distance to the reference
+    images' features (``fid_to_full``); (values, reasons for the nulls)."""
     values: dict[str, Any] = {"psnr": None, "ssim": None, "class_accuracy": None, "fid_fmnist": None,
                               "fid_to_full": None}
     reasons: dict[str, str] = {}
