@@ -25,17 +25,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from taylorseer.eval.classifier import shipped_classifier
-from taylorseer.eval.metrics import frechet_distance, reference_statistics
+from taylorseer.eval.metrics import classifier_features, frechet_distance, reference_statistics
 from taylorseer.models.data import load_fashion_mnist, resize_images
 
 
-def features(images: torch.Tensor, size: int) -> np.ndarray:
-    """Penultimate classifier features [N, 128] (float64) of images [N, 1, S, S] in [-1, 1]."""
-    clf = shipped_classifier(size).eval()
-    with torch.inference_mode():
-        out = [clf.features(images[i:i + 500].float()) for i in range(0, len(images), 500)]
-    return torch.cat(out).double().numpy()
+def features(images: torch.Tensor) -> np.ndarray:
+    """Penultimate features [N, 128] (float64) of the shipped classifier for images [N, 1, S, S] in [-1, 1]."""
+    return classifier_features(images.float()).numpy()
 
 
 def gaussian(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +66,12 @@ def main() -> None:
         for f in sorted(sd.glob("*.safetensors")):
             images = load_file(str(f))["images"]
             size, n = int(images.shape[-1]), int(images.shape[0])
-            feats[sd.name][f.stem] = features(images, size)
+            feats[sd.name][f.stem] = features(images)
     mu_r, sigma_r = (t.numpy() for t in reference_statistics(size))
     ref = (mu_r, sigma_r)
 
     train = resize_images(load_fashion_mnist("train")[0], size)
-    floor = [fid(features(train[idx], size), ref)
+    floor = [fid(features(train[idx]), ref)
              for idx in (torch.from_numpy(rng.choice(len(train), n, replace=False)) for _ in range(args.floor_subsets))]
     print(f"{n} images per method and seed, {size}x{size}; seeds: {', '.join(s.name for s in seeds)}")
     print(f"floor (real training images, {args.floor_subsets} subsets of {n}): FID-FMNIST "

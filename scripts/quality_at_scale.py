@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from taylorseer.eval.bench import _Context, _quality, _run, default_grid, select_methods
+from taylorseer.eval.bench import Method, _Context, _quality, _run, default_grid, select_methods
 from taylorseer.models.pretrained import load_reference
 from taylorseer.models.reference import NUM_CLASSES
 from taylorseer.models.sampler import sample
 
 
-def _images(ctx: _Context, method, labels: torch.Tensor, path: Path | None) -> tuple[torch.Tensor, object]:
+def _images(ctx: _Context, method: Method, labels: torch.Tensor, path: Path | None) -> tuple[torch.Tensor, int | None]:
     """The method's images, from ``path`` if a previous run saved them there (steps: None then)."""
     if path is not None and path.exists():
         return load_file(str(path))["images"].float(), None

@@ -117,6 +117,21 @@ def test_feature_statistics_shapes_and_fid_ordering(test_split) -> None:
     assert 0.0 <= real < noise
 
 
+def test_fid_between_is_a_symmetric_distance_between_image_sets(test_split) -> None:
+    from taylorseer.eval.metrics import classifier_features, fid_between
+
+    images, _ = test_split
+    real_a, real_b, noise = images[:500], images[500:], _random_images(500).float()
+    assert fid_between(real_a, real_a) == 0.0  # the same set
+    assert fid_between(real_a, real_a.clone()) == pytest.approx(0.0, abs=1e-6)  # an equal copy
+    assert 0.0 < fid_between(real_a, real_b) < fid_between(real_a, noise)  # two real halves are closer than noise
+    assert fid_between(real_a, noise) == pytest.approx(fid_between(noise, real_a), rel=1e-6)
+    feats = classifier_features(real_a)
+    assert feats.shape == (500, 128) and feats.dtype == torch.float64
+    with pytest.raises(ValueError, match="same size"):
+        fid_between(real_a, resize_images(real_b, 16))
+
+
 def test_corrupted_classifier_file_is_rejected(tmp_path) -> None:
     expected = manifest_sha256(CLASSIFIER_FILE)
     data = bytearray(CLASSIFIER_PATH.read_bytes())

@@ -356,13 +356,10 @@ def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     jobs = {"psnr": lambda: metrics.psnr(images, reference), "ssim": lambda: metrics.ssim(images, reference),
             "class_accuracy": lambda: metrics.class_accuracy(images, labels),
             "fid_fmnist": lambda: metrics.fid_fmnist(images),
-            "fid_to_full": lambda: metrics.fid_fmnist(images, reference=metrics.feature_statistics(reference))}
+            "fid_to_full": lambda: metrics.fid_between(images, reference)}
     for key, job in jobs.items():
         if key == "psnr" and is_reference:
             reasons[key] = "this is the reference: PSNR against itself is infinite by definition"
-            continue
-        if key == "fid_to_full" and is_reference:
-            values[key] = 0.0  # the distance of a set to itself, without the eigendecomposition round-off
             continue
         try:
             values[key] = float(job())
