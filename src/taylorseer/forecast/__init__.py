@@ -1,5 +1,7 @@
-"""Pure forecast math: Taylor factors from computed features, evaluated at skipped steps."""
+"""Pure forecast math: what a skipped step returns, one file per forecaster, a registry keyed by config type."""
 
-from .taylor import TaylorState, derivatives, forecast, update
+from .base import FactorState, Forecaster, build_forecaster, register_forecaster, registered_forecasters
+from .taylor import TaylorForecast, TaylorState, derivatives, forecast, update
 
-__all__ = ["TaylorState", "update", "forecast", "derivatives"]
+__all__ = ["FactorState", "Forecaster", "build_forecaster", "register_forecaster", "registered_forecasters",
+           "TaylorForecast", "TaylorState", "update", "forecast", "derivatives"]

@@ -23,30 +23,14 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
+from .base import FactorState, register_forecaster
 
-class TaylorState(NamedTuple):
-    """Factors of one cached feature and the abscissae of the computed steps they came from (newest first)."""
-
-    factors: tuple[torch.Tensor, ...]
-    points: tuple[float, ...]
-
-    @staticmethod
-    def empty() -> TaylorState:
-        """The state before any computed step."""
-        return TaylorState((), ())
-
-    @property
-    def order(self) -> int:
-        """Highest available order (-1 when empty)."""
-        return len(self.factors) - 1
-
-    def nbytes(self) -> int:
-        """Bytes held by the factor tensors."""
-        return sum(f.numel() * f.element_size() for f in self.factors)
+SCHEMES = ("reference", "divided")
+TaylorState = FactorState  # the Taylor factors of one cached feature (newest abscissa first)
 
 
 def update(
@@ -130,3 +114,54 @@ def derivatives(state: TaylorState, scheme: str = "divided") -> list[torch.Tenso
     if scheme == "reference":
         return list(state.factors)
     return [math.factorial(i) * f for i, f in enumerate(state.factors)]
+
+
+#################################################################################
+#                          Forecaster configs (registered)                      #
+#################################################################################
+
+@dataclass(frozen=True)
+class TaylorForecast:
+    """Truncated Taylor / Newton forecast of order ``max_order`` (0 = reuse, FORA).
+
+    ``scheme="divided"``: Newton divided differences over the actual abscissae, exact for polynomials of degree
+    <= ``max_order`` on any spacing. ``scheme="reference"``: the official code's derivative estimates, bit-exact
+    with it in float32. ``history_from_step``: full steps with a smaller step index keep no history (the reference
+    code's quirk, ``warmup_steps - 1``; 0 otherwise).
+
+    Example:
+        >>> TaylorForecast(max_order=2).scheme
+        'divided'
+    """
+
+    max_order: int = 2
+    scheme: str = "divided"
+    history_from_step: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_order", "history_from_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TaylorForecast.{name} must be an int >= 0, got {value!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"TaylorForecast.scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
+
+
+@register_forecaster(TaylorForecast)
+class TaylorForecaster:
+    """``update``/``forecast`` above, bound to one ``TaylorForecast``."""
+
+    def __init__(self, config: TaylorForecast):
+        self.config = config
+        self.history_from_step = config.history_from_step
+
+    def empty(self) -> FactorState:
+        return FactorState.empty()
+
+    def update(self, state: FactorState, feature: torch.Tensor, point: float, *, keep_history: bool = True,
+               factor_dtype: torch.dtype | None = None) -> FactorState:
+        return update(state, feature, point, self.config.max_order, self.config.scheme, keep_history=keep_history,
+                      factor_dtype=factor_dtype)
+
+    def predict(self, state: FactorState, point: float, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return forecast(state, point, self.config.scheme, dtype=dtype)

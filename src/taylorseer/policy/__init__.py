@@ -1,5 +1,15 @@
-"""Policies: when to compute a step in full and when to forecast it."""
+"""Policies: when to compute a step in full and when to forecast it; a registry keyed by config type."""
 
-from .interval import IntervalPolicy
+from .base import (
+    Decision,
+    Observation,
+    Policy,
+    StepInfo,
+    build_policy,
+    register_policy,
+    registered_policies,
+)
+from .interval import IntervalPolicy, IntervalSchedule
 
-__all__ = ["IntervalPolicy"]
+__all__ = ["Decision", "Observation", "Policy", "StepInfo", "build_policy", "register_policy",
+           "registered_policies", "IntervalPolicy", "IntervalSchedule"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .base import Decision, Policy, StepInfo, register_policy
+
 
 @dataclass(frozen=True)
 class IntervalPolicy:
@@ -51,3 +53,54 @@ class IntervalPolicy:
     def pattern(self, num_steps: int) -> str:
         """The plan as a string: ``F`` for a full step, ``f`` for a forecast one."""
         return "".join("F" if full else "f" for full in self.plan(num_steps))
+
+
+#################################################################################
+#                        As a registered runtime policy                          #
+#################################################################################
+
+@dataclass(frozen=True)
+class IntervalSchedule:
+    """Policy config: the fixed-interval schedule (``IntervalPolicy``) asked step by step by the runtime.
+
+    Without ``num_steps`` the plan is extended as steps arrive (``tail_steps`` then needs ``num_steps``).
+
+    Example:
+        >>> IntervalSchedule(interval=4, warmup_steps=2).interval
+        4
+    """
+
+    interval: int = 4
+    warmup_steps: int = 2
+    tail_steps: int = 0
+
+    def __post_init__(self) -> None:
+        IntervalPolicy(self.interval, self.warmup_steps, self.tail_steps)  # same validation
+
+
+@register_policy(IntervalSchedule)
+class IntervalRuntimePolicy(Policy):
+    """Decisions read off ``IntervalPolicy.plan``."""
+
+    def __init__(self, config: IntervalSchedule):
+        self.schedule = IntervalPolicy(config.interval, config.warmup_steps, config.tail_steps)
+        self._plan: list[bool] = []
+        self._num_steps: int | None = None
+
+    def begin(self, num_steps: int | None) -> None:
+        if num_steps is None and self.schedule.tail_steps:
+            raise ValueError("tail_steps > 0 needs num_steps: call handle.begin(num_steps) first")
+        self._num_steps = num_steps
+        self._plan = self.schedule.plan(num_steps) if num_steps is not None else []
+
+    def decide(self, info: StepInfo) -> Decision:
+        if info.index >= len(self._plan):
+            self._plan = self.schedule.plan(info.index + 1) if self._num_steps is None else self._plan
+        full = self._plan[info.index]
+        if not full:
+            return Decision(False, reason="interval")
+        reason = "warmup" if info.index < self.schedule.warmup_steps else "interval"
+        return Decision(True, reason=reason)
+
+    def plan(self, num_steps: int) -> list[bool]:
+        return self.schedule.plan(num_steps)
