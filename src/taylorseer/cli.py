@@ -53,7 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=args.steps, guidance_scale=args.cfg_scale,
-                    seed=args.seed)
+                    seed=args.seed, rounds=args.rounds)
     print(f"\n{10 * args.per_class} images, {args.steps} DDIM steps, CFG {args.cfg_scale}, "
           f"{torch.get_num_threads()} CPU thread(s); PSNR/SSIM vs the full-compute images of the same seeds; "
           f"FID-FMNIST over {10 * args.per_class} images (compare rows, not with other sample counts)\n")
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds, methods interleaved (median; after a warm-up)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("plan", help="print a schedule's compute/forecast pattern")
