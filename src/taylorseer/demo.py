@@ -199,8 +199,6 @@ def run_demo(
     ``load_after`` (1-minute load averages, None where unavailable), ``busy`` and ``busy_reasons``.
     ``demo.png`` in ``out_dir`` shows the images side by side, each column captioned with speedup and PSNR.
     """
-    from .eval import metrics  # needs the shipped classifier assets
-
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if model is None:
@@ -212,21 +210,44 @@ def run_demo(
         raise ValueError(f"method labels must be unique, got {[m.label for m in methods]}")
     labels = torch.arange(10).repeat_interleave(per_class)
     load_before = _load()
+    rows, kept = _warm_up(model, methods, labels, seed, guidance_scale, progress)
+    times = _time_rounds(model, methods, labels, seed, guidance_scale, rounds, kept, progress)
+    load_after = _load()
+    _add_timing(rows, times, methods[0].label)
+    threads = torch.get_num_threads()
+    reasons = _busy_reasons(load_before, load_after, threads, {r["method"]: r["spread"] for r in rows})
+    _add_quality(rows, kept, labels, progress)
+    for row in rows:
+        row.update(threads=threads, rounds=rounds, load_before=load_before, load_after=load_after,
+                   busy=bool(reasons), busy_reasons=reasons)
+    titles = [m.title or m.label for m in methods]
+    titles = titles if len(set(titles)) == len(titles) else [m.label for m in methods]  # one panel per method
+    side_by_side({t: kept[m.label] for t, m in zip(titles, methods, strict=True)}, Path(out_dir) / "demo.png",
+                 ncol=per_class, captions=[_caption(row) for row in rows])
+    return rows
+
+
+def _warm_up(model: torch.nn.Module, methods: list[DemoMethod], labels: torch.Tensor, seed: int,
+             guidance_scale: float, progress: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The untimed first generation of each method (its images are the ones measured and shown) and its FLOPs."""
     rows: list[dict] = []
     kept: dict[str, torch.Tensor] = {}
-    for method in methods:  # untimed warm-up; its images are the ones measured and shown
+    for method in methods:
         desc = f"sampling {method.label} (warm-up)" if progress else None
         kept[method.label], stats = _generate(model, method, labels, seed, guidance_scale, desc)
         rows.append({"method": method.label, "stats": stats, "flops": _flops(model, method, guidance_scale),
                      "full_steps": stats.steps_full if stats else method.num_steps})
-    times = _time_rounds(model, methods, labels, seed, guidance_scale, rounds, kept, progress)
-    load_after = _load()
-    reference = methods[0].label
-    _add_timing(rows, times, reference)
-    threads = torch.get_num_threads()
-    reasons = _busy_reasons(load_before, load_after, threads, {r["method"]: r["spread"] for r in rows})
-    full_images = kept[reference]
-    for row in tqdm(rows, desc="metrics", leave=False, disable=not progress):
+    return rows, kept
+
+
+def _add_quality(rows: list[dict], kept: dict[str, torch.Tensor], labels: torch.Tensor, progress: bool) -> None:
+    """FLOPs speedup, cache size and the quality metrics of each method's kept images, versus the first row's."""
+    from .eval import metrics  # needs the shipped classifier assets
+
+    full_images = kept[rows[0]["method"]]
+    bar = tqdm(rows, desc="metrics", leave=False, disable=not progress)
+    for row in bar:
+        bar.set_postfix_str(row["method"])
         images = kept[row["method"]]
         row["flops_speedup"] = rows[0]["flops"] / row["flops"]
         row["psnr"] = metrics.psnr(images, full_images)
@@ -236,11 +257,6 @@ def run_demo(
         row["fid_to_full"] = metrics.fid_between(images, full_images)
         stats = row.pop("stats")
         row["cache_mb"] = stats.peak_cache_bytes / 2**20 if stats is not None else 0.0
-        row.update(threads=threads, rounds=rounds, load_before=load_before, load_after=load_after,
-                   busy=bool(reasons), busy_reasons=reasons)
-    side_by_side({m.title or m.label: kept[m.label] for m in methods}, Path(out_dir) / "demo.png", ncol=per_class,
-                 captions=[_caption(row) for row in rows])
-    return rows
 
 
 def _add_timing(rows: list[dict], times: dict[str, list[float]], reference: str) -> None:
