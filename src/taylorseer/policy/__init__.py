@@ -9,7 +9,11 @@ from .base import (
     register_policy,
     registered_policies,
 )
+from .budget import ErrorBudget
+from .gate import ConfidenceGate
 from .interval import IntervalPolicy, IntervalSchedule
+from .schedule import FixedSchedule
 
 __all__ = ["Decision", "Observation", "Policy", "StepInfo", "build_policy", "register_policy",
            "registered_policies", "IntervalPolicy", "IntervalSchedule"]
+__all__ += ["ConfidenceGate", "ErrorBudget", "FixedSchedule"]

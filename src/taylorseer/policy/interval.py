@@ -11,9 +11,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .base import Decision, Policy, StepInfo, register_policy
+
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,61 @@ class IntervalRuntimePolicy(Policy):
 
     def plan(self, num_steps: int) -> list[bool]:
         return self.schedule.plan(num_steps)
+
+
+#################################################################################
+#                     Serialisation of policy configs (JSON)                     #
+#################################################################################
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A policy config's fields as a plain dict of JSON types (tuples become lists).
+
+    Example:
+        >>> config_to_dict(IntervalSchedule(interval=5, warmup_steps=1))
+        {'interval': 5, 'warmup_steps': 1, 'tail_steps': 0}
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a policy config dataclass instance, got {type(config).__name__}")
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_from_dict(config_type: type[C], data: Mapping[str, Any]) -> C:
+    """The config of type ``config_type`` from ``config_to_dict``'s output; unknown or missing keys are errors.
+
+    Example:
+        >>> config_from_dict(IntervalSchedule, {"interval": 5, "warmup_steps": 1, "tail_steps": 0})
+        IntervalSchedule(interval=5, warmup_steps=1, tail_steps=0)
+    """
+    name = config_type.__name__
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{name}.from_dict needs a dict, got {type(data).__name__}")
+    fields = dataclasses.fields(config_type)
+    known = [f.name for f in fields]
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        raise ValueError(f"{name}.from_dict: unknown keys {unknown}; allowed keys are {known}")
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ValueError(f"{name}.from_dict: missing keys {missing}; required keys are {required}")
+    return config_type(**dict(data))
+
+
+def _interval_schedule_to_dict(self: IntervalSchedule) -> dict[str, Any]:
+    """This config as a plain dict (``config_to_dict``)."""
+    return config_to_dict(self)
+
+
+def _interval_schedule_from_dict(cls: type[IntervalSchedule], data: Mapping[str, Any]) -> IntervalSchedule:
+    """The config from ``to_dict``'s output (``config_from_dict``)."""
+    return config_from_dict(cls, data)
+
+
+# Attached here, below the class, so that the class body above stays as it was (same behaviour, same fields).
+IntervalSchedule.to_dict = _interval_schedule_to_dict  # type: ignore[attr-defined]
+IntervalSchedule.from_dict = classmethod(_interval_schedule_from_dict)  # type: ignore[attr-defined]
