@@ -1,7 +1,11 @@
 """Pure forecast math: what a skipped step returns, one file per forecaster, a registry keyed by config type."""
 
+from .adams import AdamsForecast
 from .base import FactorState, Forecaster, build_forecaster, register_forecaster, registered_forecasters
+from .corrector import CorrectorForecast
+from .hermite import HermiteForecast
 from .taylor import TaylorForecast, TaylorState, derivatives, forecast, update
 
 __all__ = ["FactorState", "Forecaster", "build_forecaster", "register_forecaster", "registered_forecasters",
            "TaylorForecast", "TaylorState", "update", "forecast", "derivatives"]
+__all__ += ["AdamsForecast", "HermiteForecast", "CorrectorForecast"]
