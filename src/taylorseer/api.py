@@ -22,10 +22,12 @@ from torch import nn
 from .adapters import resolve_targets
 from .config import TaylorSeerConfig
 from .integrations.pipeline import PipelineHandle, check_pipeline, is_pipeline
+from .parts import CacheConfig
 from .runtime.handle import CacheHandle
+from .runtime.install import unwrap
 
 
-def apply(model: nn.Module | Any, config: TaylorSeerConfig | None = None) -> CacheHandle | PipelineHandle:
+def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None = None) -> CacheHandle | PipelineHandle:
     """Install forecasting on ``model`` (in place, reversibly) and return the handle that owns its state.
 
     ``model`` is a ``torch.nn.Module`` (returns a ``CacheHandle``; tell it the steps) or a diffusers pipeline with
@@ -34,12 +36,14 @@ def apply(model: nn.Module | Any, config: TaylorSeerConfig | None = None) -> Cac
     Everything is validated before the model is touched: on any error the model is left unmodified.
     """
     config = TaylorSeerConfig() if config is None else config
-    if not isinstance(config, TaylorSeerConfig):
-        raise TypeError(f"config must be a TaylorSeerConfig (see taylorseer.preset), got {type(config).__name__}")
+    if not isinstance(config, (TaylorSeerConfig, CacheConfig)):
+        raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
+                        f"got {type(config).__name__}")
     if isinstance(model, nn.Module):
+        model = unwrap(model)  # a torch.compile'd module: install on the module it compiles
         return CacheHandle.install(model, config, resolve_targets(model, config))
     if is_pipeline(model) or hasattr(model, "transformer") or hasattr(model, "unet"):
         check_pipeline(model)
-        return PipelineHandle.install(model, config, resolve_targets(model.transformer, config))
+        return PipelineHandle.install(model, config, resolve_targets(unwrap(model.transformer), config))
     raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline with .transformer and .scheduler, "
                     f"got {type(model).__name__}")

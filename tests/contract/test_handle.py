@@ -40,7 +40,7 @@ def test_forecasting_changes_output_then_remove_restores_bitwise(tiny_dit):
     assert handle.stats.steps_forecast > 0 and handle.cache_bytes() >= 0
     assert not torch.equal(cached, ref)
     handle.remove()
-    assert handle.cache_bytes() == 0 and not handle._states
+    assert handle.cache_bytes() == 0 and not handle.cached_keys()
     assert torch.equal(sample(tiny_dit, LABELS, num_steps=10, seed=1), ref)
     with pytest.raises(RuntimeError, match="removed"):
         handle.begin(10)
@@ -84,7 +84,7 @@ def test_branch_keys_keep_cfg_calls_apart(tiny_dit):
     with taylorseer.apply(tiny_dit, cfg) as handle:
         batch = sample(tiny_dit, LABELS, num_steps=10, seed=3, cfg_mode="batch", guidance_scale=2.0, listener=handle)
         split = sample(tiny_dit, LABELS, num_steps=10, seed=3, cfg_mode="split", guidance_scale=2.0, listener=handle)
-        assert handle._states == {}  # freed after the last forecast step
+        assert handle.cached_keys() == []  # freed after the last forecast step
         # Forcing both calls into one branch is caught, not silently mixed.
         with pytest.raises(ValueError, match="twice in step 0 of branch 'same'"):
             sample(tiny_dit, LABELS, num_steps=10, seed=3, cfg_mode="split", guidance_scale=2.0,
@@ -115,7 +115,7 @@ def test_named_branches(toy):
                 toy(h0, float(i))
             with handle.step(i, branch="uncond"):
                 toy(h0, float(i))
-        assert {k[0] for k in handle._states} == {"cond", "uncond"}
+            assert {k[0] for k in handle.cached_keys()} == {"cond", "uncond"}
 
 
 def test_flops_ratio_close_to_ideal(tiny_dit):

@@ -1,0 +1,197 @@
+"""The typed parts of a cache: a policy (when), a forecaster (what), targets (where), a store (how kept).
+
+``CacheConfig`` holds one of each; ``apply(model, CacheConfig(...))`` takes it directly, and every
+``TaylorSeerConfig`` (and preset) is a convenient way to build one (``TaylorSeerConfig.parts()``), with
+bit-identical results. Each part is a frozen, validated dataclass; the policy and forecaster types are looked up
+in their registries, so a new one is usable here without editing this file. Round-trips through JSON with the
+part's type name.
+
+Example:
+    >>> from taylorseer.forecast import TaylorForecast
+    >>> from taylorseer.policy import IntervalSchedule
+    >>> cfg = CacheConfig(IntervalSchedule(interval=5), TaylorForecast(max_order=2))
+    >>> CacheConfig.from_json(cfg.to_json()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, TaylorSeerConfig
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where to intercept: ``granularity`` (``module`` outputs as in the paper, ``block`` residuals, or the model
+    ``output``), optional path ``modules`` patterns (``blocks.*.attn``; empty: the registered adapter) and
+    ``block_shortcuts`` (blocks with a registered shortcut skip, on forecast steps, the work that only feeds
+    forecast modules; bit-identical)."""
+
+    granularity: str = "module"
+    modules: tuple[str, ...] = ()
+    block_shortcuts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Targets.granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
+        if isinstance(self.modules, str) or not all(isinstance(p, str) and p for p in self.modules):
+            raise TypeError(f"Targets.modules must be a tuple of non-empty path patterns, got {self.modules!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if not isinstance(self.block_shortcuts, bool):
+            raise TypeError(f"Targets.block_shortcuts must be a bool, got {self.block_shortcuts!r}")
+
+
+@dataclass(frozen=True)
+class Store:
+    """How factors are kept: ``factor_dtype`` (None: the feature's own dtype; ``float16``/``bfloat16`` halve the
+    memory). Room for offloading later."""
+
+    factor_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"Store.factor_dtype must be one of {list(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+
+
+def _registered(kind: str) -> dict[str, type]:
+    if kind == "policy":
+        from .policy import registered_policies
+
+        return registered_policies()
+    from .forecast import registered_forecasters
+
+    return registered_forecasters()
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """One policy, one forecaster, the targets, the store, and the ``abscissa`` (``step``, ``timestep`` or
+    ``sigma``) the forecaster works in. ``name`` labels records and reports (not compared)."""
+
+    policy: Any
+    forecaster: Any
+    targets: Targets = field(default_factory=Targets)
+    store: Store = field(default_factory=Store)
+    abscissa: str = "step"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        for kind in ("policy", "forecaster"):
+            registered = _registered(kind)
+            if type(getattr(self, kind)) not in registered.values():
+                raise TypeError(f"CacheConfig.{kind} must be one of {sorted(registered)}, "
+                                f"got {type(getattr(self, kind)).__name__}")
+        if not isinstance(self.targets, Targets):
+            raise TypeError(f"CacheConfig.targets must be a Targets, got {type(self.targets).__name__}")
+        if not isinstance(self.store, Store):
+            raise TypeError(f"CacheConfig.store must be a Store, got {type(self.store).__name__}")
+        if self.abscissa not in ABSCISSAE:
+            raise ValueError(f"CacheConfig.abscissa must be one of {list(ABSCISSAE)}, got {self.abscissa!r}")
+
+    # The fields the adapters and integrations read, under the names TaylorSeerConfig gives them.
+    @property
+    def granularity(self) -> str:
+        return self.targets.granularity
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.targets.modules
+
+    @property
+    def block_shortcuts(self) -> bool:
+        return self.targets.block_shortcuts
+
+    @property
+    def factor_dtype(self) -> str | None:
+        return self.store.factor_dtype
+
+    def parts(self) -> CacheConfig:
+        """Itself (so that code can call ``config.parts()`` on either config type)."""
+        return self
+
+    def full_steps(self, num_steps: int) -> int | None:
+        """Fully computed steps of a generation, for static policies (None for adaptive ones)."""
+        from .policy import build_policy
+
+        plan = build_policy(self.policy).plan(num_steps)
+        return None if plan is None else sum(plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict; the policy and forecaster carry their type name under ``"type"``."""
+        def part(obj: Any) -> dict[str, Any]:
+            values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            return {"type": type(obj).__name__,
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
+        return {"policy": part(self.policy), "forecaster": part(self.forecaster),
+                "targets": {**dataclasses.asdict(self.targets), "modules": list(self.targets.modules)},
+                "store": dataclasses.asdict(self.store), "abscissa": self.abscissa, "name": self.name}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheConfig:
+        """Inverse of ``to_dict``; unknown part types or fields raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"CacheConfig.from_dict needs a dict (a JSON object), got {type(data).__name__}")
+        allowed = {"policy", "forecaster", "targets", "store", "abscissa", "name"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown CacheConfig field(s) {unknown}; allowed: {sorted(allowed)}")
+
+        def part(kind: str) -> Any:
+            spec = dict(data[kind])
+            registered = _registered(kind)
+            name = spec.pop("type", None)
+            if name not in registered:
+                raise ValueError(f"CacheConfig.{kind}.type must be one of {sorted(registered)}, got {name!r}")
+            part_type = registered[name]
+            names = {f.name for f in dataclasses.fields(part_type)}
+            extra = sorted(set(spec) - names)
+            if extra:
+                raise ValueError(f"unknown {name} field(s) {extra}; allowed: {sorted(names)}")
+            hints = {f.name: f.type for f in dataclasses.fields(part_type)}
+            return part_type(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
+                                for k, v in spec.items()})
+
+        targets = dict(data.get("targets", {}))
+        if "modules" in targets:
+            targets["modules"] = tuple(targets["modules"])
+        return cls(part("policy"), part("forecaster"), Targets(**targets), Store(**data.get("store", {})),
+                   data.get("abscissa", "step"), data.get("name", "custom"))
+
+    @classmethod
+    def from_json(cls, text: str) -> CacheConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def parts_of(config: TaylorSeerConfig | CacheConfig) -> CacheConfig:
+    """The parts a ``TaylorSeerConfig`` stands for (a ``CacheConfig`` is returned as it is).
+
+    Example:
+        >>> parts_of(TaylorSeerConfig(interval=5, max_order=1)).forecaster
+        TaylorForecast(max_order=1, scheme='divided', history_from_step=0)
+    """
+    if isinstance(config, CacheConfig):
+        return config
+    if not isinstance(config, TaylorSeerConfig):
+        raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
+                        f"got {type(config).__name__}")
+    from .forecast import TaylorForecast
+    from .policy import IntervalSchedule
+
+    # The reference code takes no differences on full steps with index <= W - 2 (FLUX drops step 1's history).
+    history = max(config.warmup_steps - 1, 0) if config.scheme == "reference" else 0
+    return CacheConfig(
+        policy=IntervalSchedule(config.interval, config.warmup_steps, config.tail_steps),
+        forecaster=TaylorForecast(config.max_order, config.scheme, history),
+        targets=Targets(config.granularity, config.modules, config.block_shortcuts),
+        store=Store(config.factor_dtype),
+        abscissa=config.abscissa,
+        name=config.name,
+    )

@@ -1,0 +1,109 @@
+"""Install and remove: swap the forward of each target module (per instance), restore it exactly.
+
+The swapped-in forward is a small ``Forward`` object whose hot path reads one boolean and calls one engine
+entry point; all bookkeeping lives in the engine. A copy of a model with an applied handle (``copy.deepcopy``)
+is a plain model: each ``Forward`` copies itself as the module's own forward. Pickling one (``torch.save(model)``)
+is refused with a message saying to ``remove()`` first or save the ``state_dict``.
+
+Example:
+    >>> installation = Installation.install(model, engine)   # doctest: +SKIP
+    >>> installation.remove()                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from typing import Any
+
+from torch import nn
+
+from .engine import Engine, Slot
+
+_INSTALLED: dict[int, Any] = {}  # id(module) -> owner, to refuse applying twice anywhere in one model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or similar holder stands for."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
+
+
+class Forward:
+    """A target's forward while installed. Hot path: one flag, one call; nothing for dynamo to guard on but
+    ``engine.forecasting`` (and ``slot.enters`` / ``engine.counting``, constant during sampling)."""
+
+    __slots__ = ("engine", "slot", "original", "module")
+
+    def __init__(self, engine: Engine, slot: Slot, original: Any, module: nn.Module):
+        self.engine, self.slot, self.original, self.module = engine, slot, original, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        engine, slot = self.engine, self.slot
+        if slot.enters:
+            engine.enter(slot)
+        if engine.forecasting:
+            return engine.forecast(slot, self.original, args, kwargs)
+        if engine.counting:
+            engine.flop_start(slot)
+        return engine.computed(slot, args, kwargs, self.original(*args, **kwargs))
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # Called while the module's __dict__ is copied: the copy gets the original forward, bound to the copy.
+        new_module = memo.get(id(self.module))
+        original = self.original
+        if isinstance(original, types.MethodType) and original.__self__ is self.module:
+            return types.MethodType(original.__func__, new_module if new_module is not None else self.module)
+        return copy.deepcopy(original, memo)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"cannot pickle a model with taylorseer applied (module {self.slot.path!r}): call "
+                        f"handle.remove() first, or save model.state_dict()")
+
+
+class Installation:
+    """The swapped forwards of one handle, and how to restore them."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[nn.Module, bool, Any]] = []
+        self.roots: list[int] = []
+
+    @classmethod
+    def install(cls, model: nn.Module, engine: Engine, owner: Any) -> Installation:
+        """Swap the forward of every slot's module; on any error, restore what was swapped and re-raise."""
+        taken = [name or type(model).__name__ for name, m in model.named_modules() if id(m) in _INSTALLED]
+        if taken:
+            raise ValueError(f"taylorseer is already applied to {taken[:3]}: remove() that handle first")
+        installation = cls()
+        try:
+            for slot in engine.slots:
+                module = model.get_submodule(slot.path)
+                original = module.forward
+                if slot.mode == "residual":
+                    slot.names = list(inspect.signature(original).parameters)
+                installation.saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+                module.forward = Forward(engine, slot, original, module)
+                _INSTALLED[id(module)] = owner
+            if id(model) not in _INSTALLED:  # the root too, so that a second handle anywhere in it is refused
+                _INSTALLED[id(model)] = owner
+                installation.roots.append(id(model))
+        except BaseException:
+            installation.remove()
+            raise
+        return installation
+
+    def remove(self) -> None:
+        """Restore every swapped forward exactly. Idempotent."""
+        for module, had_own, original in reversed(self.saved):
+            if isinstance(module.__dict__.get("forward"), Forward):
+                if had_own:
+                    module.forward = original
+                else:
+                    module.__dict__.pop("forward", None)
+            _INSTALLED.pop(id(module), None)
+        for root in self.roots:
+            _INSTALLED.pop(root, None)
+        self.saved.clear()
+        self.roots.clear()

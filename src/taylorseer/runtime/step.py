@@ -1,0 +1,139 @@
+"""The one decision point per (step, branch), on the host; agreed across ranks under ``torch.distributed``.
+
+The step controller asks the branch's policy once when the branch opens (``open`` / ``next_branch``), keeps
+the answer as a plain boolean the wrappers read (``forecasting``), resolves probe decisions from an observation
+that every rank agrees on (all-reduced maximum), and tells the policy and the observers what happened when the
+branch closes. Nothing here touches tensors except the agreement's one small all-reduce.
+
+Example:
+    >>> from taylorseer.policy import IntervalSchedule
+    >>> controller = StepController(IntervalSchedule(interval=2, warmup_steps=1))
+    >>> controller.begin(4)
+    >>> decisions = []
+    >>> for i in range(4):
+    ...     decisions.append(controller.open(i, float(i), None).compute)
+    ...     _ = controller.close(decisions[-1]); controller.end_step()
+    >>> decisions
+    [True, False, True, False]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..policy.base import Decision, Observation, Policy, StepInfo, build_policy
+
+COMPUTED = Decision(True, reason="computed")
+
+
+def agree(values: list[float]) -> list[float]:
+    """The elementwise maximum of ``values`` over all ranks of the default process group (unchanged without one).
+
+    Every rank must call it at the same points: it is only called on probe decisions, which the policy takes
+    from the step index and the (agreed) history alone, so all ranks probe together.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([v if v == v else float("inf") for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+class StepController:
+    """Decisions of one generation: a policy per branch, the open step and branch, the plain flag for wrappers."""
+
+    def __init__(self, policy_config: Any):
+        self.policy_config = policy_config
+        self.probe_blocks = build_policy(policy_config).probe_blocks
+        self.policies: dict[Any, Policy] = {}
+        self.num_steps: int | None = None
+        self.index: int | None = None  # the open step (None between steps)
+        self.last_index: int | None = None
+        self.point = 0.0
+        self.branch: Any = 0
+        self.auto_branch = True
+        self.decision: Decision | None = None
+        self.probing = False
+        self.observation: Observation | None = None
+        self.forced = False  # the runtime computed a target of a forecast branch in full (fallback)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def begin(self, num_steps: int | None) -> None:
+        """A new generation: fresh policies (the first is built now so that its errors come early)."""
+        self.num_steps = num_steps
+        self.policies = {}
+        self.index = self.last_index = None
+        self._policy(0)
+
+    def plan(self, num_steps: int) -> list[bool] | None:
+        """The static plan of the policy (None for adaptive policies)."""
+        return build_policy(self.policy_config).plan(num_steps)
+
+    def _policy(self, branch: Any) -> Policy:
+        if branch not in self.policies:
+            policy = build_policy(self.policy_config)
+            policy.begin(self.num_steps)
+            self.policies[branch] = policy
+        return self.policies[branch]
+
+    # -- steps and branches ----------------------------------------------------------------------------
+    def open(self, index: int, point: float, branch: Any) -> Decision:
+        """Step ``index`` at abscissa ``point`` opens with ``branch`` (None: numbered automatically from 0)."""
+        self.index, self.point = index, point
+        self.auto_branch = branch is None
+        return self._decide(0 if branch is None else branch)
+
+    def next_branch(self) -> Decision:
+        """The next automatically numbered branch of the open step (another model call of the same step)."""
+        return self._decide(self.branch + 1)
+
+    def _decide(self, branch: Any) -> Decision:
+        self.branch = branch
+        self.decision = self._policy(branch).decide(self.info())
+        self.probing = self.decision.probe
+        self.observation = None
+        self.forced = False
+        return self.decision
+
+    def info(self) -> StepInfo:
+        assert self.index is not None
+        return StepInfo(self.index, self.num_steps, self.point, self.branch)
+
+    @property
+    def forecasting(self) -> bool:
+        """What the wrappers read: forecast the targets now (False while probing or computing)."""
+        return self.decision is not None and not self.decision.compute and not self.probing
+
+    def resolve(self, forecast_error: float, change: float) -> bool:
+        """End of the probe: agree on the observation across ranks, ask the policy; True = compute in full."""
+        forecast_error, change = agree([forecast_error, change])
+        self.observation = Observation(forecast_error, change)
+        compute = bool(self._policy(self.branch).resolve(self.info(), self.observation))
+        self.probing = False
+        if compute:
+            self.decision = Decision(True, reason=self.decision.reason if self.decision else "probe")
+        return compute
+
+    def close(self, computed: bool) -> dict[str, Any] | None:
+        """The open branch ends: tell the policy what happened; returns the decision record (None if none)."""
+        if self.index is None or self.decision is None:
+            return None
+        computed = computed or self.decision.compute
+        self._policy(self.branch).notify(self.info(), computed)
+        record: dict[str, Any] = {"step": self.index, "branch": self.branch, "compute": computed,
+                                  "reason": self.decision.reason if not (computed and not self.decision.compute)
+                                  else "fallback"}
+        if self.observation is not None:
+            record.update(forecast_error=self.observation.forecast_error, change=self.observation.change)
+        self.decision = None
+        self.probing = False
+        return record
+
+    def end_step(self) -> None:
+        self.last_index = self.index
+        self.index = None
