@@ -1,4 +1,4 @@
-"""Command line: parses arguments and calls the API; nothing else lives here.
+"""Command line: parses arguments, checks them, then calls the API; nothing else lives here.
 
     taylorseer demo                      # embedded DiT, full compute vs TaylorSeer, side by side
     taylorseer plan --preset paper_dit   # print a schedule's compute/forecast pattern
@@ -6,51 +6,235 @@
     taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
     taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline, accelerated
     taylorseer train-reference           # (re)train the embedded model, resumable
+
+Bad input is refused before any work (no model loaded, nothing written) with one line on stderr and exit status 2:
+a malformed flag value by its argparse type (``positive_int``, ``device_type``, ...; argparse raises
+``SystemExit(2)``), a value that does not fit this machine or file system by the command's ``_check_*`` function,
+a cache config field by ``TaylorSeerConfig`` itself (``main`` returns 2 for these two).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
+from . import __version__
+from ._extras import MissingExtraError
 from .config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerConfig, preset
 
 if TYPE_CHECKING:
     from .models.train import TrainConfig
 
+DESCRIPTION = """\
+Make diffusion transformers generate images and videos faster, without retraining: on skipped denoising steps
+taylorseer forecasts the features of the expensive blocks with a Taylor series instead of computing them
+(TaylorSeer, arXiv 2503.06923). Works with diffusers pipelines (DiT, PixArt, SD3, FLUX, Wan, HunyuanVideo, ...)
+and any PyTorch DiT.
 
-def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit") -> None:
-    g = p.add_argument_group("cache config (a preset, with any field overridden)")
-    g.add_argument("--preset", choices=PRESET_NAMES, default=default_preset)
-    g.add_argument("--interval", type=int, help="N: compute one step in N (1 = every step)")
-    g.add_argument("--order", type=int, dest="max_order", help="O: Taylor order (0 = reuse, FORA)")
-    g.add_argument("--warmup", type=int, dest="warmup_steps", help="W: first steps always computed")
-    g.add_argument("--tail", type=int, dest="tail_steps", help="last steps always computed")
-    g.add_argument("--scheme", choices=SCHEMES)
-    g.add_argument("--abscissa", choices=ABSCISSAE)
-    g.add_argument("--granularity", choices=GRANULARITIES)
-    g.add_argument("--modules", nargs="+", help="path patterns of the modules to forecast, e.g. 'blocks.*.attn'")
+start here (CPU, no downloads):
+  taylorseer demo                      full compute vs TaylorSeer vs baselines on the small DiT shipped in the
+                                       package: speed, quality, and a side-by-side picture
+  taylorseer generate --model ID_OR_PATH --prompt "a red fox"
+                                       accelerate a diffusers pipeline (hub id or local folder), save its images
+  taylorseer plan --preset paper_flux  show which steps a schedule computes and which it forecasts
+  taylorseer bench, taylorseer report  measure many methods, then write a report with plots
+  taylorseer train-reference           retrain the shipped small model
+
+Run `taylorseer COMMAND --help` for a command's flags.
+"""
+
+# The same set as taylorseer.generate.DEVICE_PATTERN (which also checks availability); kept here so that parsing
+# needs no torch import.
+_DEVICE = re.compile(r"cpu|cuda|cuda:\d+|mps")
+DEVICES = "cpu, cuda, cuda:N, mps"
+DTYPES = ("float32", "float16", "bfloat16")
+_CONFIG_FLAGS = {"interval": "--interval", "max_order": "--order", "warmup_steps": "--warmup",
+                 "tail_steps": "--tail", "scheme": "--scheme", "abscissa": "--abscissa",
+                 "granularity": "--granularity", "modules": "--modules"}
+
+
+#################################################################################
+#                    argparse types: the value of one flag                      #
+#################################################################################
+
+def _bounded_int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _bounded_int(1)
+positive_int.__doc__ = "argparse type: an integer >= 1 (counts: steps, images, threads, repeats)."
+nonnegative_int = _bounded_int(0)
+nonnegative_int.__doc__ = "argparse type: an integer >= 0 (seeds)."
+
+
+def _finite_float(text: str, positive: bool) -> float:
+    allowed = "a finite number > 0" if positive else "a finite number >= 0"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (learning rate)."""
+    return _finite_float(text, positive=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (guidance scale)."""
+    return _finite_float(text, positive=False)
+
+
+def device_type(text: str) -> str:
+    """argparse type: a torch device name, one of ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (availability is checked
+    after parsing, by ``taylorseer.generate.check_device``)."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be one of {DEVICES}, got {text!r}")
+    return text
+
+
+#################################################################################
+#                checks after parsing: the machine and the disk                 #
+#################################################################################
+
+def _nearest_existing(path: Path) -> Path:
+    for part in (path, *path.parents):
+        if part.exists():
+            return part
+    return Path.cwd()
+
+
+def _check_creatable(flag: str, value: str, folder: Path) -> None:
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise ValueError(f"argument {flag}: {value!r} lies below {str(base)!r}, which is an existing file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"argument {flag}: cannot write {value!r}: {str(base)!r} is not writable")
+
+
+def _check_out_folder(flag: str, value: str) -> None:
+    """``value`` names a folder to write into: not an existing file, creatable."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"argument {flag}: {value!r} is an existing file; a folder is expected")
+    _check_creatable(flag, value, path)
+
+
+def _check_out_file(flag: str, value: str) -> None:
+    """``value`` names a file to write or append to: not an existing folder, creatable."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"argument {flag}: {value!r} is an existing folder; a file is expected, e.g. "
+                         f"{str(path / 'records.jsonl')!r}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"argument {flag}: {value!r} is not writable")
+    _check_creatable(flag, value, path.parent)
+
+
+def _check_in_file(flag: str, value: str) -> None:
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"argument {flag}: {value!r} is a folder; a file is expected")
+    if not path.is_file():
+        raise FileNotFoundError(f"argument {flag}: no such file {value!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> TaylorSeerConfig:
-    """The ``TaylorSeerConfig`` named by ``--preset`` with the explicitly given fields overridden."""
+    """The ``TaylorSeerConfig`` named by ``--preset`` with the explicitly given fields overridden.
+
+    A field the config refuses raises ``ValueError`` naming the flag and the field (``argument --order: max_order
+    must be an int >= 0, got -1``).
+    """
     fields = ("interval", "max_order", "warmup_steps", "tail_steps", "scheme", "abscissa", "granularity")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.modules:
         overrides["modules"] = tuple(args.modules)
+    base = preset(args.preset) if args.preset else TaylorSeerConfig()
+    for name, value in overrides.items():  # one at a time, so that the error names the flag
+        try:
+            base.replace(**{name: value})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"argument {_CONFIG_FLAGS[name]}: {err}") from None
     if args.preset:
         return preset(args.preset, **overrides)
     return TaylorSeerConfig(**overrides)
 
+
+def _check_demo(args: argparse.Namespace) -> None:
+    _check_out_folder("--out", args.out)
+
+
+def _check_plan(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise ValueError(f"argument --steps: num_steps must be an integer >= 1, got {args.steps}")
+    args.config = config_from_args(args)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    if args.out_dir is not None:
+        _check_out_folder("--out-dir", args.out_dir)
+
+
+def _method_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    _check_out_file("--out", args.out)
+    if args.methods is not None and not _method_names(args.methods):
+        raise ValueError(f"argument --methods: no method name in {args.methods!r}; give comma-separated names of "
+                         "the grid, e.g. fora-N5,ts-O1-N5-divided")
+
+
+def _check_report(args: argparse.Namespace) -> None:
+    _check_in_file("RECORDS", args.records)
+    _check_out_folder("--out", args.out)
+
+
+def _check_generate(args: argparse.Namespace) -> None:
+    from .generate import check_device
+
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"argument --device: {err}") from None
+    _check_out_folder("--out", args.out)
+    given = [flag for name, flag in (("preset", "--preset"), *_CONFIG_FLAGS.items()) if getattr(args, name)
+             is not None]
+    if args.no_cache and given:
+        raise ValueError(f"argument --no-cache: runs without taylorseer, so the cache flags {given} would be ignored; "
+                         "drop one or the other")
+    args.config = None if args.no_cache else config_from_args(args)
+
+
+#################################################################################
+#                     commands: call the API, print results                     #
+#################################################################################
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from .demo import format_table, run_demo
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=args.steps, guidance_scale=args.cfg_scale,
                     seed=args.seed, rounds=args.rounds)
@@ -64,7 +248,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_plan(args: argparse.Namespace) -> None:
     from .policy.interval import IntervalPolicy
 
-    config = config_from_args(args)
+    config = args.config
     pattern = IntervalPolicy.from_config(config).pattern(args.steps)
     print(config.to_json())
     print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
@@ -97,10 +281,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .models.pretrained import load_reference
 
     methods = default_grid(quick=args.quick, num_steps=args.steps)
-    if args.methods:
-        methods = select_methods(methods, [n.strip() for n in args.methods.split(",") if n.strip()])
-    images = args.images or (8 if args.quick else 50)
-    repeats = args.repeats or (1 if args.quick else 2)
+    if args.methods is not None:
+        methods = select_methods(methods, _method_names(args.methods))
+    images = args.images if args.images is not None else (8 if args.quick else 50)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
                         repeats=repeats, out_path=args.out, model_name="DiT-FM-B/2-16 (embedded, Fashion-MNIST 16x16)")
     print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
@@ -109,108 +293,186 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from .eval.report import write_report
 
-    print(f"report: {write_report(args.records, args.out, notes=args.notes)}")
+    print(f"report: {write_report(args.records, args.out, notes=args.notes, allow_incomplete=args.allow_incomplete)}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     from .generate import generate
 
-    config = None if args.no_cache else config_from_args(args)
-    stats = generate(model=args.model, prompt=args.prompt, config=config, num_inference_steps=args.steps,
+    stats = generate(model=args.model, prompt=args.prompt, config=args.config, num_inference_steps=args.steps,
                      seed=args.seed, out_dir=args.out, num_images=args.num_images, guidance_scale=args.guidance_scale,
                      device=args.device, dtype=args.dtype, measure_flops=args.measure_flops, progress=True)
     for key, value in stats.items():
         print(f"{key}: {value}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``taylorseer`` argument parser."""
-    parser = argparse.ArgumentParser(prog="taylorseer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+#################################################################################
+#                                    Parser                                     #
+#################################################################################
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (exit status 2), the usage left to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends each flag's default; a flag whose help already says what
+    its default is, a switch, or one whose default is None (its help says what unset means) is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default is None or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:
+    """Flags accepted before and after the subcommand; a subcommand leaves them unset unless given there."""
     parser.add_argument("--default-malloc", action="store_true",
+                        default=argparse.SUPPRESS if in_subcommand else False,
                         help="keep the C allocator's default settings; otherwise commands that run a model call "
                         "taylorseer.tune_cpu_allocator() first (glibc: about 20%% faster on CPU here, the process "
                         "keeps its peak memory)")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="embedded DiT: full compute vs TaylorSeer, measured, side by side")
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit") -> None:
+    g = p.add_argument_group("cache config (a preset, with any field overridden; unset fields: the preset's)")
+    unset = "the TaylorSeerConfig defaults" if default_preset is None else default_preset
+    g.add_argument("--preset", choices=PRESET_NAMES, default=default_preset,
+                   help=f"named settings to start from (default: {unset})")
+    g.add_argument("--interval", type=int, help="N: compute one step in N (1 = every step; default: the preset's)")
+    g.add_argument("--order", type=int, dest="max_order", help="O: Taylor order (0 = reuse, FORA; default: the "
+                   "preset's)")
+    g.add_argument("--warmup", type=int, dest="warmup_steps", help="W: first steps always computed (default: the "
+                   "preset's)")
+    g.add_argument("--tail", type=int, dest="tail_steps", help="last steps always computed (default: the preset's)")
+    g.add_argument("--scheme", choices=SCHEMES, help="reference: the official code's differences; divided: Newton "
+                   "divided differences over the actual abscissae (default: the preset's)")
+    g.add_argument("--abscissa", choices=ABSCISSAE, help="what the series is expanded in (default: the preset's)")
+    g.add_argument("--granularity", choices=GRANULARITIES, help="forecast module outputs, block residuals or the "
+                   "model output (default: the preset's)")
+    g.add_argument("--modules", nargs="+", help="path patterns of the modules to forecast, e.g. 'blocks.*.attn' "
+                   "(default: the adapter registered for the model)")
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str,
+                run: Callable[[argparse.Namespace], None],
+                check: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_HelpFormatter)
+    _add_global_flags(p, in_subcommand=True)
+    p.set_defaults(func=run, check=check)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``taylorseer`` argument parser."""
+    parser = _Parser(prog="taylorseer", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"taylorseer {__version__}",
+                        help="print the version and exit")
+    _add_global_flags(parser, in_subcommand=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _subcommand(sub, "demo", "the shipped small DiT: full compute vs TaylorSeer vs baselines, measured, side by "
+                    "side", _cmd_demo, _check_demo)
     p.add_argument("--out", default="out/demo", help="folder for demo.png")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (10 classes)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the full-compute run")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds, methods interleaved (median; after a warm-up)")
-    p.set_defaults(func=_cmd_demo)
+    p.add_argument("--per-class", type=positive_int, default=8, help="images per class, 10 classes")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of the full-compute run")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds, methods interleaved (median)")
 
-    p = sub.add_parser("plan", help="print a schedule's compute/forecast pattern")
+    p = _subcommand(sub, "plan", "print a schedule's compute/forecast pattern", _cmd_plan, _check_plan)
     _add_config_args(p)
-    p.add_argument("--steps", type=int, default=50)
-    p.set_defaults(func=_cmd_plan)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the generation")
 
-    p = sub.add_parser("train-reference", help="train (or resume) the embedded reference DiT; unset flags take "
-                       "the shipped model's recipe (TrainConfig defaults)")
-    p.add_argument("--out-dir", help="where the training state and log go (default runs/reference)")
-    p.add_argument("--steps", type=int, help="total optimiser steps (sets the lr schedule)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int)
+    p = _subcommand(sub, "train-reference", "train (or resume) the shipped small DiT; unset flags take the shipped "
+                    "model's recipe (TrainConfig defaults)", _cmd_train, _check_train)
+    p.add_argument("--out-dir", help="folder for the training state and log (default: runs/reference)")
+    p.add_argument("--steps", type=positive_int, help="total optimiser steps, sets the lr schedule (default: the "
+                   "shipped recipe's)")
+    p.add_argument("--batch-size", type=positive_int, help="images per optimiser step (default: the shipped "
+                   "recipe's)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: the shipped recipe's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: the shipped recipe's)")
+    p.add_argument("--seed", type=nonnegative_int, help="data, noise and init seed (default: the shipped recipe's)")
     p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("bench", help="measure speed, memory and quality of many methods; write JSONL records")
+    p = _subcommand(sub, "bench", "measure speed, memory and quality of many methods; write JSONL records",
+                    _cmd_bench, _check_bench)
     p.add_argument("--quick", action="store_true", help="a handful of methods and images (CI)")
-    p.add_argument("--out", default="out/bench/records.jsonl", help="JSONL file (appended)")
-    p.add_argument("--images", type=int, default=None, help="images per method (default: 50; --quick: 8)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps of the full-compute reference")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 2; --quick: 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives the most stable ratios)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=None, help="comma-separated method names of the grid to run (full is always "
-                   "run); e.g. fora-N5,ts-O1-N5-divided,ddim-11")
-    p.set_defaults(func=_cmd_bench)
+    p.add_argument("--out", default="out/bench/records.jsonl", help="JSONL file, appended to; sample grids go beside "
+                   "it)")
+    p.add_argument("--images", type=positive_int, default=None, help="images per method (default: 50; --quick: 8)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps of the full-compute reference")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per method (default: 2; "
+                   "--quick: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 gives the most stable "
+                   "ratios)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed")
+    p.add_argument("--methods", default=None, help="comma-separated method names of the grid to run, full is "
+                   "always run; e.g. fora-N5,ts-O1-N5-divided,ddim-11 (default: the whole grid)")
 
-    p = sub.add_parser("report", help="write a Markdown/HTML report with plots from bench records")
-    p.add_argument("records", help="a JSONL file written by `taylorseer bench`")
-    p.add_argument("--out", default="out/report")
-    p.add_argument("--notes", default=None, help="a paragraph added to the report (e.g. why a target was missed)")
-    p.set_defaults(func=_cmd_report)
+    p = _subcommand(sub, "report", "write a Markdown/HTML report with plots from bench records", _cmd_report,
+                    _check_report)
+    p.add_argument("records", metavar="RECORDS", help="a JSONL file written by `taylorseer bench`")
+    p.add_argument("--out", default="out/report", help="folder for report.md, report.html and the plots")
+    p.add_argument("--notes", default=None, help="a paragraph added to the report, e.g. why a target was missed "
+                   "(default: none)")
+    p.add_argument("--allow-incomplete", action="store_true", help="report the run even if it did not finish (no "
+                   "run_end record), marked INCOMPLETE RUN (default: refuse it)")
 
-    p = sub.add_parser("generate", help="run a diffusers pipeline with TaylorSeer and save its images")
+    p = _subcommand(sub, "generate", "run a diffusers pipeline with TaylorSeer and save its images", _cmd_generate,
+                    _check_generate)
     p.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/generate")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    p.add_argument("--prompt", default=None, help="the text prompt; for class-conditional DiT pipelines "
+                   "comma-separated class ids or label names (default: none; class 0 for DiT)")
+    p.add_argument("--steps", type=positive_int, default=50, help="num_inference_steps")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="generator seed")
+    p.add_argument("--out", default="out/generate", help="folder for the images: PNG, videos as GIF")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale "
+                   "(default: the pipeline's)")
+    p.add_argument("--device", type=device_type, default="cpu", help=f"torch device, one of {DEVICES}")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
     p.add_argument("--measure-flops", action="store_true", help="count executed/skipped FLOPs (slower)")
-    p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer")
+    p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer (the baseline)")
     _add_config_args(p, default_preset=None)
-    p.set_defaults(func=_cmd_generate)
     return parser
 
 
 _RUNS_MODELS = ("demo", "bench", "generate", "train-reference")
 
 
+def _fail(command: str, err: BaseException) -> int:
+    print(f"taylorseer {command}: error: {' '.join(str(err).split(chr(10)))}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run a subcommand; user errors print one line and exit with status 2."""
+    """Entry point: parse, check, run a subcommand; returns the exit status.
+
+    A malformed flag exits through argparse (``SystemExit(2)``); an input refused by a check or by the API returns
+    2; both print one line on stderr and neither loads a model or writes a file first.
+    """
     from .models.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    try:
+        args.check(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        return _fail(args.command, err)
     if not args.default_malloc and args.command in _RUNS_MODELS:
         from .runtime.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
-        print(f"taylorseer {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, MissingExtraError) as err:
+        return _fail(args.command, err)
     return 0
 
 

@@ -78,8 +78,12 @@ class TaylorSeerConfig:
         _check_choice("abscissa", self.abscissa, ABSCISSAE)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
-        if isinstance(self.modules, str) or not all(isinstance(p, str) and p for p in self.modules):
-            raise TypeError(f"modules must be a tuple of non-empty path patterns, got {self.modules!r}")
+        if isinstance(self.modules, str):  # one pattern is not iterated into characters: it is refused
+            raise TypeError(f"modules must be a tuple of non-empty path patterns, got the string {self.modules!r}; "
+                            f"wrap a single pattern in a list or tuple: [{self.modules!r}]")
+        if not isinstance(self.modules, (tuple, list)) or not all(isinstance(p, str) and p for p in self.modules):
+            raise TypeError(f"modules must be a tuple of non-empty path patterns (str), got "
+                            f"{type(self.modules).__name__} {self.modules!r}")
         object.__setattr__(self, "modules", tuple(self.modules))
         if not isinstance(self.block_shortcuts, bool):
             raise TypeError(f"block_shortcuts must be a bool, got {self.block_shortcuts!r}")
@@ -106,20 +110,38 @@ class TaylorSeerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaylorSeerConfig:
-        """Inverse of ``to_dict``; unknown keys raise ``ValueError`` naming them and the allowed keys."""
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError`` naming them and the allowed keys.
+
+        ``data`` must be a dict (a JSON object), else ``TypeError``. ``modules`` is a list of patterns; a single
+        string is refused (``TypeError``), never split into characters: write ``["blocks.*.attn"]``.
+
+        Example:
+            >>> TaylorSeerConfig.from_dict({"interval": 5, "modules": ["blocks.*.attn"]}).modules
+            ('blocks.*.attn',)
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"TaylorSeerConfig.from_dict needs a dict (a JSON object) of fields, got "
+                            f"{type(data).__name__} {data!r:.80}")
         allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
+        unknown = sorted(set(data) - set(allowed), key=str)
         if unknown:
             raise ValueError(f"unknown TaylorSeerConfig field(s) {unknown}; allowed: {allowed}")
         data = dict(data)
-        if "modules" in data:
+        if isinstance(data.get("modules"), list):  # JSON arrays; anything else is judged by __post_init__
             data["modules"] = tuple(data["modules"])
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> TaylorSeerConfig:
-        """Inverse of ``to_json``."""
-        return cls.from_dict(json.loads(text))
+        """Inverse of ``to_json``: ``text`` must hold one JSON object (``ValueError`` naming the text if it is
+        not valid JSON, ``TypeError`` if it is not a str or not an object); then as ``from_dict``."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"TaylorSeerConfig.from_json needs JSON text (str), got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"TaylorSeerConfig.from_json: not valid JSON ({err}) in {text!r:.80}") from None
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> TaylorSeerConfig:
         """A copy with some fields changed (validated again)."""
@@ -149,6 +171,10 @@ def preset(name: str, **overrides: Any) -> TaylorSeerConfig:
         >>> preset("paper_flux", interval=4).interval
         4
     """
-    if name not in _PRESETS:
+    if not isinstance(name, str) or name not in _PRESETS:
         raise ValueError(f"preset must be one of {list(PRESET_NAMES)}, got {name!r}")
+    allowed = [f.name for f in dataclasses.fields(TaylorSeerConfig)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:  # TypeError, as for any unexpected keyword argument
+        raise TypeError(f"preset({name!r}): unknown TaylorSeerConfig field(s) {unknown}; allowed: {allowed}")
     return TaylorSeerConfig(**{**_PRESETS[name], "name": name, **overrides})

@@ -3,8 +3,9 @@
 
 Loads ``DiffusionPipeline.from_pretrained(model)``, applies the config to the pipeline (the scheduler tells the
 steps), runs one call, saves the images (PNG; videos as GIF) and returns the run's facts as a JSON-ready dict.
-Every failure the user can cause (bad path, unknown hub id, unsupported model, unknown class label) raises
-``FileNotFoundError`` or ``ValueError`` with a one-line message.
+Every failure the user can cause (bad path, unknown hub id, unsupported model, unknown or out-of-range class label,
+malformed or unavailable device, an output folder that is an existing file) raises ``FileNotFoundError`` or
+``ValueError`` with a one-line message; the arguments are checked before the pipeline is loaded.
 
 Example:
     >>> stats = generate("facebook/DiT-XL-2-256", "golden retriever", preset("paper_dit"),
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -32,6 +34,45 @@ from .integrations.pipeline import check_pipeline
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d+|mps")
+DEVICES = "cpu, cuda, cuda:N, mps"
+
+
+def check_device(device: str) -> None:
+    """Refuse, with one line naming the allowed devices, a ``device`` that is malformed or not available here.
+
+    Allowed: ``cpu``, ``cuda``, ``cuda:N`` (N < the number of visible CUDA devices), ``mps``.
+
+    Example:
+        >>> check_device("cpu")
+    """
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {device!r} is not available: no CUDA device visible (torch {torch.__version__}, "
+                             f"{build}); allowed here: cpu")
+        if ":" in device and int(device.split(":")[1]) >= count:
+            raise ValueError(f"device {device!r} is not available: {count} CUDA device(s) visible, allowed: cpu, "
+                             f"cuda, cuda:0..cuda:{count - 1}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available here (torch.backends.mps.is_available() is False); "
+                         "allowed here: cpu" + (", cuda" if torch.cuda.is_available() else ""))
+
+
+def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> None:
+    """Refuse a folder path that cannot be created: an existing file, or one below an existing file."""
+    path = Path(out_dir).expanduser()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is" if part == path else f"is below {str(part)!r}, which is"
+                raise ValueError(f"{name} {str(path)!r} {what} an existing file; a folder is expected")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise ValueError(f"{name} {str(path)!r}: {str(part)!r} is not writable")
+            return
 
 
 def _one_line(error: BaseException) -> str:
@@ -56,14 +97,15 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str | None = None) -> 
     """``DiffusionPipeline.from_pretrained(model)`` on ``device`` with one-line errors.
 
     ``model`` is a local pipeline folder (with ``model_index.json``) or a Hugging Face Hub id ``owner/name``.
-    ``dtype`` is one of ``float32``, ``float16``, ``bfloat16`` (None: as saved).
+    ``dtype`` is one of ``float32``, ``float16``, ``bfloat16`` (None: as saved); ``device`` one of ``DEVICES``.
     Raises ``FileNotFoundError`` (no such folder / not a pipeline folder / not loadable from the hub) or
-    ``ValueError`` (bad dtype, or the pipeline cannot be built, e.g. a missing optional dependency).
+    ``ValueError`` (bad dtype or device, or the pipeline cannot be built, e.g. a missing optional dependency).
     """
     from diffusers import DiffusionPipeline
 
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)} or None, got {dtype!r}")
+    check_device(device)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -100,8 +142,12 @@ def _class_labels(pipe: Any, prompt: str | None) -> list[int]:
     if prompt is None or not prompt.strip():
         return [0]
     labels = []
+    num_classes = getattr(getattr(pipe.transformer, "config", None), "num_embeds_ada_norm", None)
     for item in (part.strip() for part in prompt.split(",")):
         if item.isdigit():
+            if isinstance(num_classes, int) and int(item) >= num_classes:
+                raise ValueError(f"class id {item} is out of range: {type(pipe.transformer).__name__} has classes "
+                                 f"0-{num_classes - 1}")
             labels.append(int(item))
         elif item in getattr(pipe, "labels", {}):
             labels.append(pipe.labels[item])
@@ -181,6 +227,8 @@ def generate(
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
     if config is not None and not isinstance(config, TaylorSeerConfig):
         raise TypeError(f"config must be a TaylorSeerConfig or None, got {type(config).__name__}")
+    check_device(device)
+    check_out_dir(out_dir)
     pipe = load_pipeline(model, device, dtype)
     _supported(pipe, config)
     kwargs = _call_arguments(pipe, prompt, num_images, guidance_scale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST_PATH = ASSETS_DIR / "MANIFEST.json"
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class CheckpointError(ValueError):
@@ -52,8 +54,27 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
             os.remove(tmp)
 
 
+def check_sha256(sha256: str | None) -> str | None:
+    """``sha256`` as a lower-case hex digest (None passes); anything but 64 hex digits raises naming ``sha256``."""
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str):
+        raise TypeError(f"sha256 must be a 64-character hex SHA-256 digest (str) or None, got {type(sha256).__name__}")
+    if not _HEX64.fullmatch(sha256):
+        raise ValueError(f"sha256 must be a 64-character hex SHA-256 digest (0-9, a-f) or None, got {sha256!r:.80} "
+                         f"({len(sha256)} characters)")
+    return sha256.lower()
+
+
 def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load tensors and header metadata; verify the SHA-256 first when one is given."""
+    """Load tensors and header metadata from a safetensors file; verify its SHA-256 first when one is given.
+
+    Without ``sha256`` the file's bytes are not checked against anything: a file that still parses loads as it is
+    (a truncated or malformed one raises ``CheckpointError``). With ``sha256`` (64 hex digits, e.g. from
+    ``file_sha256``) a file whose digest differs raises ``CheckpointError`` naming the expected and the actual
+    digest, before anything is parsed.
+    """
+    sha256 = check_sha256(sha256)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -61,8 +82,8 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> tuple[di
         actual = file_sha256(path)
         if actual != sha256:
             raise CheckpointError(
-                f"weights file {path} is corrupted or truncated: SHA-256 {actual[:16]}... does not match the "
-                f"recorded {sha256[:16]}... Reinstall the package or re-export the checkpoint."
+                f"weights file {path} is corrupted or truncated (or not the file meant): expected SHA-256 {sha256}, "
+                f"actual {actual}. Reinstall the package, re-export or re-download the checkpoint."
             )
     try:
         tensors = load_file(str(path))

@@ -43,12 +43,23 @@ def export_reference(
 
 
 def load_reference(path: str | os.PathLike | None = None, sha256: str | None = None) -> DiTTransformer2DModel:
-    """The trained reference DiT in float32 and eval mode (parameters frozen).
+    """The trained reference DiT in float32 and eval mode (parameters frozen), from a safetensors file.
 
-    With no arguments the shipped weights are loaded and checked against the manifest's SHA-256; a corrupted or
-    truncated file raises ``CheckpointError``.
+    With no ``path`` the shipped weights are loaded and always checked against the SHA-256 recorded in the assets
+    manifest; a corrupted or truncated file raises ``CheckpointError``.
+    An explicit ``path`` (e.g. a file written by ``export_reference``) is NOT checksummed unless ``sha256`` is
+    given: a file that still parses loads silently even if its values were changed. Pass ``sha256`` (64 hex
+    digits, e.g. ``file_sha256(path)`` noted when the file was made) to have a mismatch raise ``CheckpointError``
+    naming the expected and the actual digest. A malformed ``sha256`` raises ``ValueError``; ``sha256`` without
+    ``path`` too (the shipped file's digest is the manifest's).
+
+    Example:
+        >>> model = load_reference("ref.safetensors", sha256=file_sha256("ref.safetensors"))   # doctest: +SKIP
     """
     if path is None:
+        if sha256 is not None:
+            raise ValueError("sha256 checks an explicit path; the shipped weights (path=None) are always checked "
+                             "against the manifest's SHA-256")
         path, sha256 = REFERENCE_PATH, manifest_sha256(REFERENCE_FILE)
     tensors, meta = load_tensors(path, sha256=sha256)
     if "model_config" not in meta:
