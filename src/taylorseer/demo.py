@@ -39,11 +39,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ._extras import require
 from .api import apply
 from .config import TaylorSeerConfig, preset
 from .eval.grid import side_by_side
 from .models.sampler import StepListener, sample
 from .runtime.measure import count_flops
+
+require("torchmetrics")  # the bench extra (eval.metrics): fail before sampling, with the pip command
 
 LOAD_MARGIN = 0.5  # busy: 1-minute load average > threads + LOAD_MARGIN
 SPREAD_BOUND = 0.15  # busy: some method's wall-time spread (max - min) / median > SPREAD_BOUND

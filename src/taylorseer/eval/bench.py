@@ -12,16 +12,26 @@ warm-up). Then ``repeats`` timed rounds, each running the full-compute reference
 in order; speedups divide by the reference's median from the same rounds. Records are appended to the JSONL
 file group by group, so an interrupted run keeps what it finished.
 
-Record schema (``SCHEMA`` = "taylorseer.bench/1"; one JSON object per method; times in seconds, sizes in bytes
-unless named ``_mb``): run header (``run_id``, ``model``, ``num_images``, ``seed``, ``repeats``, ``guidance_scale``,
-``cfg_mode``, ``machine``), the method (``name``, ``family``, ``num_steps``, ``config``, ``counterpart``, ``group``),
-counts (``steps_full``, ``steps_forecast``, ``flops``, ``flops_speedup``, ``peak_cache_bytes``,
-``process_max_rss_mb``: the process's peak so far), timing (``wall_s`` median, ``wall_min_s``, ``wall_max_s``,
-``wall_samples_s``, ``cpu_s``, ``wall_full_s``, ``wall_speedup``, ``efficiency`` = wall / FLOPs speedup), quality
-(``psnr`` dB and ``ssim`` vs the reference images, ``class_accuracy``, ``fid_fmnist`` vs the real test set,
-``fid_to_full``: the same Fréchet distance but to the full-compute images of the same seeds), the probe
-(``probe_path``, ``probe_images``, ``probe_errors`` = [{step, rel_l2}]), ``samples_png``, ``error`` (None or
-"Type: message"), ``reasons`` ({field: why it is null}) and ``bench_elapsed_s``.
+Every run is identifiable and says whether it finished. A run writes, in order, one line per record:
+``{"kind": "run_start", ...header, "methods_planned": [names]}`` before any work; one ``"kind": "method"`` record
+per method as its group finishes; and ``{"kind": "run_end", "run_id": ..., "complete": true, "methods": n}`` when,
+and only when, every group has finished. A run killed or failed part way has no ``run_end``: ``report`` refuses it
+unless asked to show it marked incomplete (``report.read_run``). Each line is written with one write, then flushed
+and ``fsync``-ed, so a killed process leaves at most one partial last line (no closing newline, invalid JSON); the
+next run first ends such a line with a newline so that its own lines stay whole, and the reader skips the partial
+line with a warning.
+
+Method record schema (``SCHEMA`` = "taylorseer.bench/2"; "/1" records, written before the run markers existed,
+are the same without ``kind``; times in seconds, sizes in bytes unless named ``_mb``): ``kind`` = "method"; the run
+header (``schema``, ``run_id``, ``model``, ``num_images``, ``seed``, ``repeats``, ``guidance_scale``, ``cfg_mode``,
+``probe_images_requested``, ``machine``, ``guidance_interval``); the method (``name``, ``family``, ``num_steps``,
+``config``, ``counterpart``, ``group``); counts (``steps_full``, ``steps_forecast``, ``flops``, ``flops_speedup``,
+``peak_cache_bytes``, ``process_max_rss_mb``: the process's peak so far); timing (``wall_s`` median,
+``wall_min_s``, ``wall_max_s``, ``wall_samples_s``, ``cpu_s``, ``wall_full_s``, ``wall_speedup``, ``efficiency`` =
+wall / FLOPs speedup); quality (``psnr`` dB and ``ssim`` vs the reference images, ``class_accuracy``,
+``fid_fmnist`` vs the real test set, ``fid_to_full``: the same Fréchet distance but to the full-compute images of
+the same seeds); the probe (``probe_path``, ``probe_images``, ``probe_errors`` = [{step, rel_l2}]);
+``samples_png``, ``error`` (None or "Type: message"), ``reasons`` ({field: why it is null}) and ``bench_elapsed_s``.
 
 Example:
     >>> model = build_reference("DiT-FM-T/4")                                           # doctest: +SKIP
@@ -41,6 +51,7 @@ import platform
 import resource
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +61,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._extras import require
 from ..adapters import resolve_targets
 from ..api import apply
 from ..config import TaylorSeerConfig, preset
@@ -59,7 +71,9 @@ from ..runtime.allocator import allocator_setting
 from ..runtime.measure import count_flops
 from .grid import image_grid
 
-SCHEMA = "taylorseer.bench/1"
+require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
+
+SCHEMA = "taylorseer.bench/2"
 FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer")
 CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer")
 GRID_INTERVALS = tuple(range(2, 9))
@@ -463,9 +477,29 @@ def _finish(rec: dict[str, Any], timing: dict[str, Any] | None, full_flops: int 
     return rec
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append ``record`` to the JSONL file ``path`` as one line, durably: one write, flush, ``fsync``.
+
+    A process killed during the write leaves at most a partial last line without its newline (never a shorter
+    line that parses), which ``report.read_run`` skips with a warning.
+    """
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _end_partial_line(path: Path) -> None:
+    """If ``path`` ends inside a line (a killed writer), end that line so the next record starts a line of its own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class _Bench:
@@ -504,9 +538,10 @@ class _Bench:
         return samples
 
     def record(self, method: Method, rec: dict[str, Any], group: int, timing: dict[str, Any] | None) -> dict:
-        out = {**self.header, **method.to_dict(), "group": group, **_finish(rec, timing, self.full_flops)}
+        out = {"kind": "method", **self.header, **method.to_dict(), "group": group,
+               **_finish(rec, timing, self.full_flops)}
         out["bench_elapsed_s"] = time.perf_counter() - self.started
-        _append(self.out_path, out)
+        append_record(self.out_path, out)
         return out
 
 
@@ -537,7 +572,9 @@ def run_bench(
     count for the whole process (None: leave it). Wall times are in seconds: median, min, max and all samples
     of ``repeats`` interleaved rounds of groups of ``group_size`` methods plus the reference. Sample grids go
     to ``samples/`` beside ``out_path`` (paths in the records are relative to that directory). Records are
-    appended, never truncated: ``report.read_records`` picks the last run (``run_id``) of a file.
+    appended, never truncated, framed by a ``run_start`` record (the header, a fresh ``run_id``, the planned
+    method names) and, only once every method is recorded, a ``run_end`` record; ``report.read_run`` picks the
+    last run of a file and refuses it if that ``run_end`` is missing.
 
     Example:
         >>> recs = run_bench(build_reference("DiT-FM-T/4"), default_grid(True, 10), num_images=8,
@@ -565,9 +602,14 @@ def run_bench(
     else:
         header["guidance_interval"] = None
     total = 2 * len(methods) + repeats * sum(len(g) for g in groups)
+    _end_partial_line(out_path)
+    append_record(out_path, {"kind": "run_start", **header, "methods_planned": [m.name for m in methods]})
     with tqdm(total=total, disable=not progress, desc="bench") as bar:
         bench = _Bench(ctx, out_path, header, probe_images, save_samples, bar)
-        return [r for index, group in enumerate(groups) for r in _bench_group(bench, group, index, repeats)]
+        records = [r for index, group in enumerate(groups) for r in _bench_group(bench, group, index, repeats)]
+    append_record(out_path, {"kind": "run_end", "run_id": header["run_id"], "complete": True,
+                             "methods": len(records)})
+    return records
 
 
 def _bench_group(bench: _Bench, group: list[Method], index: int, repeats: int) -> list[dict[str, Any]]:
@@ -591,7 +633,7 @@ def _bench_group(bench: _Bench, group: list[Method], index: int, repeats: int) -
 def _header(model: nn.Module, model_name: str | None, num_images: int, seed: int, repeats: int,
             guidance_scale: float, cfg_mode: str, probe_images: int) -> dict[str, Any]:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return {"schema": SCHEMA, "run_id": f"{stamp}-{os.getpid()}",
+    return {"schema": SCHEMA, "run_id": f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
             "model": {"name": model_name or type(model).__name__, "class": type(model).__name__,
                       "params": sum(p.numel() for p in model.parameters())},
             "num_images": num_images, "seed": seed, "repeats": repeats, "guidance_scale": guidance_scale,

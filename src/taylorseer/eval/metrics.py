@@ -31,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from .._extras import require
 from ..models.checkpoint import ASSETS_DIR, CheckpointError, load_tensors, manifest_sha256
 from ..models.data import load_fashion_mnist, resize_images
 from .classifier import CLASSIFIER_FILES, SUPPORTED_SIZES, check_image_size, shipped_classifier
+
+require("torchmetrics")  # the bench extra: without it, one line that names the pip command
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
 
 STATS_FILES = {28: "fmnist_test_stats.safetensors", 16: "fmnist_test_stats_16.safetensors"}
 STATS_FILE = STATS_FILES[28]
