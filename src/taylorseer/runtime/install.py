@@ -63,6 +63,24 @@ class Forward:
                         f"handle.remove() first, or save model.state_dict()")
 
 
+_VARIANTS: dict[tuple, type] = {}
+
+
+def forward_class(original: Any, slot: Slot) -> type:
+    """A ``Forward`` subclass whose ``__call__`` has its own code object for each (module forward, mode,
+    ``enters``): dynamo keeps compiled variants per code object, so targets of different kinds never share (and
+    exhaust) one recompile budget, while the same kind in every block shares one compiled frame."""
+    code = getattr(getattr(original, "__func__", original), "__code__", None)
+    key = (code, slot.mode, slot.enters)
+    if key not in _VARIANTS:
+        base = Forward.__call__
+        name = f"{getattr(code, 'co_name', 'forward')}_{slot.mode}{'_enters' if slot.enters else ''}"
+        call = types.FunctionType(base.__code__.replace(co_name=f"__call__[{name}]"), base.__globals__,
+                                  base.__name__, base.__defaults__, base.__closure__)
+        _VARIANTS[key] = type(f"Forward[{name}]", (Forward,), {"__slots__": (), "__call__": call})
+    return _VARIANTS[key]
+
+
 class Installation:
     """The swapped forwards of one handle, and how to restore them."""
 
@@ -84,7 +102,7 @@ class Installation:
                 if slot.mode == "residual":
                     slot.names = list(inspect.signature(original).parameters)
                 installation.saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
-                module.forward = Forward(engine, slot, original, module)
+                module.forward = forward_class(original, slot)(engine, slot, original, module)
                 _INSTALLED[id(module)] = owner
             if id(model) not in _INSTALLED:  # the root too, so that a second handle anywhere in it is refused
                 _INSTALLED[id(model)] = owner
