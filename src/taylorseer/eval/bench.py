@@ -67,6 +67,7 @@ from ..api import apply
 from ..config import TaylorSeerConfig, preset
 from ..models.reference import GUIDANCE_INTERVAL, NUM_CLASSES
 from ..models.sampler import StepListener, sample
+from ..parts import CacheConfig
 from ..runtime.allocator import allocator_setting
 from ..runtime.measure import count_flops
 from .grid import image_grid
@@ -74,8 +75,12 @@ from .grid import image_grid
 require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
 
 SCHEMA = "taylorseer.bench/2"
-FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer")
-CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer")
+# Our forecasters and policies beyond fixed-interval Taylor (CacheConfig methods), and diffusers' own caches.
+PART_FAMILIES = ("adams", "hermite", "corrector", "gate", "budget")
+PEER_CACHE_FAMILIES = ("firstblockcache", "magcache")
+FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES,
+            *PEER_CACHE_FAMILIES)
+CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES, *PEER_CACHE_FAMILIES)
 GRID_INTERVALS = tuple(range(2, 9))
 GRID_WARMUP = 2  # DiT's reference warm-up (../shared/ALGORITHM.md)
 SAMPLE_GRID_IMAGES = 16
@@ -103,7 +108,7 @@ class Method:
 
     name: str
     family: str
-    config: TaylorSeerConfig | None = None
+    config: TaylorSeerConfig | CacheConfig | None = None
     num_steps: int = 50
     counterpart: str | None = None
 
@@ -115,9 +120,14 @@ class Method:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
 
-    def full_steps(self) -> int:
-        """Sampler steps computed in full (model evaluations that run the cached modules)."""
-        return self.config.full_steps(self.num_steps) if self.config is not None else self.num_steps
+    def full_steps(self) -> int | None:
+        """Sampler steps computed in full (model evaluations that run the cached modules); None for adaptive
+        policies and peers that decide during sampling (the record then has the measured ``steps_full``)."""
+        if self.config is None:
+            return self.num_steps
+        if self.family in PEER_CACHE_FAMILIES:
+            return None
+        return self.config.full_steps(self.num_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (the config as its ``to_dict()``)."""
@@ -148,7 +158,8 @@ def _peer(ours: Method) -> Method:
 
 def _fewer_steps(cached: list[Method], num_steps: int) -> list[Method]:
     """Plain DDIM at each distinct number of full steps of the cached methods (equal model evaluations)."""
-    counts = sorted({m.full_steps() for m in cached if m.full_steps() < num_steps}, reverse=True)
+    steps = [m.full_steps() for m in cached]
+    counts = sorted({k for k in steps if k is not None and k < num_steps}, reverse=True)
     return [Method(f"ddim-{k}", "fewer-steps", None, k) for k in counts]
 
 
@@ -178,9 +189,51 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     cached += [_taylorseer(o, 5, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)]
     cached += [_fora(5, num_steps, tail=1), *(_taylorseer(o, 5, num_steps, tail=1) for o in (1, 2))]
     cached += [Method(p, "preset", preset(p), num_steps) for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
+    cached += part_methods(num_steps)
     by_name = {m.name: m for m in cached}
     peers = [_peer(by_name["ts-O1-N5-divided"]), _peer(by_name["ts-O2-N4-reference"])]
-    return [Method("full", "full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, *peers]
+    return [Method("full", "full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, *peers,
+            *_peer_caches(num_steps)]
+
+
+PART_INTERVALS = (5, 7)  # with warm-up 2 at 50 steps: 11 and 8 full steps
+
+
+def part_methods(num_steps: int = 50) -> list[Method]:
+    """Our forecasters beyond Taylor at the fixed intervals of ``PART_INTERVALS`` (warm-up 2), and the adaptive
+    policies (Taylor O=2 forecaster) at two thresholds each, chosen on the embedded model to land near 11 and 8
+    full steps of 50 (docs/results/parts.md says what they measured).
+
+    Example:
+        >>> [m.name for m in part_methods()][:2]
+        ['adams-O3-N5', 'hermite-O2-N5']
+    """
+    from ..forecast import AdamsForecast, CorrectorForecast, HermiteForecast, TaylorForecast
+    from ..policy import ConfidenceGate, ErrorBudget, IntervalSchedule
+
+    out = []
+    for n in PART_INTERVALS:
+        schedule = IntervalSchedule(interval=n, warmup_steps=GRID_WARMUP)
+        for family, name, forecaster in (("adams", f"adams-O3-N{n}", AdamsForecast(order=3)),
+                                         ("hermite", f"hermite-O2-N{n}", HermiteForecast(max_order=2)),
+                                         ("corrector", f"corrector-N{n}", CorrectorForecast())):
+            out.append(Method(name, family, CacheConfig(schedule, forecaster, name=name), num_steps))
+    taylor = TaylorForecast(max_order=2)
+    for family, name, policy in (("gate", "gate-t0.08", ConfidenceGate(threshold=0.08, max_forecast=8)),
+                                 ("gate", "gate-t0.2", ConfidenceGate(threshold=0.2, max_forecast=8)),
+                                 ("budget", "budget-b0.15", ErrorBudget(budget=0.15, max_forecast=8)),
+                                 ("budget", "budget-b0.4", ErrorBudget(budget=0.4, max_forecast=8))):
+        out.append(Method(name, family, CacheConfig(policy, taylor, name=name), num_steps))
+    return out
+
+
+def _peer_caches(num_steps: int) -> list[Method]:
+    """diffusers' FirstBlockCache / MagCache methods (integrations.diffusers_caches), when that module exists."""
+    try:
+        from ..integrations.diffusers_caches import peer_methods
+    except ImportError:
+        return []
+    return list(peer_methods(num_steps))
 
 
 def select_methods(methods: list[Method], names: list[str]) -> list[Method]:
@@ -274,7 +327,7 @@ def _install_peer(model: nn.Module, method: Method) -> Installed:
 
 for _family in ("full", "fewer-steps"):
     register_installer(_family, _install_plain)
-for _family in ("fora", "taylorseer", "preset"):
+for _family in ("fora", "taylorseer", "preset", *PART_FAMILIES):
     register_installer(_family, _install_taylorseer)
 register_installer("diffusers-peer", _install_peer)
 
