@@ -15,27 +15,54 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from torch import nn
 
-from .adapters import resolve_targets
-from .config import TaylorSeerConfig
+from .adapters import find_adapter, resolve_targets
+from .config import TaylorSeerConfig, preset
 from .integrations.pipeline import PipelineHandle, check_pipeline, is_pipeline
 from .parts import CacheConfig
 from .runtime.handle import CacheHandle
 from .runtime.install import unwrap
 
 
+def default_config(model: nn.Module | Any) -> TaylorSeerConfig:
+    """The recommended config of a model's family (its adapter record's ``preset``), else ``TaylorSeerConfig()``.
+
+    Example:
+        >>> default_config(flux_transformer).name    # doctest: +SKIP
+        'paper_flux'
+    """
+    transformer = getattr(model, "transformer", model)
+    spec = find_adapter(unwrap(transformer)) if isinstance(transformer, nn.Module) else None
+    return preset(spec.preset) if spec is not None and spec.preset else TaylorSeerConfig()
+
+
+@overload
+def apply(model: nn.Module, config: TaylorSeerConfig | CacheConfig | None = None) -> CacheHandle: ...
+
+
+@overload
+def apply(model: Any, config: TaylorSeerConfig | CacheConfig | None = None) -> PipelineHandle: ...
+
+
 def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None = None) -> CacheHandle | PipelineHandle:
     """Install forecasting on ``model`` (in place, reversibly) and return the handle that owns its state.
 
-    ``model`` is a ``torch.nn.Module`` (returns a ``CacheHandle``; tell it the steps) or a diffusers pipeline with
-    ``.transformer`` and ``.scheduler`` (returns a ``PipelineHandle``; the scheduler tells the steps).
-    The targets come from ``config.modules`` path patterns or the adapter registered for the model's class.
-    Everything is validated before the model is touched: on any error the model is left unmodified.
+    ``model`` is a ``torch.nn.Module`` (a transformer, ``torch.compile``d or not; returns a ``CacheHandle``) or a
+    diffusers pipeline with ``.transformer`` and ``.scheduler`` (returns a ``PipelineHandle``; the scheduler tells
+    the steps). On a module the steps are told by your loop (``handle.step``) or, when nothing tells them, read
+    from each call's timestep argument, so ``apply(pipe.transformer)`` then ``pipe(...)`` works too.
+    ``config=None`` takes the family's recommended preset (``default_config``). The targets come from
+    ``config.modules`` path patterns or the adapter registered for the model's class. Everything is validated
+    before the model is touched: on any error the model is left unmodified.
+
+    Example:
+        >>> with taylorseer.apply(pipe.transformer) as handle:   # doctest: +SKIP
+        ...     image = pipe("a cat", num_inference_steps=50).images[0]
     """
-    config = TaylorSeerConfig() if config is None else config
+    config = default_config(model) if config is None else config
     if not isinstance(config, (TaylorSeerConfig, CacheConfig)):
         raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
                         f"got {type(config).__name__}")

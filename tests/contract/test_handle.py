@@ -232,10 +232,12 @@ def test_apply_twice_refused_and_type_errors(toy):
         taylorseer.apply(object(), cfg)
 
 
-def test_calls_outside_a_step_run_the_original(toy):
+def test_calls_outside_a_step_run_the_original_when_auto_steps_is_off(toy):
     ref = run_toy(toy, None, steps=range(3))
-    with taylorseer.apply(toy, TaylorSeerConfig(interval=5, modules=("blocks.*.poly",))):
+    with taylorseer.apply(toy, TaylorSeerConfig(interval=5, modules=("blocks.*.poly",))) as handle:
+        handle.auto_steps = False  # else the steps are read from the calls' own t (tests/contract/test_autostep.py)
         assert all(torch.equal(a, b) for a, b in zip(ref, run_toy(toy, None, steps=range(3))))
+        assert handle.stats.steps_full == handle.stats.steps_forecast == 0
 
 
 def test_probe_records_forecast_error(tiny_dit):

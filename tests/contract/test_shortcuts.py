@@ -48,7 +48,9 @@ def test_shortcut_only_for_dit_style_blocks(tiny_dit):
 def test_probe_and_outside_steps_take_the_original_block(tiny_dit):
     ref = sample(tiny_dit, LABELS, num_steps=6, seed=0)
     with taylorseer.apply(tiny_dit, TaylorSeerConfig(interval=2, warmup_steps=1, max_order=1)) as handle:
-        assert torch.equal(sample(tiny_dit, LABELS, num_steps=6, seed=0), ref)  # no steps told
+        handle.auto_steps = False
+        assert torch.equal(sample(tiny_dit, LABELS, num_steps=6, seed=0), ref)  # no steps told, none read
+        handle.auto_steps = True
         handle.probe("transformer_blocks.0.attn1")
         sample(tiny_dit, LABELS, num_steps=6, seed=0, listener=handle)
         assert len(handle.stats.probe_errors) == handle.stats.steps_forecast > 0

@@ -28,6 +28,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # BasicTransformerBlock, norm_type="ada_norm_zero": h += gate_msa * attn1(.); h += gate_mlp * ff(.)
     "DiTTransformer2DModel": AdapterSpec(
         "diffusers-dit",
+        preset="paper_dit",
+        notes="preset: the paper's DiT-XL/2 setting (W=2, N=4, O=4)",
         modules=("transformer_blocks.*.attn1", "transformer_blocks.*.ff"),
         blocks=("transformer_blocks.*",),
         block_inputs=_SINGLE,
@@ -35,6 +37,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # BasicTransformerBlock, norm_type="ada_norm_single": gated attn1 and ff, ungated cross-attention attn2.
     "PixArtTransformer2DModel": AdapterSpec(
         "diffusers-pixart",
+        preset="paper_dit",
+        notes="preset: a DiT-style adaLN model at 20-50 steps: the DiT setting",
         modules=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2", "transformer_blocks.*.ff"),
         blocks=("transformer_blocks.*",),
         block_inputs=_SINGLE,
@@ -43,6 +47,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # SD3.5 dual-attention layers; the last block is context_pre_only (no ff_context, returns (None, img)).
     "SD3Transformer2DModel": AdapterSpec(
         "diffusers-sd3",
+        preset="paper_flux",
+        notes="preset: a flow-matching MMDiT like FLUX: FLUX's setting (W=3, N=6, O=1)",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.attn2", "transformer_blocks.*.ff",
                  "transformer_blocks.*.ff_context"),
         blocks=("transformer_blocks.*",),
@@ -53,6 +59,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # exactly the fused linear2 of the reference, so attn and proj_mlp are skipped on forecast steps.
     "FluxTransformer2DModel": AdapterSpec(
         "diffusers-flux",
+        preset="paper_flux",
+        notes="preset: the paper's FLUX.1-dev setting (W=3, N=6, O=1)",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
                  "single_transformer_blocks.*.proj_out"),
         skip=("single_transformer_blocks.*.attn", "single_transformer_blocks.*.proj_mlp"),
@@ -63,6 +71,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # context_embedder runs every step (text only, cheap).
     "HunyuanVideoTransformer3DModel": AdapterSpec(
         "diffusers-hunyuan-video",
+        preset="paper_hunyuan_video",
+        notes="preset: the paper's HunyuanVideo setting (W=1, N=5, O=1)",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
                  "single_transformer_blocks.*.proj_out"),
         skip=("single_transformer_blocks.*.attn", "single_transformer_blocks.*.proj_mlp"),
@@ -72,6 +82,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # WanTransformerBlock: gated self-attention attn1, ungated cross-attention attn2, gated ffn.
     "WanTransformer3DModel": AdapterSpec(
         "diffusers-wan",
+        preset="paper_wan",
+        notes="preset: the official Wan2.1 setting (W=1, N=5, O=1)",
         modules=("blocks.*.attn1", "blocks.*.attn2", "blocks.*.ffn"),
         blocks=("blocks.*",),
         block_inputs=_SINGLE,
@@ -79,6 +91,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # QwenImageTransformerBlock: joint attention returns (img, txt); img_mlp and txt_mlp per stream.
     "QwenImageTransformer2DModel": AdapterSpec(
         "diffusers-qwen-image",
+        preset="paper_flux",
+        notes="preset: a flow-matching MMDiT like FLUX: FLUX's setting",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.img_mlp", "transformer_blocks.*.txt_mlp"),
         blocks=("transformer_blocks.*",),
         block_inputs=_DUAL,
@@ -86,6 +100,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # SanaTransformerBlock: gated linear attention attn1, ungated cross-attention attn2, gated GLUMBConv ff.
     "SanaTransformer2DModel": AdapterSpec(
         "diffusers-sana",
+        preset="paper_flux",
+        notes="preset: flow matching at few steps: FLUX's conservative first-order setting",
         modules=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2", "transformer_blocks.*.ff"),
         blocks=("transformer_blocks.*",),
         block_inputs=_SINGLE,
@@ -93,6 +109,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # LTXVideoTransformerBlock: gated attn1, ungated cross-attention attn2, gated ff.
     "LTXVideoTransformer3DModel": AdapterSpec(
         "diffusers-ltx-video",
+        preset="paper_hunyuan_video",
+        notes="preset: a video DiT: HunyuanVideo's setting",
         modules=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2", "transformer_blocks.*.ff"),
         blocks=("transformer_blocks.*",),
         block_inputs=_SINGLE,
@@ -100,6 +118,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # Flux layout with pruned modulation; single-stream blocks take and return the concatenated stream only.
     "ChromaTransformer2DModel": AdapterSpec(
         "diffusers-chroma",
+        preset="paper_flux",
+        notes="preset: FLUX's architecture: FLUX's setting",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
                  "single_transformer_blocks.*.proj_out"),
         skip=("single_transformer_blocks.*.attn", "single_transformer_blocks.*.proj_mlp"),
@@ -110,6 +130,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # ``attn`` itself returns the fused output, so it is the forecast target (nothing to skip).
     "Flux2Transformer2DModel": AdapterSpec(
         "diffusers-flux2",
+        preset="paper_flux",
+        notes="preset: FLUX's successor: FLUX's setting",
         modules=("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
                  "single_transformer_blocks.*.attn"),
         blocks=("transformer_blocks.*", "single_transformer_blocks.*"),
@@ -118,6 +140,8 @@ DIFFUSERS_ADAPTERS: dict[str, AdapterSpec] = {
     # CogVideoXBlock: attn1 returns (video, text); one ff runs on cat(text, video) and is split afterwards.
     "CogVideoXTransformer3DModel": AdapterSpec(
         "diffusers-cogvideox",
+        preset="paper_hunyuan_video",
+        notes="preset: a video DiT: HunyuanVideo's setting",
         modules=("transformer_blocks.*.attn1", "transformer_blocks.*.ff"),
         blocks=("transformer_blocks.*",),
         block_inputs=_DUAL_REVERSED,

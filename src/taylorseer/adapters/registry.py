@@ -54,6 +54,8 @@ class AdapterSpec:
     ``modules``: patterns of the modules whose raw outputs are forecast (module granularity, the paper's).
     ``skip``: patterns of modules whose outputs feed only forecast targets; they return zeros on forecast steps.
     ``blocks``: patterns of the blocks whose residuals are forecast (block granularity).
+    ``timestep_arg``: the model's forward argument that carries the timestep (steps are read from it when no one
+    tells them). ``preset``: the recommended preset for the family, with the reason in ``notes``.
     ``block_inputs``: the forward argument names the block outputs are residuals of, in output order; either one
     tuple of names for every block, or ``((pattern, names), ...)`` pairs when block types differ (first match wins).
     Declared patterns may individually match nothing (e.g. ``attn2`` exists only in some SD3.5 layers), but
@@ -66,6 +68,8 @@ class AdapterSpec:
     block_inputs: BlockInputs = ("hidden_states",)
     skip: tuple[str, ...] = ()
     notes: str = ""
+    timestep_arg: str = "timestep"  # the forward argument the step is read from when no one tells it
+    preset: str = ""  # the recommended preset (a name of taylorseer.PRESET_NAMES), used when apply() gets no config
 
     def inputs_for(self, path: str) -> tuple[str, ...]:
         """The residual input names of the block at ``path``; ``ValueError`` if no ``block_inputs`` pair matches."""
@@ -116,14 +120,25 @@ def _pattern_regex(pattern: str) -> re.Pattern:
 def match_modules(model: nn.Module, patterns: tuple[str, ...], require_each: bool = True) -> list[str]:
     """Paths of the sub-modules matching any pattern, in model order (``*``: one component, ``**``: any).
 
-    Raises ``ValueError`` naming a pattern that matches nothing (unless ``require_each=False``), with example
-    patterns of the model.
+    Containers that are never called themselves (``ModuleList``, ``ModuleDict``: modules without a ``forward``) are
+    not targets: a wildcard pattern passes over them, and a pattern matching only containers raises
+    ``ValueError`` naming it and suggesting patterns for the modules inside. Raises ``ValueError`` naming a pattern
+    that matches nothing (unless ``require_each=False``), with example patterns of the model.
     """
-    names = [name for name, _ in model.named_modules() if name]
+    modules = {name: module for name, module in model.named_modules() if name}
+    names = list(modules)
     matched: list[str] = []
     for pattern in patterns:
         regex = _pattern_regex(pattern)
         hits = [n for n in names if regex.match(n)]
+        callable_hits = [n for n in hits if not _is_container(modules[n])]
+        if hits and not callable_hits:
+            raise ValueError(
+                f"modules pattern {pattern!r} names {_describe_containers(hits, modules)}: a container is never "
+                f"called, so nothing inside it would be forecast; name the modules in it instead, e.g. "
+                f"{_inside_patterns(hits[0], modules[hits[0]])}"
+            )
+        hits = callable_hits
         if not hits and require_each:
             raise ValueError(
                 f"modules pattern {pattern!r} matches no sub-module of {type(model).__name__}; "
@@ -132,6 +147,26 @@ def match_modules(model: nn.Module, patterns: tuple[str, ...], require_each: boo
         matched.extend(h for h in hits if h not in matched)
     order = {n: i for i, n in enumerate(names)}
     return sorted(matched, key=order.__getitem__)
+
+
+def _is_container(module: nn.Module) -> bool:
+    """True for modules without a forward of their own (``ModuleList``, ``ModuleDict``): they are never called."""
+    return getattr(type(module), "forward", None) is nn.Module.forward
+
+
+def _describe_containers(paths: list[str], modules: dict[str, nn.Module]) -> str:
+    shown = ", ".join(f"{p!r} (a {type(modules[p]).__name__})" for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def _inside_patterns(path: str, container: nn.Module) -> list[str]:
+    """Patterns for the children of a container's first item (``transformer_blocks.*.attn1``), or its items."""
+    items = list(container.named_children())
+    if not items:
+        return [f"{path}.*"]
+    first_name, first = items[0]
+    children = [f"{path}.*.{child}" for child, _ in first.named_children()]
+    return children[:4] if children and not _is_container(first) else [f"{path}.*"]
 
 
 def suggest_patterns(model: nn.Module) -> list[str]:

@@ -9,6 +9,13 @@ run) and ``step`` (one sampler step completed). A forward pre-hook on the transf
 of one step is CFG branch k, so CFG as a doubled batch (one call) and as two calls per step both work. Nothing
 counts transformer calls to find the step, and users pass no callbacks.
 
+Every transformer call is checked against the scheduler: its own ``timestep`` argument must be the scheduler's
+timestep at the expected position, up to the constant factor the pipeline applies (diffusers passes ``t`` or
+``t / 1000``; learned from the generation's first call) and the rounding of the call's dtype. A call that does not
+match (a pipeline call that failed partway and left its generation open, then a direct transformer call or another
+pipeline sharing the transformer) ends the generation: its factors are dropped, it runs at full compute, and a
+``UserWarning`` says so once. Forecasts therefore only ever come from the generation the call belongs to.
+
 Example:
     >>> pipe = DiTPipeline.from_pretrained("facebook/DiT-XL-2-256")                  # doctest: +SKIP
     >>> with taylorseer.apply(pipe, taylorseer.preset("paper_dit")) as handle:       # doctest: +SKIP
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import math
 import warnings
 from typing import Any
 
@@ -44,6 +53,28 @@ def _then(original: Any, after: Any) -> Any:
         return result
 
     return swapped
+
+
+def _timestep_position(transformer: nn.Module) -> int | None:
+    """The position of the ``timestep`` argument of the transformer's forward (None if it has none)."""
+    try:
+        names = list(inspect.signature(transformer.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _timestep_value(value: Any) -> tuple[float, float] | None:
+    """A transformer call's timestep as a number (the largest entry of a tensor: per-token timesteps hold zeros
+    for conditioning tokens) and the relative tolerance its dtype's rounding needs; None if it is not one."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0:
+            return None
+        rtol = max(2 * torch.finfo(value.dtype).eps, 1e-5) if value.is_floating_point() else 1e-5
+        return float(value.detach().max()), rtol
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), 1e-5
+    return None
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -93,6 +124,8 @@ class PipelineHandle:
         self._open: contextlib.ExitStack | None = None
         self._warned = False
         self._removed = False
+        self._ratio: float | None = None  # the call's timestep / the scheduler's, learned at a generation's start
+        self._timestep_at = _timestep_position(pipeline.transformer)
 
     # ---------------------------------------------------------------------------------------------------
     # install / remove
@@ -104,10 +137,11 @@ class PipelineHandle:
         if id(pipeline.scheduler) in _ATTACHED:
             raise ValueError("taylorseer is already applied to this pipeline's scheduler: remove() that handle first")
         cache = CacheHandle.install(pipeline.transformer, config, targets)
+        cache.auto_steps = False  # the scheduler tells the steps
         handle = cls(pipeline, cache)
         try:
             handle._attach(pipeline.scheduler)
-            handle._hooks.append(handle.transformer.register_forward_pre_hook(handle._enter))
+            handle._hooks.append(handle.transformer.register_forward_pre_hook(handle._enter, with_kwargs=True))
             handle._hooks.append(handle.transformer.register_forward_hook(handle._exit, always_call=True))
         except BaseException:
             handle.remove()
@@ -206,6 +240,7 @@ class PipelineHandle:
         self._num_steps = len(scheduler.timesteps) - self._offset
         self.cache.begin(self._num_steps)
         self._pending, self._active, self._last_index, self._warned = False, True, None, False
+        self._ratio = None
 
     def _where(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scheduler's timestep and sigma of step ``index`` (sigma only when the abscissa needs it)."""
@@ -224,7 +259,7 @@ class PipelineHandle:
     # ---------------------------------------------------------------------------------------------------
     # transformer hooks
     # ---------------------------------------------------------------------------------------------------
-    def _enter(self, module: nn.Module, args: tuple) -> None:
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._close()  # a call interrupted by a non-Exception (KeyboardInterrupt) may have left one open
         if self.pipeline.scheduler is not self._scheduler:  # the user swapped the scheduler after apply()
             self._attach(self.pipeline.scheduler)
@@ -242,12 +277,38 @@ class PipelineHandle:
                               f"running it without forecasting", stacklevel=2)
                 self._warned = True
             return
+        timestep, sigma = self._where(index)
+        if not self._follows(index, timestep, args, kwargs):
+            return
         self._branch = self._branch + 1 if index == self._last_index else 0
         self._last_index = index
-        timestep, sigma = self._where(index)
         stack = contextlib.ExitStack()
         stack.enter_context(self.cache.step(index, timestep, sigma, branch=self._branch))
         self._open = stack
+
+    def _follows(self, index: int, expected: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's timestep is the scheduler's at step ``index``; if not, end the generation."""
+        called = _timestep_value(kwargs["timestep"] if "timestep" in kwargs else
+                                 args[self._timestep_at] if self._timestep_at is not None
+                                 and len(args) > self._timestep_at else None)
+        if called is None:  # the transformer takes no timestep we can read: nothing to check
+            return True
+        value, rtol = called
+        expected = float(expected)
+        if self._ratio is None:  # the generation's first call (or the first with a timestep other than 0)
+            if expected != 0.0 and value != 0.0 and math.isfinite(value / expected):
+                self._ratio = value / expected
+            return True
+        if abs(value - self._ratio * expected) <= rtol * max(abs(value), abs(self._ratio * expected)):
+            return True
+        self._active = False
+        self.cache.engine.clear()  # nothing from that generation may be read again
+        warnings.warn(f"transformer called with timestep {value:g} where step {index} of the running generation has "
+                      f"{self._ratio * expected:g} (scheduler timestep {expected:g}): taylorseer ended that "
+                      f"generation (a pipeline call that failed partway, or another pipeline sharing this "
+                      f"transformer); calls run at full compute until the pipeline sets its timesteps again",
+                      stacklevel=3)
+        return False
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._close()

@@ -53,12 +53,16 @@ class Slot:
         return self.target.mode
 
 
-def first_tensor_shape(args: tuple, kwargs: dict) -> tuple:
-    """The shape of the first tensor argument (positional first), () if none: what a forecast is checked against."""
+def input_shapes(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of the tensor arguments (positional first, then keyword; one level into lists and tuples, whose
+    lengths count too): what a forecast is checked against. The first item is the first tensor argument's shape."""
+    shapes: list = []
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    return ()
+            shapes.append(tuple(value.shape))
+        elif isinstance(value, (list, tuple)):
+            shapes.append(tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value))
+    return tuple(shapes)
 
 
 class Engine:
@@ -99,6 +103,7 @@ class Engine:
         forecasts = [i for i, full in enumerate(plan or []) if not full]
         self.last_forecast = forecasts[-1] if forecasts else (-1 if plan is not None else None)
         self.clear()
+        self.store.peak_nbytes = 0  # stats.peak_cache_bytes is this generation's
         self.observer.reset()
 
     def clear(self) -> None:
@@ -120,11 +125,24 @@ class Engine:
     def close(self) -> None:
         """The open step ends (its last branch closes)."""
         self._close_branch()
-        index, num_steps = self.controller.index, self.controller.num_steps
+        index, num_steps, branch = self.controller.index, self.controller.num_steps, self.controller.branch
         self.controller.end_step()
         self.active = self.forecasting = False
-        if num_steps is not None and index == num_steps - 1 and self.controller.auto_branch:
-            self.clear()  # the generation is over: nothing will read the factors again
+        if num_steps is not None and index == num_steps - 1:
+            if self.controller.auto_branch:
+                self.clear()  # the generation is over: nothing will read the factors again
+            else:
+                self.free_branch(branch)  # a named branch's last step: nothing reads its factors again
+
+    def free_branch(self, branch: Any) -> None:
+        """Drop the factors, zeros and probe outputs of one branch."""
+        for table in (self.store.entries, self._zeros, self._previous):
+            for key in [k for k in table if k[0] == branch]:
+                if table is self.store.entries:
+                    self.store.drop(key)
+                else:
+                    del table[key]
+        self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
 
     def _close_branch(self) -> None:
         record = self.controller.close(self._fallbacks > 0)
@@ -162,13 +180,13 @@ class Engine:
         leaves, spec = flatten(output)
         if slot.mode == "skip":
             self._zeros[key] = (spec, [(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x
-                                       for x in leaves])
+                                       for x in leaves], input_shapes(args, kwargs))
             return output
         if key not in self.store:
             describe_leaves(slot.path, leaves)
         if slot.mode == "residual":
             leaves = self._residuals(slot, args, kwargs, leaves, subtract=True)
-        shape = first_tensor_shape(args, kwargs)
+        shape = input_shapes(args, kwargs)
         if self.controller.probing:
             self._observe(slot, key, leaves, spec, shape)
         else:
@@ -187,7 +205,9 @@ class Engine:
         if slot.mode == "skip":
             if key not in self._zeros or self.measure:
                 return self._fallback(slot, original, args, kwargs, "no-factors")
-            spec, shapes = self._zeros[key]
+            spec, shapes, inputs = self._zeros[key]
+            if inputs != input_shapes(args, kwargs):  # zeros shaped for other inputs: compute in full
+                return self._fallback(slot, original, args, kwargs, "shape")
             self.observer.on_forecast(slot.path)
             self._skipped(slot.path)
             return unflatten([torch.zeros(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else x
@@ -196,7 +216,7 @@ class Engine:
         if entry is None:
             reason = "non-finite" if key in self._nonfinite else "no-factors"
             return self._fallback(slot, original, args, kwargs, reason)
-        if entry.shape != first_tensor_shape(args, kwargs):
+        if entry.shape != input_shapes(args, kwargs):
             self.store.drop(key)  # re-anchor: compute in full and start the factors again
             return self._fallback(slot, original, args, kwargs, "shape")
         predicted = self.store.predict(key, self.controller.point)
@@ -301,8 +321,8 @@ class Engine:
         branch = self.controller.branch
         keys = [(branch, f"{slot.path}.{child}") for child in slot.target.inputs]
         entries = [self.store.entries.get(k) for k in keys]
-        shape = first_tensor_shape(args, kwargs)
-        if self.measure or any(e is None or e.shape != shape for e in entries):
+        first = input_shapes(args, kwargs)[:1]  # the block's hidden states: what its children take (see shortcuts)
+        if self.measure or any(e is None or e.shape[:1] != first for e in entries):
             return original(*args, **kwargs)  # the children decide for themselves (fallbacks included)
         forecasts = {}
         for child, key in zip(slot.target.inputs, keys):

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..adapters.registry import Target
 from ..parts import CacheConfig, parts_of
+from .autostep import CallSteps, timestep_argument
 from .engine import Engine, Slot
 from .install import Installation, unwrap
 from .observers import CacheStats, FlopObserver
@@ -81,6 +82,10 @@ class CacheHandle:
         self.engine = Engine(self.parts, [])
         self._installation = Installation()
         self._num_steps: int | None = None
+        self._told_last: int | None = None  # the last told step of a told generation (None: none running)
+        self._auto_branches = 1  # branches seen at step 0 of an untold generation
+        self.auto = CallSteps(self, None)
+        self._modules: list[nn.Module] = []
         self._removed = False
 
     # ---------------------------------------------------------------------------------------------------
@@ -91,13 +96,51 @@ class CacheHandle:
         """Swap the forward of each target module (per instance) and return the handle owning them."""
         model = unwrap(model)
         handle = cls(model, config, targets)
-        probe_blocks = handle.engine.controller.probe_blocks
-        handle.engine.slots = build_slots(model, handle.targets + handle.shortcuts, probe_blocks)
-        handle._installation = Installation.install(model, handle.engine, handle)
+        handle._install(targets)
+        from ..adapters.registry import find_adapter
+
+        spec = find_adapter(model)
+        handle.auto = CallSteps(handle, timestep_argument(model, spec.timestep_arg if spec else None))
+        handle.auto.attach(model)
         return handle
+
+    def _install(self, targets: list[Target]) -> None:
+        self.targets = [t for t in targets if t.mode != "shortcut"]
+        self.shortcuts = [t for t in targets if t.mode == "shortcut"]
+        probe_blocks = self.engine.controller.probe_blocks
+        self.engine.slots = build_slots(self.model, self.targets + self.shortcuts, probe_blocks)
+        self._installation = Installation.install(self.model, self.engine, self)
+        self._modules = [self.model.get_submodule(slot.path) for slot in self.engine.slots]
+
+    def _refresh(self) -> None:
+        """Re-resolve the targets if a module at a target path was replaced since apply() (PEFT injecting a LoRA
+        layer in place of a target ``Linear``, for example): the replacement is what is forecast from now on."""
+        slots = self.engine.slots
+        if all(self.model.get_submodule(slot.path) is module for slot, module in zip(slots, self._modules)):
+            return
+        from ..adapters import resolve_targets
+
+        attached = self.auto.saved is not None
+        self.auto.detach()
+        self._installation.remove()
+        self.engine.clear()
+        self._install(resolve_targets(self.model, self.config))
+        if attached:
+            self.auto.attach(self.model)
+
+    @property
+    def auto_steps(self) -> bool:
+        """Whether untold model calls get their step from their own timestep argument (default True; a pipeline
+        handle turns it off because the scheduler tells the steps). False: untold calls run the original model."""
+        return self.auto.enabled
+
+    @auto_steps.setter
+    def auto_steps(self, value: bool) -> None:
+        self.auto.enabled = bool(value)
 
     def remove(self) -> None:
         """Restore every module's original forward and drop all cached tensors. Idempotent."""
+        self.auto.detach()
         self._installation.remove()
         self.engine.clear()
         self.engine.active = self.engine.forecasting = False
@@ -118,8 +161,11 @@ class CacheHandle:
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
                                       or num_steps < 1):
             raise ValueError(f"num_steps must be an int >= 1 or None, got {num_steps!r}")
+        self._refresh()
         self.engine.begin(num_steps)
         self._num_steps = num_steps
+        self._told_last = None
+        self.auto.restart()
 
     def plan(self, num_steps: int) -> list[bool]:
         """The compute (True) / forecast (False) list for a generation of ``num_steps`` steps (static policies;
@@ -163,7 +209,9 @@ class CacheHandle:
         elif last is None and not engine.controller.policies:
             self.begin(self._num_steps)
         point = self._abscissa(index, timestep, sigma)
+        self.auto.restart()
         engine.open(index, point, branch)
+        self._told_last = index
         try:
             yield bool(engine.controller.decision and engine.controller.decision.compute)
         finally:
@@ -222,6 +270,40 @@ class CacheHandle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self.targets)} targets"
         return f"CacheHandle({type(self.model).__name__}, {state}, {self.config.to_json()})"
+
+    # ---------------------------------------------------------------------------------------------------
+    # steps read from the calls (autostep.CallSteps calls these)
+    # ---------------------------------------------------------------------------------------------------
+    def told_generation_open(self) -> bool:
+        """A told generation of known length is under way (an untold call now would mix the two)."""
+        return self._told_last is not None and self._num_steps is not None and self._told_last < self._num_steps - 1
+
+    def told_num_steps(self) -> int | None:
+        """The ``num_steps`` given to ``begin`` (None if not given)."""
+        return self._num_steps
+
+    def begin_auto(self, num_steps: int | None) -> None:
+        self._check_alive()
+        self._refresh()
+        self.engine.begin(num_steps)
+        self._told_last = None
+        self._auto_branches = 1
+
+    def open_auto(self, index: int, value: float, branch: int) -> None:
+        kind = self.parts.abscissa
+        if kind == "sigma" and self.auto.argument is not None and "sigma" not in self.auto.argument[0]:
+            raise ValueError("abscissa='sigma' needs the sigma: tell the steps with handle.step(i, sigma=...), or "
+                             "use abscissa='step' or 'timestep' when the loop tells nothing")
+        if index == 0:
+            self._auto_branches = max(self._auto_branches, branch + 1)
+        self.engine.open(index, float(index) if kind == "step" else value, branch)
+
+    def close_auto(self) -> None:
+        engine = self.engine
+        index, num_steps, branch = engine.controller.index, engine.controller.num_steps, engine.controller.branch
+        engine.close()
+        if num_steps is not None and index == num_steps - 1 and branch == self._auto_branches - 1:
+            engine.clear()  # the untold generation is over (its last step's last branch)
 
     # ---------------------------------------------------------------------------------------------------
     # internals

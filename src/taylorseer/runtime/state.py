@@ -50,6 +50,26 @@ def describe_leaves(target: str, leaves: list) -> None:
                             f"lists or dicts) and constants can be forecast; leave this module out of modules=...")
 
 
+def _check_unchanged(target: str, old: Entry, spec: Any, constants: list, tensors: list) -> None:
+    """``ValueError`` if an output computed from inputs of unchanged shapes differs from the stored one in
+    structure, tensor shapes or non-tensor values: then it depends on more than the step's features, and the
+    forecast steps since the last full step returned the old ones."""
+    if old.spec != spec or len(old.constants) != len(constants):
+        change = "its output structure"
+    elif old.constants != constants:
+        was, now = ("a tensor" if x is TENSOR else repr(x)
+                    for x in next((a, b) for a, b in zip(old.constants, constants) if a is not b and a != b))
+        change = f"a non-tensor output ({was} -> {now})"
+    elif any(s.factors[0].shape != t.shape for s, t in zip(old.states, tensors)):
+        change = "the shape of an output tensor"
+    else:
+        return
+    raise ValueError(f"target {target!r} changed {change} between full steps although its inputs kept their "
+                     f"shapes: forecast steps return the output of the last full step, so only outputs whose "
+                     f"structure and non-tensor values stay the same can be forecast; leave this module out of "
+                     f"modules=...")
+
+
 @dataclass
 class Entry:
     """What is kept for one (branch, target): factors per tensor leaf, the structure, the input shape."""
@@ -58,7 +78,7 @@ class Entry:
     spec: Any
     constants: list  # the output's leaves with TENSOR in the tensor slots
     dtypes: list[torch.dtype]
-    shape: tuple  # the shape of the target's first tensor input at the last full step (checked on forecasts)
+    shape: tuple  # the shapes of the target's tensor inputs at the last full step (checked on forecasts)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
@@ -91,16 +111,19 @@ class FactorStore:
     def record(self, key: Key, leaves: list, spec: Any, *, point: float, keep_history: bool, shape: tuple) -> None:
         """Update the factors of ``key`` from the output ``leaves`` computed at abscissa ``point``.
 
-        A change of output structure or of any tensor's shape starts the factors again (re-anchoring), so a
-        forecast never mixes features of different shapes.
+        A change of the input shapes (``shape``) starts the factors again (re-anchoring), so a forecast never mixes
+        features of different shapes. With the same input shapes, the output's structure, tensor shapes and
+        non-tensor values must not change (forecast steps return them as the last full step gave them):
+        ``ValueError`` naming the target otherwise.
         """
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         constants = [TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
         old = self.entries.get(key)
-        if old is not None and (old.spec != spec or old.constants != constants or old.shape != shape
-                                or any(s.factors[0].shape != t.shape for s, t in zip(old.states, tensors))):
+        if old is not None and old.shape != shape:
             self.drop(key)
             old = None
+        if old is not None:
+            _check_unchanged(key[1], old, spec, constants, tensors)
         states = old.states if old is not None else tuple(self.forecaster.empty() for _ in tensors)
         new = tuple(self.forecaster.update(s, t.detach(), point, keep_history=keep_history,
                                            factor_dtype=self.factor_dtype) for s, t in zip(states, tensors))
@@ -110,16 +133,26 @@ class FactorStore:
         self.entries[key] = entry
 
     def finite(self, key: Key) -> bool:
-        """Whether the newest highest-order factor of every leaf is finite (a NaN or an overflow anywhere in the
-        differences reaches it); one reduction per tensor, taken on full steps only."""
-        return all(bool(torch.isfinite(s.factors[-1]).all()) for s in self.entries[key].states)
+        """Whether every factor of every leaf is finite; taken on full steps only, one host sync per target.
+
+        In the feature's own dtype a NaN or an overflow anywhere in the differences reaches the newest
+        highest-order factor, so only that one is checked. With ``factor_dtype`` each factor is cast on its own
+        (a feature above 65504 overflows in float16 while its differences may not), so all are checked.
+        """
+        states = self.entries[key].states
+        factors = [f for s in states for f in (s.factors if self.factor_dtype is not None else s.factors[-1:])]
+        if not factors:
+            return True
+        return bool(torch.stack([torch.isfinite(f).all() for f in factors]).all())
 
     def predict(self, key: Key, point: float) -> list[torch.Tensor]:
         """The forecast tensors of ``key`` at abscissa ``point`` (in the dtypes the target returned)."""
         entry = self.entries[key]
+        # A forecaster with per_target = True (fitted weights per target) is also told the target path.
+        extra = {"target": key[1]} if getattr(self.forecaster, "per_target", False) else {}
         if self.factor_dtype is None:
-            return [self.forecaster.predict(s, point) for s in entry.states]
-        return [self.forecaster.predict(s, point, dtype=d) for s, d in zip(entry.states, entry.dtypes)]
+            return [self.forecaster.predict(s, point, **extra) for s in entry.states]
+        return [self.forecaster.predict(s, point, dtype=d, **extra) for s, d in zip(entry.states, entry.dtypes)]
 
     def assemble(self, key: Key, predicted: list[torch.Tensor]) -> Any:
         """Predicted tensors put back into the structure the target returned on its last full step."""

@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,19 +31,45 @@ from ..policy.base import Decision, Observation, Policy, StepInfo, build_policy
 COMPUTED = Decision(True, reason="computed")
 
 
+_AGREEMENT: contextvars.ContextVar[tuple[Any] | None] = contextvars.ContextVar("taylorseer_agreement", default=None)
+
+
+@contextlib.contextmanager
+def agreement_group(group: Any) -> Iterator[None]:
+    """Inside the block, ``agree`` reduces over ``group`` only: a ``torch.distributed`` process group (e.g. the
+    ranks that share one sample under context parallelism), or ``None`` for this rank alone (data parallelism:
+    each rank holds different samples, so its own observations decide its own steps). Outside: the default group.
+
+    Example:
+        >>> with agreement_group(None):
+        ...     agree([0.5])
+        [0.5]
+    """
+    token = _AGREEMENT.set((group,))
+    try:
+        yield
+    finally:
+        _AGREEMENT.reset(token)
+
+
 def agree(values: list[float]) -> list[float]:
-    """The elementwise maximum of ``values`` over all ranks of the default process group (unchanged without one).
+    """The elementwise maximum of ``values`` over all ranks of the default process group (unchanged without one),
+    or of the group set by ``agreement_group``.
 
     Every rank must call it at the same points: it is only called on probe decisions, which the policy takes
     from the step index and the (agreed) history alone, so all ranks probe together.
     """
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    chosen = _AGREEMENT.get()
+    group = None if chosen is None else chosen[0]
+    if chosen is not None and group is None:
         return values
-    backend = dist.get_backend()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return values
+    backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     tensor = torch.tensor([v if v == v else float("inf") for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor.tolist()
 
 
