@@ -432,6 +432,10 @@ def _quality(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
             values[key] = float(job())
         except Exception as err:  # noqa: BLE001 - e.g. classifier assets missing: null with the reason
             reasons[key] = f"{type(err).__name__}: {err}"
+            continue
+        if values[key] != values[key] or abs(values[key]) == float("inf"):  # JSON has no inf: null + reason
+            reasons[key] = f"{key} is {values[key]} (e.g. images identical to the reference)"
+            values[key] = None
     return values, reasons
 
 
