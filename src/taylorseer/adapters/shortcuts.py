@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,8 +41,13 @@ def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_stat
                added_cond_kwargs: Any = None) -> torch.Tensor:
     # diffusers BasicTransformerBlock, norm_type "ada_norm_zero", self-attention only (DiT), same op order.
     emb = block.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)  # [B, D]
-    emb = block.norm1.linear(block.norm1.silu(emb))  # [B, 6D]
-    _, _, gate_msa, _, _, gate_mlp = emb.chunk(6, dim=1)  # each [B, D]
+    emb = block.norm1.silu(emb)  # [B, D]
+    # Only the two gate rows of the [6D, D] modulation are needed: rows 2D:3D (gate_msa) and 5D:6D (gate_mlp),
+    # as contiguous weight views (no copy). Each output element is the same dot product as in the full matmul.
+    linear, d = block.norm1.linear, emb.shape[1]
+    bias = linear.bias
+    gate_msa = F.linear(emb, linear.weight[2 * d:3 * d], None if bias is None else bias[2 * d:3 * d])  # [B, D]
+    gate_mlp = F.linear(emb, linear.weight[5 * d:6 * d], None if bias is None else bias[5 * d:6 * d])  # [B, D]
     hidden_states = gate_msa.unsqueeze(1) * forecasts["attn1"] + hidden_states  # [B, L, D]
     hidden_states = gate_mlp.unsqueeze(1) * forecasts["ff"] + hidden_states  # [B, L, D]
     return hidden_states
@@ -50,7 +56,8 @@ def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_stat
 def _is_dit_block(block: nn.Module) -> bool:
     return (getattr(block, "norm_type", None) == "ada_norm_zero" and getattr(block, "attn2", None) is None
             and getattr(block, "pos_embed", None) is None and getattr(block.norm1, "emb", None) is not None
-            and getattr(block, "_chunk_size", None) is None)
+            and getattr(block, "_chunk_size", None) is None
+            and type(getattr(block.norm1, "linear", None)) is nn.Linear)  # a LoRA-wrapped linear: no shortcut
 
 
 SHORTCUTS: tuple[Shortcut, ...] = (
