@@ -351,7 +351,7 @@ def test_forecasting_removes_exactly_the_target_flops(name, granularity, scheme,
         assert dict(handle.stats.module_forecast) == {t.path: forecast_steps for t in handle.targets}
         saved = sum(per_module[t.path] if t.path else per_call for t in handle.targets)
         # A block shortcut (DiT-style blocks) also computes only the 2 gate rows of the block's [6D, D] modulation.
-        saved += sum(per_module[f"{t.path}.norm1.linear"] * 4 // 6 for t in handle.shortcuts)
+        saved += sum(per_module[f"{t.path}.norm1.linear"] * 4 // 6 for t in handle.cache.shortcuts)
     assert 0 < saved <= per_call
     assert flops == STEPS * per_call - forecast_steps * saved
     assert STEPS * per_call / flops > 1.0
