@@ -5,6 +5,7 @@
     taylorseer bench [--quick]           # measure methods, write JSONL records
     taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
     taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline, accelerated
+    taylorseer sample --num-samples N --method NAME --out DIR   # many samples; alone or under torchrun
     taylorseer train-reference           # (re)train the embedded model, resumable
 
 Bad input is refused before any work (no model loaded, nothing written) with one line on stderr and exit status 2:
@@ -306,6 +307,67 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(f"{key}: {value}")
 
 
+_SAMPLE_RUN_FLAGS = {"num_samples": "--num-samples", "method": "--method", "config_json": "--config",
+                     "model": "--model", "prompt": "--prompt"}
+
+
+def _check_sample(args: argparse.Namespace) -> None:
+    """Refuse contradictory flags; build ``args.spec`` (None with ``--merge``: the folder's manifest says what)."""
+    from .generate import check_device
+
+    _check_out_folder("--out", args.out)
+    if args.reference is not None and not Path(args.reference, "manifest.json").is_file():
+        raise FileNotFoundError(f"argument --reference: {args.reference!r} is not a sample folder (no manifest.json)")
+    given_config = [flag for name, flag in (("preset", "--preset"), *_CONFIG_FLAGS.items())
+                    if getattr(args, name) is not None]
+    if args.merge:
+        given = [flag for name, flag in _SAMPLE_RUN_FLAGS.items() if getattr(args, name) is not None] + given_config
+        if given:
+            raise ValueError(f"argument --merge: merges what DIR's manifest describes, so {given} would be ignored; "
+                             "drop them")
+        args.spec = None
+        return
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"argument --device: {err}") from None
+    if args.num_samples is None:
+        raise ValueError("argument --num-samples is required (unless --merge)")
+    chosen = [flag for flag, on in (("--method", args.method is not None), ("--config", args.config_json is not None),
+                                    ("--preset/field flags", bool(given_config))) if on]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one of --method NAME, --config JSON or --preset (with field flags), got "
+                         f"{chosen or 'none'}")
+    if args.prompt is not None and args.model is None:
+        raise ValueError("argument --prompt: only for a diffusers pipeline (--model); the embedded model samples "
+                         "labels i % 10")
+    from .eval.sample import SampleSpec, load_config, method_from_config, resolve_method
+
+    if args.method is not None:
+        method = resolve_method(args.method, args.steps)
+    else:
+        config = load_config(args.config_json) if args.config_json is not None else config_from_args(args)
+        method = method_from_config(config, args.steps)
+    args.spec = SampleSpec(method, args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                           guidance_scale=args.cfg_scale, image_dtype=args.image_dtype, model=args.model,
+                           prompt=args.prompt, weights_dtype=args.dtype, config_file=args.config_json)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval.sample import evaluate, merge_samples, run_sample
+
+    if args.spec is None:
+        merge_samples(args.out)
+        result = evaluate(args.out, args.reference)
+    else:
+        result = run_sample(args.spec, args.out, device=args.device, threads=args.threads, reference=args.reference,
+                            progress=True)
+    if result is not None:  # rank 0
+        print(json.dumps(result, indent=1, sort_keys=True))
+
+
 #################################################################################
 #                                    Parser                                     #
 #################################################################################
@@ -441,10 +503,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-flops", action="store_true", help="count executed/skipped FLOPs (slower)")
     p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer (the baseline)")
     _add_config_args(p, default_preset=None)
+
+    p = _subcommand(sub, "sample", "generate N samples of one method into shards (alone or under torchrun, "
+                    "resumable, the same set for any process count), merge them and score them", _cmd_sample,
+                    _check_sample)
+    p.add_argument("--num-samples", type=positive_int, default=None, help="samples to make, indices 0..N-1 "
+                   "(default: none; required unless --merge)")
+    p.add_argument("--method", default=None, help="a bench method name: full, ddim-K, fora-N5, ts-O2-N5-divided, "
+                   "gate-t0.08, ... (default: none; or give --config / --preset)")
+    p.add_argument("--config", dest="config_json", default=None, help="a TaylorSeerConfig or CacheConfig as a JSON "
+                   "file (its SHA-256 goes in the manifest) or inline JSON (default: none)")
+    p.add_argument("--out", default="out/sample", help="the sample folder: shards/, manifest.json, samples.npz, "
+                   "metrics.json")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="run seed; sample i's noise depends on (seed, i) "
+                   "only")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale "
+                   "(default: 1.5 for the embedded model, the pipeline's own for --model)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (ddim-K: K)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="samples per model call and per shard; part "
+                   "of the run's identity (batch composition changes the last bits, and adaptive decisions)")
+    p.add_argument("--device", type=device_type, default="cpu", help=f"torch device, one of {DEVICES}; under "
+                   "torchrun, cuda takes cuda:LOCAL_RANK (and the nccl backend; gloo on cpu)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (the same count "
+                   "keeps runs bitwise comparable)")
+    p.add_argument("--image-dtype", choices=("float16", "float32", "uint8"), default=None, help="how images are "
+                   "stored (default: float16 for the embedded model, uint8 for pipelines)")
+    p.add_argument("--model", default=None, help="hub id or local folder of a diffusers pipeline (default: the "
+                   "embedded DiT)")
+    p.add_argument("--prompt", default=None, help="with --model: the text prompt, or class ids/names for DiT "
+                   "pipelines, sample i taking the (i mod L)-th (default: none)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="with --model: weights dtype (default: as saved)")
+    p.add_argument("--merge", action="store_true", help="only merge DIR's shards into samples.npz and score them "
+                   "(done anyway on rank 0 at the end of a run)")
+    p.add_argument("--reference", default=None, help="another sample folder of the same seeds (e.g. full compute): "
+                   "FID and PSNR to it (default: none)")
+    _add_config_args(p, default_preset=None)
     return parser
 
 
-_RUNS_MODELS = ("demo", "bench", "generate", "train-reference")
+_RUNS_MODELS = ("demo", "bench", "generate", "train-reference", "sample")
 
 
 def _fail(command: str, err: BaseException) -> int:
