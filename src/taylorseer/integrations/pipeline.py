@@ -229,6 +229,7 @@ class PipelineHandle:
         self._scheduler = None
 
     def _on_set_timesteps(self) -> None:
+        self._close()  # a call interrupted by a KeyboardInterrupt (torch then runs no forward hook) left one open
         self._pending, self._active, self._completed = True, False, 0
 
     def _on_step(self) -> None:

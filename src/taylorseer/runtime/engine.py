@@ -93,6 +93,7 @@ class Engine:
         self._fallbacks = 0
         self._warned: set[str] = set()
         self._nonfinite: set[tuple] = set()
+        self._recorded: dict[tuple, int | None] = {}  # the step of each (branch, target)'s latest record
 
     # ---------------------------------------------------------------------------------------------------
     # host: generation and steps
@@ -108,11 +109,16 @@ class Engine:
 
     def clear(self) -> None:
         self.store.clear()
+        self._recorded.clear()
         self._zeros.clear()
         self._previous.clear()
         self.observer.on_bytes(0, 0)
 
     def open(self, index: int, point: float, branch: Any) -> None:
+        if branch is None and index == self.controller.last_index:
+            raise ValueError(f"step {index} was told twice (a second handle.step({index}) context) with automatic "
+                             f"branches: put all model calls of a step in one handle.step context, where they are "
+                             f"numbered as branches 0, 1, ..., or name each call's branch (handle.step(i, branch=...))")
         self.active = True
         self._seen, self._first, self._entered = set(), None, None
         self.controller.open(index, point, branch)
@@ -277,10 +283,15 @@ class Engine:
         except ValueError as error:
             if "repeats the latest computed abscissa" not in str(error):
                 raise
+            if self._recorded.get(key) == c.index:
+                raise ValueError(f"target {slot.path!r} was computed twice in step {c.index} of branch {c.branch!r} "
+                                 f"(two handle.step contexts for one step and branch): each model call of a step "
+                                 f"needs its own branch (handle.step(..., branch=...))") from None
             kind = self.parts.abscissa
             raise ValueError(f"target {slot.path!r}: step {c.index} has the same {kind} ({c.point}) as the previous "
                              f"computed step of branch {c.branch!r}; the sampler evaluates the model twice at one "
                              f"{kind} (Heun or DPM2-type schedulers repeat timesteps): use abscissa='step'") from None
+        self._recorded[key] = c.index
         if not self.store.finite(key):
             self.store.drop(key)
             self._nonfinite.add(key)
