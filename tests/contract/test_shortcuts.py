@@ -37,7 +37,8 @@ def test_shortcut_is_bit_identical_and_skips_the_norms(tiny_dit):
         assert torch.equal(fast, slow)
         # Besides elementwise work, the shortcut skips the 4 non-gate rows of each block's [6D, D] modulation
         # matmul on every forecast step: 2 * batch * D * 4D FLOPs per block (batch 6: 3 labels, CFG batched).
-        width, blocks = tiny_dit.config.num_attention_heads * tiny_dit.config.attention_head_dim, len(n_blocks(tiny_dit))
+        width = tiny_dit.config.num_attention_heads * tiny_dit.config.attention_head_dim
+        blocks = len(n_blocks(tiny_dit))
         assert flops_slow - flops_fast == stats_fast.steps_forecast * blocks * 2 * 6 * width * 4 * width
         assert stats_fast.module_forecast == stats_slow.module_forecast
         assert norms_slow == 12 and norms_fast == stats_fast.steps_full < 12

@@ -43,6 +43,7 @@ class Slot:
     names: list[str] = field(default_factory=list)  # forward argument names (residual targets)
     module: nn.Module | None = None  # the block (shortcut targets)
     shortcut: Any = None
+    saved_flops: Any = None  # the shortcut's own skipped matmul FLOPs (FLOP counting only)
 
     @property
     def path(self) -> str:
@@ -340,6 +341,9 @@ class Engine:
             forecasts[child] = self.store.assemble(key, self.store.predict(key, self.controller.point))
             self.observer.on_forecast(key[1])
             self._skipped(key[1])
+        if self.flops is not None and slot.saved_flops is not None:
+            stats = self.observer.stats
+            stats.flops_skipped = (stats.flops_skipped or 0) + slot.saved_flops(slot.module, *args, **kwargs)
         return slot.shortcut(slot.module, forecasts, *args, **kwargs)
 
     def _observe(self, slot: Slot, key: tuple, leaves: list, spec: Any, shape: tuple) -> None:

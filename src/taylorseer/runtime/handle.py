@@ -44,7 +44,7 @@ def _block_of(path: str) -> str:
 
 def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> list[Slot]:
     """Slots in model order, with block groups, the probe group and the slots that call ``engine.enter``."""
-    from ..adapters.shortcuts import shortcut_for
+    from ..adapters.shortcuts import find_shortcut, shortcut_for
 
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     targets = sorted(targets, key=lambda t: order[t.path])
@@ -62,6 +62,7 @@ def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> l
         if t.mode == "shortcut":
             slot.module = model.get_submodule(t.path)
             slot.shortcut = shortcut_for(slot.module)
+            slot.saved_flops = find_shortcut(slot.module).saved_flops
         slots.append(slot)
     if slots:
         slots[0].enters = True
