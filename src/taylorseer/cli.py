@@ -2,9 +2,10 @@
 
     taylorseer demo                      # embedded DiT, full compute vs TaylorSeer, side by side
     taylorseer plan --preset paper_dit   # print a schedule's compute/forecast pattern
+    taylorseer plan --model PATH_OR_CLASS   # a model family's recommended preset, why, and its pattern
     taylorseer bench [--quick]           # measure methods, write JSONL records
     taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
-    taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline, accelerated
+    taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline: full compute vs accelerated
     taylorseer sample --num-samples N --method NAME --out DIR   # many samples; alone or under torchrun
     taylorseer train-reference           # (re)train the embedded model, resumable
 
@@ -42,8 +43,11 @@ start here (CPU, no downloads):
   taylorseer demo                      full compute vs TaylorSeer vs baselines on the small DiT shipped in the
                                        package: speed, quality, and a side-by-side picture
   taylorseer generate --model ID_OR_PATH --prompt "a red fox"
-                                       accelerate a diffusers pipeline (hub id or local folder), save its images
+                                       run a diffusers pipeline (hub id or local folder) at full compute and
+                                       accelerated: both images, wall times, speedup and PSNR
   taylorseer plan --preset paper_flux  show which steps a schedule computes and which it forecasts
+  taylorseer plan --model ID_OR_PATH_OR_CLASS
+                                       the preset recommended for a model's family, why, and its pattern
   taylorseer bench, taylorseer report  measure many methods, then write a report with plots
   taylorseer train-reference           retrain the shipped small model
 
@@ -109,6 +113,15 @@ def device_type(text: str) -> str:
     after parsing, by ``taylorseer.generate.check_device``)."""
     if not _DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be one of {DEVICES}, got {text!r}")
+    return text
+
+
+def device_or_auto(text: str) -> str:
+    """argparse type: ``auto`` (cuda when available, else cpu) or a device name accepted by ``device_type``."""
+    if text == "auto":
+        return text
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be one of auto, {DEVICES}, got {text!r}")
     return text
 
 
@@ -184,8 +197,20 @@ def _check_demo(args: argparse.Namespace) -> None:
 
 
 def _check_plan(args: argparse.Namespace) -> None:
+    """Refuse a bad --steps; with --model, read its family (config files only) and start from its preset."""
     if args.steps < 1:
         raise ValueError(f"argument --steps: num_steps must be an integer >= 1, got {args.steps}")
+    args.family = None
+    if args.model is not None:
+        from .generate import family_of
+
+        try:
+            args.family = family_of(args.model)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"argument --model: {err}") from None
+    args.given_preset = args.preset
+    if args.preset is None:
+        args.preset = (args.family.preset or None) if args.family is not None else "paper_dit"
     args.config = config_from_args(args)
 
 
@@ -211,10 +236,13 @@ def _check_report(args: argparse.Namespace) -> None:
 
 
 def _check_generate(args: argparse.Namespace) -> None:
-    from .generate import check_device
+    """Resolve --device auto and refuse an unavailable device; refuse contradictory flags; set ``args.config``
+    (a ``TaylorSeerConfig`` from --preset, ``"family"`` for the model family's preset, None for --no-cache) and
+    ``args.overrides`` (the field flags given, applied to the family's preset once the model is loaded)."""
+    from .generate import FAMILY, resolve_device
 
     try:
-        check_device(args.device)
+        args.device = resolve_device(args.device)
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
     _check_out_folder("--out", args.out)
@@ -223,7 +251,17 @@ def _check_generate(args: argparse.Namespace) -> None:
     if args.no_cache and given:
         raise ValueError(f"argument --no-cache: runs without taylorseer, so the cache flags {given} would be ignored; "
                          "drop one or the other")
-    args.config = None if args.no_cache else config_from_args(args)
+    if args.no_cache and args.no_baseline:
+        raise ValueError("argument --no-baseline: --no-cache runs only the baseline; drop one of the two")
+    config = config_from_args(args)  # validates each field flag, naming it
+    args.overrides = {}
+    if args.no_cache:
+        args.config = None
+    elif args.preset:
+        args.config = config  # the preset with the field flags applied
+    else:  # the family's preset, known once the pipeline is loaded, with the field flags applied to it
+        args.config = FAMILY
+        args.overrides = {name: getattr(config, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
 
 
 #################################################################################
@@ -249,8 +287,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_plan(args: argparse.Namespace) -> None:
     from .policy.interval import IntervalPolicy
 
-    config = args.config
+    config, family = args.config, args.family
     pattern = IntervalPolicy.from_config(config).pattern(args.steps)
+    if family is not None:
+        print(f"model: {family.class_name} (from {family.source}), adapter {family.adapter.name}")
+        recommended = family.preset or "none (TaylorSeerConfig defaults)"
+        print(f"recommended preset: {recommended}" + (f": {family.reason}" if family.reason else ""))
+        if args.given_preset is not None and args.given_preset != family.preset:
+            print(f"preset used: {args.given_preset} (given)")
     print(config.to_json())
     print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
 
@@ -298,13 +342,50 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import generate
+    from . import generate as gen
 
-    stats = generate(model=args.model, prompt=args.prompt, config=args.config, num_inference_steps=args.steps,
-                     seed=args.seed, out_dir=args.out, num_images=args.num_images, guidance_scale=args.guidance_scale,
-                     device=args.device, dtype=args.dtype, measure_flops=args.measure_flops, progress=True)
-    for key, value in stats.items():
-        print(f"{key}: {value}")
+    result = gen.generate(model=args.model, prompt=args.prompt, config=args.config, overrides=args.overrides,
+                          baseline=args.config is not None and not args.no_baseline, num_inference_steps=args.steps,
+                          seed=args.seed, out_dir=args.out, num_images=args.num_images,
+                          guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype,
+                          measure_flops=args.measure_flops, progress=True)
+    print(format_generate(result))
+
+
+def format_generate(result: dict) -> str:
+    """The summary ``taylorseer generate`` prints: what ran, both wall times, speedup, PSNR, files, stats."""
+    import json
+
+    lines = [f"model: {result.get('model')} ({result.get('pipeline')}, {result.get('transformer')}) on "
+             f"{result.get('device')}, {result.get('num_inference_steps')} steps, seed {result.get('seed')}"]
+    config, stats, baseline = result.get("config"), result.get("stats") or {}, result.get("baseline")
+    if config is not None:
+        reason = result.get("preset_reason")
+        lines.append(f"config: {config.get('name')}" + (f" (the family's preset: {reason})" if reason else "")
+                     + f" {json.dumps(config, sort_keys=True)}")
+    if baseline is not None:
+        lines.append(f"baseline:   {baseline['seconds']:.3f} s (full compute)")
+    if config is not None and "seconds" in result:
+        counted = ", timed while counting FLOPs" if stats.get("flops_executed") is not None else ""
+        lines.append(f"taylorseer: {result['seconds']:.3f} s ({stats.get('steps_full')} full / "
+                     f"{stats.get('steps_forecast')} forecast steps{counted})")
+    elif "seconds" in result:
+        lines.append(f"baseline:   {result['seconds']:.3f} s (full compute, --no-cache)")
+    if result.get("speedup") is not None:
+        lines.append(f"speedup:    {result['speedup']:.2f}x (wall time, baseline / taylorseer)")
+    if stats.get("flops_speedup") is not None:
+        lines.append(f"FLOPs:      {stats['flops_speedup']:.2f}x (full-compute FLOPs / executed FLOPs)")
+    if baseline is not None:
+        psnr = result.get("psnr_db")
+        lines.append(f"PSNR:       {psnr:.2f} dB (taylorseer vs baseline, same seed)" if psnr is not None
+                     else f"PSNR:       {result.get('psnr_note')}")
+    images = [*(baseline or {}).get("images", []), *result.get("images", [])]
+    lines.append(f"images:     {', '.join(images) if images else 'none'}")
+    if result.get("record"):
+        lines.append(f"record:     {result['record']}")
+    if result.get("stats") is not None:
+        lines.append(f"stats:      {json.dumps(result['stats'], sort_keys=True)}")
+    return "\n".join(lines)
 
 
 _SAMPLE_RUN_FLAGS = {"num_samples": "--num-samples", "method": "--method", "config_json": "--config",
@@ -400,9 +481,13 @@ def _add_global_flags(parser: argparse.ArgumentParser, in_subcommand: bool) -> N
                         "keeps its peak memory)")
 
 
-def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit") -> None:
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "paper_dit",
+                     unset: str | None = None) -> None:
+    """The preset and field flags; ``unset`` says what an unset --preset means (default: the default preset, or
+    the TaylorSeerConfig defaults)."""
     g = p.add_argument_group("cache config (a preset, with any field overridden; unset fields: the preset's)")
-    unset = "the TaylorSeerConfig defaults" if default_preset is None else default_preset
+    if unset is None:
+        unset = "the TaylorSeerConfig defaults" if default_preset is None else default_preset
     g.add_argument("--preset", choices=PRESET_NAMES, default=default_preset,
                    help=f"named settings to start from (default: {unset})")
     g.add_argument("--interval", type=int, help="N: compute one step in N (1 = every step; default: the preset's)")
@@ -447,9 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds, methods interleaved (median)")
 
-    p = _subcommand(sub, "plan", "print a schedule's compute/forecast pattern", _cmd_plan, _check_plan)
-    _add_config_args(p)
+    p = _subcommand(sub, "plan", "print a schedule's compute/forecast pattern; with --model, the preset recommended "
+                    "for the model's family and why", _cmd_plan, _check_plan)
+    _add_config_args(p, default_preset=None, unset="paper_dit; with --model the family's recommended preset")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the generation")
+    p.add_argument("--model", default=None, help="a registered transformer class name (FluxTransformer2DModel), a "
+                   "local diffusers model or pipeline folder (only its config files are read), or a hub id (its "
+                   "config is downloaded: needs internet) (default: none)")
 
     p = _subcommand(sub, "train-reference", "train (or resume) the shipped small DiT; unset flags take the shipped "
                     "model's recipe (TrainConfig defaults)", _cmd_train, _check_train)
@@ -487,22 +576,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incomplete", action="store_true", help="report the run even if it did not finish (no "
                    "run_end record), marked INCOMPLETE RUN (default: refuse it)")
 
-    p = _subcommand(sub, "generate", "run a diffusers pipeline with TaylorSeer and save its images", _cmd_generate,
+    p = _subcommand(sub, "generate", "run a diffusers pipeline at full compute and with TaylorSeer (same seed); save "
+                    "both images and a JSON record; print wall times, speedup and PSNR", _cmd_generate,
                     _check_generate)
     p.add_argument("--model", required=True, help="hub id or local folder of a diffusers pipeline")
     p.add_argument("--prompt", default=None, help="the text prompt; for class-conditional DiT pipelines "
                    "comma-separated class ids or label names (default: none; class 0 for DiT)")
     p.add_argument("--steps", type=positive_int, default=50, help="num_inference_steps")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="generator seed")
-    p.add_argument("--out", default="out/generate", help="folder for the images: PNG, videos as GIF")
+    p.add_argument("--out", default="out/generate", help="folder for NNN-baseline-K.png, NNN-taylorseer-K.png "
+                   "(videos .gif) and NNN.json, NNN one above the highest run number there: earlier runs are never "
+                   "overwritten")
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--guidance-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale "
                    "(default: the pipeline's)")
-    p.add_argument("--device", type=device_type, default="cpu", help=f"torch device, one of {DEVICES}")
+    p.add_argument("--device", type=device_or_auto, default="auto", help=f"torch device, auto (cuda when "
+                   f"available, else cpu) or one of {DEVICES}")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
-    p.add_argument("--measure-flops", action="store_true", help="count executed/skipped FLOPs (slower)")
-    p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer (the baseline)")
-    _add_config_args(p, default_preset=None)
+    p.add_argument("--measure-flops", action="store_true", help="count executed/skipped FLOPs (slower: the "
+                   "accelerated run's wall time then includes the counting)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the full-compute run (no speedup or PSNR)")
+    p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer (the baseline only)")
+    _add_config_args(p, default_preset=None, unset="the preset recommended for the model's transformer family")
 
     p = _subcommand(sub, "sample", "generate N samples of one method into shards (alone or under torchrun, "
                     "resumable, the same set for any process count), merge them and score them", _cmd_sample,

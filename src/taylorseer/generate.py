@@ -1,41 +1,78 @@
-"""Generate with a diffusers pipeline (hub id or local folder), accelerated by taylorseer: the function behind
-``taylorseer generate``.
+"""Generate with a diffusers pipeline (hub id or local folder), accelerated by taylorseer, and show what it gained:
+the function behind ``taylorseer generate``.
 
-Loads ``DiffusionPipeline.from_pretrained(model)``, applies the config to the pipeline (the scheduler tells the
-steps), runs one call, saves the images (PNG; videos as GIF) and returns the run's facts as a JSON-ready dict.
+Loads ``DiffusionPipeline.from_pretrained(model)`` once, then runs it with the config applied (the scheduler tells
+the steps) and, with ``baseline=True``, first at full compute with the same seed: the result holds both wall times,
+the measured speedup and the PSNR of the accelerated images against the baseline's. ``config="family"`` takes the
+preset recommended for the model's transformer family (``taylorseer.api.default_config``). Images are saved as PNG
+(videos as GIF) and never overwrite earlier outputs: every call takes the next free run number ``NNN`` in
+``out_dir`` (one above the highest number any file there starts with) and writes ``NNN-baseline-K.png``,
+``NNN-taylorseer-K.png`` and the facts as ``NNN.json``, each file created exclusively.
+
+``family_of`` says which adapter record (and so which preset) a model has, from its config files alone (no weights
+loaded): a registered transformer class name, a local model or pipeline folder, or a hub id (needs internet).
+
 Every failure the user can cause (bad path, unknown hub id, unsupported model, unknown or out-of-range class label,
 malformed or unavailable device, an output folder that is an existing file) raises ``FileNotFoundError`` or
 ``ValueError`` with a one-line message; the arguments are checked before the pipeline is loaded.
 
 Example:
-    >>> stats = generate("facebook/DiT-XL-2-256", "golden retriever", preset("paper_dit"),
-    ...                  num_inference_steps=50, seed=0, out_dir="out")                    # doctest: +SKIP
-    >>> stats["images"], stats["stats"]["steps_forecast"]                                  # doctest: +SKIP
-    (['out/000.png'], 36)
+    >>> out = generate("facebook/DiT-XL-2-256", "golden retriever", "family", num_inference_steps=50,
+    ...                out_dir="out", baseline=True)                                         # doctest: +SKIP
+    >>> out["images"], out["speedup"], out["psnr_db"]                                        # doctest: +SKIP
+    (['out/001-taylorseer-0.png'], 2.4, 33.9)
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .adapters.registry import find_adapter, registered_adapters
-from .api import apply
-from .config import TaylorSeerConfig, preset  # noqa: F401  (preset: docstring example)
+from . import __version__
+from ._extras import MissingExtraError
+from .adapters.registry import AdapterSpec, find_adapter, registered_adapters
+from .api import apply, default_config
+from .config import PRESET_NAMES, TaylorSeerConfig, preset
 from .integrations.pipeline import check_pipeline
+from .runtime.install import unwrap
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d+|mps")
 DEVICES = "cpu, cuda, cuda:N, mps"
+AUTO_DEVICE = "auto"  # cuda when available, else cpu
+FAMILY = "family"  # config="family": the preset recommended for the model's transformer family
+WARMUP_STEPS = 2  # steps of the untimed full-compute call before a timed comparison
+
+
+#################################################################################
+#                       Devices, output folders, loading                        #
+#################################################################################
+
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` if a CUDA device is visible, else ``cpu``; any other name is checked by ``check_device``
+    and returned as given.
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    if device == AUTO_DEVICE:
+        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+    check_device(device)
+    return device
 
 
 def check_device(device: str) -> None:
@@ -127,6 +164,159 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str | None = None) -> 
     return pipe.to(device)
 
 
+#################################################################################
+#              Which family a model is: its config files, no weights            #
+#################################################################################
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model's transformer class, where that name was read, and the adapter record registered for it.
+
+    Example:
+        >>> family = family_of("FluxTransformer2DModel")
+        >>> family.preset, family.reason
+        ('paper_flux', "the paper's FLUX.1-dev setting (W=3, N=6, O=1)")
+    """
+
+    class_name: str
+    source: str  # "class name", a config file's path, or "hub owner/name: model_index.json"
+    adapter: AdapterSpec
+
+    @property
+    def preset(self) -> str:
+        """The preset recommended for the family ('' if the record names none)."""
+        return self.adapter.preset
+
+    @property
+    def reason(self) -> str:
+        """Why that preset (see ``preset_reason``)."""
+        return preset_reason(self.adapter)
+
+
+def preset_reason(spec: AdapterSpec) -> str:
+    """Why a family has its preset: the adapter record's notes without their ``preset:`` label.
+
+    Example:
+        >>> preset_reason(registered_adapters()["DiTTransformer2DModel"])
+        "the paper's DiT-XL/2 setting (W=2, N=4, O=4)"
+    """
+    notes = spec.notes.strip()
+    return notes[len("preset:"):].strip() if notes.startswith("preset:") else notes
+
+
+def _adapter_named(class_name: str) -> AdapterSpec | None:
+    """The record registered for a class name, or for the nearest registered base of the diffusers class so named."""
+    registry = registered_adapters()
+    if class_name in registry:
+        return registry[class_name]
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+    except Exception:  # a lazily imported diffusers class with a missing optional dependency
+        cls = None
+    if isinstance(cls, type):
+        return next((registry[base.__name__] for base in cls.__mro__ if base.__name__ in registry), None)
+    return None
+
+
+def _class_from_config(data: Any, source: str) -> str:
+    """The transformer class named by a parsed ``model_index.json`` (a pipeline) or ``config.json`` (a model)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} holds no JSON object")
+    if source.endswith("model_index.json"):
+        entry = data.get("transformer")
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str)):
+            kind = "a UNet pipeline (taylorseer targets diffusion transformers)" if "unet" in data else \
+                "a pipeline without a transformer"
+            raise ValueError(f"{source} describes {data.get('_class_name', 'a pipeline')}, {kind}")
+        return entry[1]
+    if not isinstance(data.get("_class_name"), str):
+        raise ValueError(f"{source} names no _class_name: not a diffusers model config")
+    return data["_class_name"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {str(path)!r}: {_one_line(error)}") from None
+
+
+def _local_class(folder: Path) -> tuple[str, str]:
+    for name in ("model_index.json", "config.json", "transformer/config.json"):
+        if (folder / name).is_file():
+            source = str(folder / name)
+            return _class_from_config(_read_json(folder / name), source), source
+    raise FileNotFoundError(f"model {str(folder)!r} is not a diffusers model or pipeline folder (no model_index.json, "
+                            f"config.json or transformer/config.json)")
+
+
+def _hub_class(repo: str) -> tuple[str, str]:
+    """The class read from a hub repo's ``model_index.json`` or ``config.json``: the local cache first, then the
+    hub (needs internet; offline this fails after huggingface_hub's retries, or at once with HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    error: BaseException | None = None
+    for local_only in (True, False):
+        for name in ("model_index.json", "config.json"):
+            try:
+                path = hf_hub_download(repo, name, local_files_only=local_only)
+            except LocalEntryNotFoundError as missing:  # not cached (or offline): try the next way
+                error = missing
+                continue
+            except EntryNotFoundError:  # the repo has no such file: try the next file
+                continue
+            except Exception as failed:  # repo not found, gated, network: nothing more to try
+                error = failed
+                break
+            return _class_from_config(_read_json(Path(path)), f"hub {repo}: {name}"), f"hub {repo}: {name}"
+    why = _one_line(error) if error is not None else "it has neither model_index.json nor config.json"
+    raise FileNotFoundError(f"could not read the config of hub model {repo!r} ({why}); offline, a local path is "
+                            f"needed: the folder of the saved pipeline or model, or its transformer class name")
+
+
+def family_of(model: str) -> ModelFamily:
+    """The family of ``model``: a registered transformer class name (``FluxTransformer2DModel``), a local diffusers
+    pipeline or model folder (its ``model_index.json``, ``config.json`` or ``transformer/config.json`` is read for
+    the class; no weights are loaded), or a Hugging Face Hub id (its config is downloaded: needs internet).
+
+    Raises ``FileNotFoundError`` (no such folder, no config there, hub config unreadable) or ``ValueError`` (a
+    model without a transformer, or a transformer class with no taylorseer adapter), each one line.
+
+    Example:
+        >>> family_of("WanTransformer3DModel").preset
+        'paper_wan'
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a class name, a folder or a hub id, got {model!r}")
+    path = Path(model).expanduser()
+    if model.isidentifier() and not path.exists():
+        class_name, source = model, "class name"
+    elif path.is_dir():
+        class_name, source = _local_class(path)
+    elif path.exists():
+        raise ValueError(f"model {model!r} is a file; a model or pipeline folder (or a class name) is expected")
+    elif _HUB_ID.fullmatch(model) and not model.startswith((".", "/", "~")):
+        class_name, source = _hub_class(model)
+    else:
+        raise FileNotFoundError(f"model {model!r} is neither a transformer class name, an existing folder nor a "
+                                f"Hugging Face Hub id (owner/name)")
+    spec = _adapter_named(class_name)
+    if spec is None and source == "class name":
+        raise ValueError(f"model {model!r} is neither a registered transformer class name nor an existing folder "
+                         f"nor a Hugging Face Hub id (owner/name); registered classes: {sorted(registered_adapters())}")
+    if spec is None:
+        raise ValueError(f"{class_name} (read from {source}) has no taylorseer adapter; registered transformer "
+                         f"classes: {sorted(registered_adapters())}")
+    return ModelFamily(class_name, source, spec)
+
+
+#################################################################################
+#                      What a pipeline is called with                           #
+#################################################################################
+
 def _supported(pipe: Any, config: TaylorSeerConfig | None) -> None:
     try:
         check_pipeline(pipe)
@@ -179,30 +369,165 @@ def _call_arguments(pipe: Any, prompt: str | None, num_images: int, guidance_sca
     return kwargs
 
 
-def _save(result: Any, out_dir: Path) -> list[str]:
+
+#################################################################################
+#                     Running, saving, comparing one call                       #
+#################################################################################
+
+_RUN_NUMBER = re.compile(r"(\d+)[-.]")
+
+
+def next_run_number(out_dir: str | Path) -> int:
+    """One above the highest run number a file name in ``out_dir`` starts with (``007-...``, ``007.json``); 1 for
+    an empty or missing folder. Earlier outputs (also the ``000.png`` of older versions) are never reused.
+
+    Example:
+        >>> next_run_number("/nonexistent/folder")
+        1
+    """
+    folder = Path(out_dir).expanduser()
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    numbers = [int(m.group(1)) for name in names if (m := _RUN_NUMBER.match(name))]
+    return max(numbers, default=0) + 1
+
+
+def _arrays(result: Any) -> tuple[str, np.ndarray]:
+    """``("images", [N, H, W, C])`` or ``("frames", [N, F, H, W, C])`` float arrays in [0, 1] of a pipeline output."""
+    for kind in ("images", "frames"):
+        value = getattr(result, kind, None)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.float().cpu().numpy()
+        elif not isinstance(value, np.ndarray):  # PIL images, or lists of frames
+            value = np.stack([np.stack([np.asarray(f) for f in v]) if kind == "frames" else np.asarray(v)
+                              for v in value]).astype(np.float32) / 255.0
+        if value.ndim == (5 if kind == "frames" else 4) - 1 and value.shape[-1] not in (1, 3, 4):
+            value = value[..., None]  # grayscale without a channel axis
+        return kind, np.clip(value.astype(np.float32), 0.0, 1.0)
+    raise ValueError(f"unsupported model: its output {type(result).__name__} has neither images nor frames")
+
+
+def _save(kind: str, arrays: np.ndarray, out_dir: Path, stem: str) -> list[str]:
+    """Write ``STEM-K.png`` (videos ``STEM-K.gif``) per item; each file is created exclusively (never overwritten)."""
+    from diffusers.utils.pil_utils import numpy_to_pil
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    if getattr(result, "images", None) is not None:
-        for i, image in enumerate(result.images):
-            paths.append(out_dir / f"{i:03d}.png")
-            image.save(paths[-1])
-    elif getattr(result, "frames", None) is not None:
-        for i, frames in enumerate(result.frames):
-            paths.append(out_dir / f"{i:03d}.gif")
-            frames[0].save(paths[-1], save_all=True, append_images=list(frames[1:]), duration=125, loop=0)
-    else:
-        raise ValueError(f"unsupported model: its output {type(result).__name__} has neither images nor frames")
-    return [str(p) for p in paths]
+    for k, item in enumerate(arrays):
+        path = out_dir / f"{stem}-{k}.{'gif' if kind == 'frames' else 'png'}"
+        with _exclusive(path, "xb") as file:
+            if kind == "frames":
+                frames = numpy_to_pil(item)
+                frames[0].save(file, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
+            else:
+                numpy_to_pil(item)[0].save(file, format="PNG")
+        paths.append(str(path))
+    return paths
 
+
+def _exclusive(path: Path, mode: str) -> Any:
+    """``open(path, mode)`` with an ``x`` mode; an existing file is left alone and refused in one line."""
+    try:
+        return open(path, mode)
+    except FileExistsError:
+        raise ValueError(f"{str(path)!r} appeared while this run was writing (another run writing to the same "
+                         f"folder?); it was not overwritten") from None
+
+
+def _write_record(out_dir: Path, run: int, record: dict[str, Any]) -> str:
+    path = out_dir / f"{run:03d}.json"
+    with _exclusive(path, "x") as file:
+        json.dump(record, file, indent=1, sort_keys=True, allow_nan=False)
+        file.write("\n")
+    return str(path)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _timed_call(pipe: Any, call: dict[str, Any], seed: int, device: str, steps: int) -> tuple[Any, float]:
+    generator = torch.Generator(device).manual_seed(seed)
+    _synchronize(device)
+    start = time.perf_counter()
+    result = pipe(num_inference_steps=steps, generator=generator, output_type="np", **call)
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _run(pipe: Any, call: dict[str, Any], config: TaylorSeerConfig | None, seed: int, device: str, steps: int,
+         measure_flops: bool, progress: bool) -> tuple[str, np.ndarray, float, dict[str, Any] | None]:
+    """One timed pipeline call, accelerated when ``config`` is given: (kind, arrays, seconds, handle stats)."""
+    label = "taylorseer" if config is not None else "baseline (full compute)"
+    pipe.set_progress_bar_config(disable=not progress, desc=label)
+    if config is None:
+        result, seconds = _timed_call(pipe, call, seed, device, steps)
+        return (*_arrays(result), seconds, None)
+    with apply(pipe, config) as handle:
+        flops = handle.count_flops() if measure_flops else contextlib.nullcontext()
+        with flops:
+            result, seconds = _timed_call(pipe, call, seed, device, steps)
+        return (*_arrays(result), seconds, handle.stats.to_dict())
+
+
+def _psnr(accelerated: np.ndarray, baseline: np.ndarray) -> tuple[float | None, str | None]:
+    """PSNR in dB of the accelerated images against the baseline's ([0, 1] values, MSE pooled over everything), and
+    a note: ``None, "identical images"`` for equal arrays, ``None, <pip hint>`` without the bench extra."""
+    try:
+        from .eval.metrics import psnr
+    except MissingExtraError as error:
+        return None, f"PSNR not measured: {error}"
+
+    def batch(x: np.ndarray) -> torch.Tensor:  # [N, H, W, C] or [N, F, H, W, C] -> [N*F, C, H, W]
+        return torch.from_numpy(x.reshape(-1, *x.shape[-3:])).permute(0, 3, 1, 2)
+
+    value = psnr(batch(accelerated), batch(baseline), data_range=1.0)
+    return (value, None) if math.isfinite(value) else (None, "identical images")
+
+
+def _resolve_config(pipe: Any, config: TaylorSeerConfig | str | None,
+                    overrides: Mapping[str, Any]) -> tuple[TaylorSeerConfig | None, str | None]:
+    """The config to run and, for the family's preset, why it was chosen (the adapter record's notes)."""
+    reason = None
+    if config == FAMILY:
+        spec = find_adapter(unwrap(pipe.transformer))
+        config = default_config(pipe)
+        reason = preset_reason(spec) if spec is not None and spec.preset else None
+    elif isinstance(config, str):
+        config = preset(config)
+    if config is not None and overrides:
+        config = config.replace(**overrides)
+    return config, reason
+
+
+def _check_config(config: Any, overrides: Mapping[str, Any] | None) -> None:
+    if config is not None and not isinstance(config, (TaylorSeerConfig, str)):
+        raise TypeError(f"config must be a TaylorSeerConfig, a preset name, {FAMILY!r} or None, "
+                        f"got {type(config).__name__}")
+    if isinstance(config, str) and config != FAMILY and config not in PRESET_NAMES:
+        raise ValueError(f"config must be a preset name {list(PRESET_NAMES)} or {FAMILY!r}, got {config!r}")
+    if overrides:
+        if config is None:
+            raise ValueError(f"overrides {sorted(overrides)} need a config: None runs without taylorseer")
+        TaylorSeerConfig().replace(**overrides)  # unknown or invalid fields, before the pipeline is loaded
+
+
+#################################################################################
+#                                   generate                                    #
+#################################################################################
 
 def generate(
     model: str,
     prompt: str | None,
-    config: TaylorSeerConfig | None,
+    config: TaylorSeerConfig | str | None,
     num_inference_steps: int = 50,
     seed: int = 0,
     out_dir: str | Path = "out",
     *,
+    baseline: bool = False,
+    overrides: Mapping[str, Any] | None = None,
     num_images: int = 1,
     guidance_scale: float | None = None,
     device: str = "cpu",
@@ -210,49 +535,60 @@ def generate(
     measure_flops: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Generate ``num_images`` images with ``model`` and save them to ``out_dir``; return the run's facts.
+    """Generate ``num_images`` images with ``model``, save them to ``out_dir`` and return the run's facts.
 
     ``model``: hub id or local pipeline folder. ``prompt``: the text prompt, or for class-conditional DiT
-    pipelines comma-separated class ids or label names (None: class 0). ``config``: the taylorseer config
-    (None: no acceleration, the baseline). ``num_inference_steps``: denoising steps; ``seed``: the generator seed;
-    ``guidance_scale``: None keeps the pipeline's default. ``measure_flops`` (with a config) counts executed and
-    skipped FLOPs into the stats (slower).
-    Returns ``{"model", "pipeline", "transformer", "config", "num_inference_steps", "seed", "images", "seconds",
-    "stats"}``: ``images`` the saved paths, ``seconds`` the wall time of the pipeline call, ``stats`` the handle's
-    stats (None without a config).
+    pipelines comma-separated class ids or label names (None: class 0). ``config``: a ``TaylorSeerConfig``, a
+    preset name, ``"family"`` (the preset recommended for the model's transformer family), or None (no
+    acceleration: the baseline alone); ``overrides`` changes fields of it (``{"interval": 5}``).
+    ``baseline=True`` (with a config) first runs an untimed ``WARMUP_STEPS``-step call, then the same call at full
+    compute and then accelerated, both with ``seed``, and compares them. ``num_inference_steps``: denoising
+    steps; ``guidance_scale``: None keeps the pipeline's default; ``device``: one of ``DEVICES`` or ``"auto"``
+    (cuda if available, else cpu). ``measure_flops`` (with a config) counts executed and skipped FLOPs (slower;
+    the accelerated call's ``seconds`` then include the counting).
+
+    Returns ``{"model", "pipeline", "transformer", "device", "prompt", "config", "preset_reason",
+    "num_inference_steps", "seed", "run", "images", "seconds", "stats", "baseline", "speedup", "psnr_db",
+    "psnr_note", "record"}``: ``images`` and ``seconds`` are those of the accelerated call (of the only call
+    without a config), ``stats`` the handle's stats (None without a config); ``baseline`` is ``{"images",
+    "seconds"}`` of the full-compute call or None; ``speedup`` the baseline's wall time over the accelerated one;
+    ``psnr_db`` the accelerated images' PSNR against the baseline's (None with a ``psnr_note`` when the images are
+    identical or torchmetrics is missing); ``record`` the path of ``NNN.json``, which holds all of this.
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
-    if config is not None and not isinstance(config, TaylorSeerConfig):
-        raise TypeError(f"config must be a TaylorSeerConfig or None, got {type(config).__name__}")
-    check_device(device)
+    _check_config(config, overrides)
+    if baseline and config is None:
+        raise ValueError("baseline=True compares against an accelerated call: give a config (None is the baseline)")
+    device = resolve_device(device)
     check_out_dir(out_dir)
     pipe = load_pipeline(model, device, dtype)
+    config, reason = _resolve_config(pipe, config, overrides or {})
     _supported(pipe, config)
-    kwargs = _call_arguments(pipe, prompt, num_images, guidance_scale)
-    pipe.set_progress_bar_config(disable=not progress)
-    generator = torch.Generator(device).manual_seed(seed)
-    handle = apply(pipe, config) if config is not None else None
-    try:
-        flops = handle.count_flops() if handle is not None and measure_flops else contextlib.nullcontext()
-        start = time.perf_counter()
-        with flops:
-            result = pipe(num_inference_steps=num_inference_steps, generator=generator, output_type="pil", **kwargs)
-        seconds = time.perf_counter() - start
-        stats = handle.stats.to_dict() if handle is not None else None
-    finally:
-        if handle is not None:
-            handle.remove()
-    return {
-        "model": model,
-        "pipeline": type(pipe).__name__,
-        "transformer": type(pipe.transformer).__name__,
-        "config": config.to_dict() if config is not None else None,
-        "num_inference_steps": num_inference_steps,
-        "seed": seed,
-        "images": _save(result, Path(out_dir)),
-        "seconds": seconds,
-        "stats": stats,
+    call = _call_arguments(pipe, prompt, num_images, guidance_scale)
+    compared = None
+    if baseline:  # one-time costs (allocator, kernels, caches) go to an untimed short call, not to either run
+        pipe.set_progress_bar_config(disable=not progress, desc="warm-up (untimed)")
+        _timed_call(pipe, call, seed, device, min(WARMUP_STEPS, num_inference_steps))
+        compared = _run(pipe, call, None, seed, device, num_inference_steps, False, progress)
+    kind, arrays, seconds, stats = _run(pipe, call, config, seed, device, num_inference_steps, measure_flops,
+                                        progress)
+    out, run = Path(out_dir).expanduser(), next_run_number(out_dir)
+    facts: dict[str, Any] = {
+        "model": model, "pipeline": type(pipe).__name__, "transformer": type(pipe.transformer).__name__,
+        "device": device, "dtype": dtype, "prompt": prompt, "num_images": num_images, "guidance_scale": guidance_scale,
+        "config": config.to_dict() if config is not None else None, "preset_reason": reason,
+        "num_inference_steps": num_inference_steps, "seed": seed, "run": run, "taylorseer_version": __version__,
+        "torch_version": torch.__version__, "baseline": None, "speedup": None, "psnr_db": None, "psnr_note": None,
     }
+    if compared is not None:
+        facts["baseline"] = {"images": _save(compared[0], compared[1], out, f"{run:03d}-baseline"),
+                             "seconds": compared[2]}
+        facts["speedup"] = compared[2] / seconds
+        facts["psnr_db"], facts["psnr_note"] = _psnr(arrays, compared[1])
+    stem = f"{run:03d}-{'taylorseer' if config is not None else 'baseline'}"
+    facts.update(images=_save(kind, arrays, out, stem), seconds=seconds, stats=stats)
+    facts["record"] = _write_record(out, run, facts)
+    return facts
