@@ -456,10 +456,7 @@ def test_apply_after_model_cpu_offload_equals_the_plain_accelerated_run():
 
 
 SEQUENTIAL = [("dit", "module", False), ("flux", "module", True), ("pixart", "block", True),
-              pytest.param("dit", "module", True, marks=pytest.mark.xfail(
-                  strict=True, raises=RuntimeError, reason="the DiT block shortcut (adapters/shortcuts.py, 775a6f7) "
-                  "reads norm1.linear.weight directly; under sequential offload it is on the meta device outside "
-                  "the hooked module call"))]
+              pytest.param("dit", "module", True)]
 
 
 @pytest.mark.parametrize("name, granularity, shortcuts", SEQUENTIAL)
@@ -491,10 +488,6 @@ def test_sequential_offload_hooks_are_wrapped_and_restored_exactly(name, granula
     assert torch.equal(pipe(family), full_run(name))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="runtime/autostep.py wraps the root forward; "
-                   "diffusers re-attaches the model offload hook after every pipeline call (remove_hook_from_module "
-                   "sets forward = _old_forward), dropping that wrapper: the second call runs at full compute "
-                   "without a warning")
 def test_transformer_handle_survives_the_model_offload_hook_being_reattached():
     _, accelerated = _dit_references()
     pipe = _own_dit_pipeline()
@@ -504,9 +497,6 @@ def test_transformer_handle_survives_the_model_offload_hook_being_reattached():
         assert torch.equal(_dit_call(pipe), accelerated)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="an offload hook attached after apply() saves our "
-                   "wrapper as accelerate's _old_forward; remove() only restores a forward that is still ours, so the "
-                   "removed handle stays in the call chain and refuses every later call")
 def test_offload_attached_after_apply_then_remove_leaves_a_working_model():
     full, _ = _dit_references()
     pipe = _own_dit_pipeline()

@@ -46,18 +46,28 @@ def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_stat
     # Only the two gate rows of the [6D, D] modulation are needed: rows 2D:3D (gate_msa) and 5D:6D (gate_mlp),
     # as contiguous weight views (no copy). Each output element is the same dot product as in the full matmul.
     linear, d = block.norm1.linear, emb.shape[1]
-    bias = linear.bias
-    gate_msa = F.linear(emb, linear.weight[2 * d:3 * d], None if bias is None else bias[2 * d:3 * d])  # [B, D]
-    gate_mlp = F.linear(emb, linear.weight[5 * d:6 * d], None if bias is None else bias[5 * d:6 * d])  # [B, D]
+    if _rows_unavailable(linear):  # weights elsewhere until the module is called (offload hooks): call it
+        _, _, gate_msa, _, _, gate_mlp = linear(emb).chunk(6, dim=1)  # each [B, D]
+    else:
+        bias = linear.bias
+        gate_msa = F.linear(emb, linear.weight[2 * d:3 * d], None if bias is None else bias[2 * d:3 * d])  # [B, D]
+        gate_mlp = F.linear(emb, linear.weight[5 * d:6 * d], None if bias is None else bias[5 * d:6 * d])  # [B, D]
     hidden_states = gate_msa.unsqueeze(1) * forecasts["attn1"] + hidden_states  # [B, L, D]
     hidden_states = gate_mlp.unsqueeze(1) * forecasts["ff"] + hidden_states  # [B, L, D]
     return hidden_states
+
+
+def _rows_unavailable(linear: nn.Module) -> bool:
+    """The weight is not usable outside the module's own call (accelerate's offload hook, meta tensors)."""
+    return hasattr(linear, "_hf_hook") or linear.weight.is_meta
 
 
 def _dit_saved_flops(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> int:
     """FLOPs of the 4 non-gate rows of the [6D, D] modulation that ``_dit_block`` does not compute (matmul count,
     as ``torch.utils.flop_counter``: 2 * batch * D * rows)."""
     linear = block.norm1.linear
+    if _rows_unavailable(linear):
+        return 0
     return 2 * hidden_states.shape[0] * linear.in_features * (linear.out_features - 2 * linear.in_features)
 
 

@@ -77,18 +77,23 @@ class CallSteps:
 
     def attach(self, model: nn.Module) -> None:
         """Wrap the model's forward (per instance): direct ``self.forward`` calls are seen too."""
-        self.saved = (model, "forward" in model.__dict__, model.__dict__.get("forward"))
-        model.forward = RootForward(self, model.forward, model)
+        # Under accelerate's offload hook (diffusers' enable_model_cpu_offload) the hook's forward calls
+        # module._old_forward, and diffusers re-attaches the hook after every pipeline call: wrap _old_forward.
+        slot = "_old_forward" if hasattr(model, "_hf_hook") and "_old_forward" in model.__dict__ else "forward"
+        self.saved = (model, slot, slot in model.__dict__, model.__dict__.get(slot))
+        setattr(model, slot, RootForward(self, getattr(model, slot), model))
 
     def detach(self) -> None:
         if self.saved is None:
             return
-        model, had_own, value = self.saved
-        if isinstance(model.__dict__.get("forward"), RootForward):
-            if had_own:
-                model.forward = value
-            else:
-                model.__dict__.pop("forward", None)
+        model, slot, had_own, value = self.saved
+        for name in (slot, "forward", "_old_forward"):  # a hook attached or re-attached since: find ours
+            mine = model.__dict__.get(name)
+            if isinstance(mine, RootForward) and mine.steps is self:
+                if name == slot and had_own or name != slot:
+                    setattr(model, name, value if name == slot else mine.original)
+                else:
+                    model.__dict__.pop(name, None)
         self.saved = None
 
     def restart(self) -> None:
@@ -157,6 +162,8 @@ class RootForward:
         self.steps, self.original, self.module = steps, original, module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.steps.saved is None:  # detached but left inside another wrapper's chain
+            return self.original(*args, **kwargs)
         self.steps.before(self.module, args, kwargs)
         try:
             return self.original(*args, **kwargs)

@@ -81,6 +81,7 @@ class Engine:
         self.counting = False  # read by wrappers: start a FLOP count before the original runs
         self.forecasting = False  # THE flag the wrappers read
         self.active = False  # inside a told step
+        self.removed = False  # the handle was removed: any wrapper still called passes straight through
         self.measure: set[str] = set()  # target paths whose forecast error is measured (handle.probe)
         self.last_forecast: int | None = None  # no factor is read after this step: record nothing, free all
         self._zeros: dict[tuple, tuple] = {}  # skip targets: (spec, shapes) of the last computed output

@@ -145,6 +145,7 @@ class CacheHandle:
         self._installation.remove()
         self.engine.clear()
         self.engine.active = self.engine.forecasting = False
+        self.engine.removed = True
         self._removed = True
 
     def __enter__(self) -> CacheHandle:

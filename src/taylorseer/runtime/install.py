@@ -42,6 +42,8 @@ class Forward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine, slot = self.engine, self.slot
+        if engine.removed:  # left inside another wrapper's chain (an offload hook attached after apply)
+            return self.original(*args, **kwargs)
         if slot.enters:
             engine.enter(slot)
         if engine.forecasting:
@@ -120,6 +122,8 @@ class Installation:
                     module.forward = original
                 else:
                     module.__dict__.pop("forward", None)
+            elif isinstance(module.__dict__.get("_old_forward"), Forward):
+                module._old_forward = original  # an offload hook attached after apply saved our forward inside
             _INSTALLED.pop(id(module), None)
         for root in self.roots:
             _INSTALLED.pop(root, None)
