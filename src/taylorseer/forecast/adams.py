@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FactorState, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster
 
 SLOPE_PLACEMENTS = ("midpoint", "newer")
 MAX_ORDER = 4
@@ -106,17 +106,8 @@ def _integrals(nodes: list[float], start: float, stop: float) -> list[float]:
 
 
 @register_forecaster(AdamsForecast)
-class AdamsForecaster:
+class AdamsForecaster(ForecasterBase):
     """Adams-Bashforth update/forecast bound to one ``AdamsForecast`` (see the module docstring for the math)."""
-
-    history_from_step = 0
-
-    def __init__(self, config: AdamsForecast):
-        self.config = config
-
-    def empty(self) -> FactorState:
-        """The state before any computed step."""
-        return FactorState.empty()
 
     def update(self, state: FactorState, feature: torch.Tensor, point: float, *, keep_history: bool = True,
                factor_dtype: torch.dtype | None = None) -> FactorState:

@@ -74,6 +74,25 @@ class Forecaster(Protocol):
     def predict(self, state: FactorState, point: float, *, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
 
+class ForecasterBase:
+    """Optional base for forecaster classes: keeps the config, no history quirk, the empty state.
+
+    Example:
+        >>> class Reuse(ForecasterBase):   # doctest: +SKIP
+        ...     def update(self, state, feature, point, **kw): return FactorState((feature,), (point,))
+        ...     def predict(self, state, point, **kw): return state.factors[0].clone()
+    """
+
+    history_from_step = 0
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def empty(self) -> FactorState:
+        """The state before any computed step."""
+        return FactorState.empty()
+
+
 C = TypeVar("C")
 _FORECASTERS: dict[type, Callable[[Any], Forecaster]] = {}
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from . import taylor
-from .base import FactorState, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,8 @@ class CorrectorForecast:
 
 
 @register_forecaster(CorrectorForecast)
-class CorrectorForecaster:
+class CorrectorForecaster(ForecasterBase):
     """Newton factors of order 2 (``taylor.update``) with the predictor/corrector evaluation of the module docstring."""
-
-    history_from_step = 0
-
-    def __init__(self, config: CorrectorForecast):
-        self.config = config
-
-    def empty(self) -> FactorState:
-        """The state before any computed step."""
-        return FactorState.empty()
 
     def update(self, state: FactorState, feature: torch.Tensor, point: float, *, keep_history: bool = True,
                factor_dtype: torch.dtype | None = None) -> FactorState:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from . import taylor
-from .base import FactorState, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster
 
 
 def physicists_hermite(order: int, y: float) -> float:
@@ -92,17 +92,8 @@ class HermiteForecast:
 
 
 @register_forecaster(HermiteForecast)
-class HermiteForecaster:
+class HermiteForecaster(ForecasterBase):
     """TaylorSeer factors (``taylor.update``) evaluated in HiCache's scaled Hermite basis."""
-
-    history_from_step = 0
-
-    def __init__(self, config: HermiteForecast):
-        self.config = config
-
-    def empty(self) -> FactorState:
-        """The state before any computed step."""
-        return FactorState.empty()
 
     def update(self, state: FactorState, feature: torch.Tensor, point: float, *, keep_history: bool = True,
                factor_dtype: torch.dtype | None = None) -> FactorState:
