@@ -24,8 +24,9 @@ from torch import nn
 
 from ..adapters.registry import Target
 from ..forecast.base import build_forecaster
-from .observers import FlopObserver, StatsObserver, relative_l1_change, relative_l2
-from .state import TENSOR, FactorStore, describe_leaves, flatten, unflatten
+from .observers import FlopObserver, StatsObserver, relative_l2
+from .probe import Probes
+from .state import FactorStore, describe_leaves, flatten, input_shapes, residual_leaves, unflatten
 from .step import StepController
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -54,18 +55,6 @@ class Slot:
         return self.target.mode
 
 
-def input_shapes(args: tuple, kwargs: dict) -> tuple:
-    """The shapes of the tensor arguments (positional first, then keyword; one level into lists and tuples, whose
-    lengths count too): what a forecast is checked against. The first item is the first tensor argument's shape."""
-    shapes: list = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            shapes.append(tuple(value.shape))
-        elif isinstance(value, (list, tuple)):
-            shapes.append(tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value))
-    return tuple(shapes)
-
-
 class Engine:
     """State, decisions and observers of one handle, behind the wrappers' entry points."""
 
@@ -85,10 +74,7 @@ class Engine:
         self.measure: set[str] = set()  # target paths whose forecast error is measured (handle.probe)
         self.last_forecast: int | None = None  # no factor is read after this step: record nothing, free all
         self._zeros: dict[tuple, tuple] = {}  # skip targets: (spec, shapes) of the last computed output
-        self._previous: dict[tuple, list[torch.Tensor]] = {}  # probe targets' last outputs, per branch
-        self._pending: list[tuple] = []  # probe targets' outputs, recorded if the step resolves to compute
-        self._sums = [0.0, 0.0, 0.0, 0.0]  # probe: error num/den, change num/den
-        self._probe_ready = True
+        self.probes = Probes()
         self._seen: set[int] = set()
         self._first: Slot | None = None
         self._entered: Slot | None = None
@@ -113,7 +99,7 @@ class Engine:
         self.store.clear()
         self._recorded.clear()
         self._zeros.clear()
-        self._previous.clear()
+        self.probes.clear()
         self.observer.on_bytes(0, 0)
 
     def open(self, index: int, point: float, branch: Any) -> None:
@@ -127,7 +113,8 @@ class Engine:
         self._start()
 
     def _start(self) -> None:
-        self._pending, self._sums, self._probe_ready, self._fallbacks = [], [0.0, 0.0, 0.0, 0.0], True, 0
+        self.probes.reset()
+        self._fallbacks = 0
         self.forecasting = self.controller.forecasting
 
     def close(self) -> None:
@@ -144,7 +131,7 @@ class Engine:
 
     def free_branch(self, branch: Any) -> None:
         """Drop the factors, zeros and probe outputs of one branch."""
-        for table in (self.store.entries, self._zeros, self._previous):
+        for table in (self.store.entries, self._zeros, self.probes.previous):
             for key in [k for k in table if k[0] == branch]:
                 if table is self.store.entries:
                     self.store.drop(key)
@@ -196,11 +183,11 @@ class Engine:
             leaves = self._residuals(slot, args, kwargs, leaves, subtract=True)
         shape = input_shapes(args, kwargs)
         if self.controller.probing:
-            self._observe(slot, key, leaves, spec, shape)
+            self.probes.observe(self.store, self.controller.point, slot, key, leaves, spec, shape)
         else:
             self._record(slot, key, leaves, spec, shape)
             if slot.probe:  # the next probe's change is measured from here
-                self._previous[key] = [x.detach() for x in leaves if isinstance(x, torch.Tensor)]
+                self.probes.remember(key, leaves)
         return output
 
     @torch.compiler.disable
@@ -316,19 +303,8 @@ class Engine:
             self.flops.skipped(path)
 
     def _residuals(self, slot: Slot, args: tuple, kwargs: dict, leaves: list, subtract: bool) -> list:
-        """Block granularity: output k is ``inputs[k] + residual``; None items pass through."""
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)] if not subtract else None
-        is_tensor = ([isinstance(x, torch.Tensor) for x in leaves] if subtract
-                     else [x is TENSOR for x in self.store.entries[(self.controller.branch, slot.path)].constants])
-        names = slot.target.inputs
-        if len(is_tensor) != len(names):
-            raise ValueError(f"block {slot.path!r} returned {len(is_tensor)} outputs but its adapter names "
-                             f"{len(names)} residual inputs {names}")
-        inputs = [kwargs[n] if n in kwargs else args[slot.names.index(n)] for n, t in zip(names, is_tensor) if t]
-        if subtract:
-            it = iter(inputs)
-            return [x - next(it) if isinstance(x, torch.Tensor) else x for x in leaves]
-        return [i + r for i, r in zip(inputs, tensors)]
+        constants = None if subtract else self.store.entries[(self.controller.branch, slot.path)].constants
+        return residual_leaves(slot.path, slot.target.inputs, slot.names, args, kwargs, leaves, constants)
 
     def _shortcut(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
         branch = self.controller.branch
@@ -347,42 +323,25 @@ class Engine:
             stats.flops_skipped = (stats.flops_skipped or 0) + slot.saved_flops(slot.module, *args, **kwargs)
         return slot.shortcut(slot.module, forecasts, *args, **kwargs)
 
-    def _observe(self, slot: Slot, key: tuple, leaves: list, spec: Any, shape: tuple) -> None:
-        """Probe phase: compare the computed output with its forecast and with the previous step's output."""
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        entry = self.store.entries.get(key)
-        if entry is None or entry.shape != shape:
-            self._probe_ready = False
-        else:
-            num, den = relative_l2(self.store.predict(key, self.controller.point), tensors)
-            self._sums[0] += num
-            self._sums[1] += den
-        num, den = relative_l1_change(tensors, self._previous.get(key))
-        self._sums[2] += num
-        self._sums[3] += den
-        self._previous[key] = [t.detach() for t in tensors]
-        self._pending.append((slot, key, leaves, spec, shape))
-
     def _resolve(self) -> None:
-        error = (self._sums[0] / max(self._sums[1], 1e-30)) ** 0.5
-        change = self._sums[2] / max(self._sums[3], 1e-30)
-        if not self._probe_ready:
+        error, change = self.probes.observation()
+        if not self.probes.ready:
+            decision = self.controller.decision
+            assert decision is not None, "a probing step resolves after its branch opened with a decision"
             self.controller.probing = False
-            self.controller.decision = type(self.controller.decision)(True, reason="no-factors")
+            self.controller.decision = type(decision)(True, reason="no-factors")
             compute = True
         else:
             compute = self.controller.resolve(error, change)
         if compute:
-            for slot, key, leaves, spec, shape in self._pending:
+            for slot, key, leaves, spec, shape in self.probes.pending:
                 self._record(slot, key, leaves, spec, shape)
-        self._pending = []
+        self.probes.pending = []
         self.forecasting = self.controller.forecasting
 
     def _measure(self, slot: Slot, predicted: list, true_output: Any) -> None:
         true = [x for x in flatten(true_output)[0] if isinstance(x, torch.Tensor)]
-        num, den = relative_l2(predicted, true)
-        self.observer.stats.probe_errors.append({"path": slot.path, "step": self.controller.index,
-                                                 "rel_l2": (num / max(den, 1e-30)) ** 0.5})
+        self.observer.on_probe(slot.path, self.controller.index, relative_l2(predicted, true))
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:

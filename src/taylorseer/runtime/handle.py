@@ -44,7 +44,7 @@ def _block_of(path: str) -> str:
 
 def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> list[Slot]:
     """Slots in model order, with block groups, the probe group and the slots that call ``engine.enter``."""
-    from ..adapters.shortcuts import find_shortcut, shortcut_for
+    from ..adapters.shortcuts import find_shortcut
 
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     targets = sorted(targets, key=lambda t: order[t.path])
@@ -61,8 +61,10 @@ def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> l
         slot = Slot(i, t, block=block, probe=block < probe_blocks)
         if t.mode == "shortcut":
             slot.module = model.get_submodule(t.path)
-            slot.shortcut = shortcut_for(slot.module)
-            slot.saved_flops = find_shortcut(slot.module).saved_flops
+            record = find_shortcut(slot.module)
+            if record is None:  # as shortcut_for says it
+                raise ValueError(f"no block shortcut applies to {type(slot.module).__name__}")
+            slot.shortcut, slot.saved_flops = record.function, record.saved_flops
         slots.append(slot)
     if slots:
         slots[0].enters = True

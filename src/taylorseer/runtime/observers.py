@@ -85,6 +85,10 @@ class StatsObserver:
     def on_fallback(self, reason: str) -> None:
         self.stats.fallbacks[reason] += 1
 
+    def on_probe(self, path: str, step: int | None, sums: tuple[float, float]) -> None:
+        """A measured forecast (``handle.probe``): relative L2 error from (squared error, squared norm)."""
+        self.stats.probe_errors.append({"path": path, "step": step, "rel_l2": (sums[0] / max(sums[1], 1e-30)) ** 0.5})
+
     def on_bytes(self, nbytes: int, peak: int) -> None:
         self.stats.cache_bytes = nbytes
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, peak)

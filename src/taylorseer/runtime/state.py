@@ -70,6 +70,37 @@ def _check_unchanged(target: str, old: Entry, spec: Any, constants: list, tensor
                      f"modules=...")
 
 
+def input_shapes(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of the tensor arguments (positional first, then keyword; one level into lists and tuples, whose
+    lengths count too): what a forecast is checked against. The first item is the first tensor argument's shape."""
+    shapes: list = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            shapes.append(tuple(value.shape))
+        elif isinstance(value, (list, tuple)):
+            shapes.append(tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value))
+    return tuple(shapes)
+
+
+def residual_leaves(path: str, names: tuple[str, ...], parameters: list[str], args: tuple, kwargs: dict,
+                    leaves: list, constants: list | None) -> list:
+    """Block granularity: output k is ``inputs[k] + residual``. With ``constants`` None, ``leaves`` are a block's
+    outputs and their residuals are returned (None items pass through); else ``leaves`` are predicted residuals
+    (the tensor slots of ``constants``) and the outputs are returned. ``names``: the forward arguments the outputs
+    are residuals of, in output order; ``parameters``: the forward's argument names (positional lookup)."""
+    subtract = constants is None
+    is_tensor = [isinstance(x, torch.Tensor) for x in leaves] if subtract else [x is TENSOR for x in constants]
+    if len(is_tensor) != len(names):
+        raise ValueError(f"block {path!r} returned {len(is_tensor)} outputs but its adapter names "
+                         f"{len(names)} residual inputs {names}")
+    inputs = [kwargs[n] if n in kwargs else args[parameters.index(n)] for n, t in zip(names, is_tensor) if t]
+    if subtract:
+        it = iter(inputs)
+        return [x - next(it) if isinstance(x, torch.Tensor) else x for x in leaves]
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    return [i + r for i, r in zip(inputs, tensors)]
+
+
 @dataclass
 class Entry:
     """What is kept for one (branch, target): factors per tensor leaf, the structure, the input shape."""
@@ -149,7 +180,7 @@ class FactorStore:
         """The forecast tensors of ``key`` at abscissa ``point`` (in the dtypes the target returned)."""
         entry = self.entries[key]
         # A forecaster with per_target = True (fitted weights per target) is also told the target path.
-        extra = {"target": key[1]} if getattr(self.forecaster, "per_target", False) else {}
+        extra: dict[str, Any] = {"target": key[1]} if getattr(self.forecaster, "per_target", False) else {}
         if self.factor_dtype is None:
             return [self.forecaster.predict(s, point, **extra) for s in entry.states]
         return [self.forecaster.predict(s, point, dtype=d, **extra) for s, d in zip(entry.states, entry.dtypes)]
