@@ -73,13 +73,15 @@ class AdapterSpec:
 
     def inputs_for(self, path: str) -> tuple[str, ...]:
         """The residual input names of the block at ``path``; ``ValueError`` if no ``block_inputs`` pair matches."""
-        if all(isinstance(entry, str) for entry in self.block_inputs):
-            return tuple(self.block_inputs)
-        for pattern, names in self.block_inputs:
+        flat = [entry for entry in self.block_inputs if isinstance(entry, str)]
+        if len(flat) == len(self.block_inputs):
+            return tuple(flat)
+        pairs = [entry for entry in self.block_inputs if not isinstance(entry, str)]
+        for pattern, names in pairs:
             if _pattern_regex(pattern).match(path):
                 return tuple(names)
         raise ValueError(f"adapter {self.name!r} declares no block_inputs for {path!r}; "
-                         f"patterns: {[pattern for pattern, _ in self.block_inputs]}")
+                         f"patterns: {[pattern for pattern, _ in pairs]}")
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}

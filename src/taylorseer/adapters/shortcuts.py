@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # matched by class name at run time (find_shortcut), so no import of the block class there
+    from diffusers.models.attention import BasicTransformerBlock
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Shortcut:
     saved_flops: Callable[..., int] | None = None  # matmul FLOPs of the block it skips (beyond its forecast modules)
 
 
-def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_states: torch.Tensor,
+def _dit_block(block: BasicTransformerBlock, forecasts: dict[str, torch.Tensor], hidden_states: torch.Tensor,
                attention_mask: Any = None, encoder_hidden_states: Any = None, encoder_attention_mask: Any = None,
                timestep: Any = None, cross_attention_kwargs: Any = None, class_labels: Any = None,
                added_cond_kwargs: Any = None) -> torch.Tensor:
@@ -57,12 +60,12 @@ def _dit_block(block: nn.Module, forecasts: dict[str, torch.Tensor], hidden_stat
     return hidden_states
 
 
-def _rows_unavailable(linear: nn.Module) -> bool:
+def _rows_unavailable(linear: nn.Linear) -> bool:
     """The weight is not usable outside the module's own call (accelerate's offload hook, meta tensors)."""
     return hasattr(linear, "_hf_hook") or linear.weight.is_meta
 
 
-def _dit_saved_flops(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+def _dit_saved_flops(block: BasicTransformerBlock, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> int:
     """FLOPs of the 4 non-gate rows of the [6D, D] modulation that ``_dit_block`` does not compute (matmul count,
     as ``torch.utils.flop_counter``: 2 * batch * D * rows)."""
     linear = block.norm1.linear

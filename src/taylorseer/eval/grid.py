@@ -25,7 +25,7 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 1, scale: int = 1) ->
         canvas[:, top : top + h, left : left + w] = (images[k].float().clamp(-1, 1) + 1) / 2
     array = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if c == 1 else array)
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -86,7 +86,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
         1.0
     """
     _check_pair(a, b)
-    return float(structural_similarity_index_measure(a.double(), b.double(), data_range=data_range))
+    value = structural_similarity_index_measure(a.double(), b.double(), data_range=data_range)
+    assert isinstance(value, torch.Tensor), "a (value, image) pair comes only with return_full_image=True"
+    return float(value)
 
 
 def _check_images(images: torch.Tensor, classifier: nn.Module | None = None) -> int:
@@ -161,7 +163,10 @@ def classifier_features(
     """
     image_size = _check_images(images, classifier)
     classifier = classifier if classifier is not None else shipped_classifier(image_size)
-    return _batched(classifier, classifier.features, images, batch_size).double()
+    features = classifier.features
+    if not callable(features):
+        raise TypeError(f"the classifier needs a features(images) method, {type(classifier).__name__} has none")
+    return _batched(classifier, features, images, batch_size).double()
 
 
 def feature_statistics(

@@ -182,6 +182,11 @@ def _cfg(record: Record, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _family(record: Record) -> str:
+    """A record's family name as figures show it ("None" for a record without one)."""
+    return str(record.get("family"))
+
+
 def _family_rank(family: Any) -> tuple:
     return (FAMILY_ORDER.index(family), "") if family in FAMILY_ORDER else (len(FAMILY_ORDER), str(family))
 
@@ -285,7 +290,7 @@ def _knobs(record: Record, with_interval: bool) -> list[str]:
 
 
 def _label(record: Record, with_interval: bool) -> str:
-    family, steps = record.get("family"), record.get("num_steps")
+    family, steps = _family(record), record.get("num_steps")
     if family == "full":
         return f"full compute ({steps} steps)" if with_interval else "full compute"
     if family == "fewer-steps":
@@ -333,7 +338,7 @@ def variant_marker(record: Record) -> dict[str, Any]:
         >>> variant_marker({"family": "taylorseer", "config": {"max_order": 2, "scheme": "reference"}})["marker"]
         's'
     """
-    family = record.get("family")
+    family = _family(record)
     if family == "full":
         shape = "*"
     elif family == "preset":
@@ -487,8 +492,8 @@ def plot_probe_errors(records: list[Record]) -> Figure:
         ['TaylorSeer O=1, N=5', 'TaylorSeer O=2, N=5', 'TaylorSeer O=3, N=5']
     """
     interval = _chosen_interval(records, "probe_errors")
-    curves = {o: _probe_curve(records, interval, o) for o in range(5)} if interval else {}
-    curves = {o: r for o, r in curves.items() if r is not None}
+    probed = {o: _probe_curve(records, interval, o) for o in range(5)} if interval else {}
+    curves = {o: r for o, r in probed.items() if r is not None}
     fora = curves.pop(0, None)
     panels = list(curves.values()) or ([fora] if fora is not None else [])
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)) + 1, 4.4), sharey=True,
@@ -533,7 +538,8 @@ def plot_memory(records: list[Record]) -> Figure:
             and r.get("peak_cache_bytes")]
     if not recs:
         return _empty(fig, ax, "Taylor order O (0 = FORA)", "peak cache (MB)", "no cache records")
-    legend, drawn, noted = _Legend(), [], set()
+    legend, noted = _Legend(), set()
+    drawn: list[set[tuple[Any, float]]] = []  # the (order, MB) points of each series drawn so far
     styles = {"": "-", "reference": "--", "block": "-.", "output": ":"}
     for (family, options), series in _groups(sorted(recs, key=_sort_key),
                                              lambda r: (r.get("family"), _options(r))).items():
@@ -603,7 +609,7 @@ def plot_samples(
                              layout="constrained")
     for ax, rec, grid in zip(axes[:, 0], chosen, grids):
         ax.imshow(grid, cmap="gray")
-        ax.set_title(labels[rec["name"]], loc="left", fontsize=9, color=family_colour(rec.get("family")))
+        ax.set_title(labels[rec["name"]], loc="left", fontsize=9, color=family_colour(_family(rec)))
         ax.set_xticks([])
         ax.set_yticks([])
     return fig

@@ -131,6 +131,7 @@ class DiffusersTaylorSeer:
             state = hook.state_manager.get_state()
             index = hook.state_manager.context.step_index
             state.current_step = index
+            assert self._plan is not None, "begin(num_steps) makes the plan before any step runs"
             return self._plan[index] or state.last_update_step is None, state
 
         return should_compute
@@ -163,8 +164,13 @@ def apply_diffusers_taylorseer(
     policy = IntervalPolicy(interval, warmup_steps)  # validates the three ints
     if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 0:
         raise ValueError(f"max_order must be an int >= 0, got {max_order!r}")
-    pair = len(module_regexes) == 2 and not isinstance(module_regexes[0], str)
-    cache, skip = (list(module_regexes[0]), list(module_regexes[1])) if pair else (list(module_regexes), [])
+    if len(module_regexes) == 2 and not isinstance(module_regexes[0], str):  # a (cache, skip) pair
+        cache, skip = list(module_regexes[0]), list(module_regexes[1])
+    else:
+        cache, skip = [r for r in module_regexes if isinstance(r, str)], []
+        if len(cache) != len(module_regexes):
+            raise TypeError(f"module_regexes must be regex strings or a (cache, skip) pair of them, "
+                            f"got {module_regexes!r}")
     if not cache:
         raise ValueError("module_regexes must name at least one module to cache, e.g. adapter_regexes(model)")
     config = TaylorSeerCacheConfig(

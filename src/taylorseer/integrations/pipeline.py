@@ -37,6 +37,7 @@ from torch import nn
 
 from ..adapters.registry import Target
 from ..config import TaylorSeerConfig
+from ..parts import CacheConfig
 from ..runtime.handle import CacheHandle, CacheStats
 
 _ATTACHED: dict[int, PipelineHandle] = {}  # id(scheduler) -> handle, to refuse wrapping a scheduler twice
@@ -131,7 +132,7 @@ class PipelineHandle:
     # install / remove
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def install(cls, pipeline: Any, config: TaylorSeerConfig, targets: list[Target]) -> PipelineHandle:
+    def install(cls, pipeline: Any, config: TaylorSeerConfig | CacheConfig, targets: list[Target]) -> PipelineHandle:
         """Install the cache on ``pipeline.transformer`` and attach to its scheduler; see the module docstring."""
         check_pipeline(pipeline)
         if id(pipeline.scheduler) in _ATTACHED:
@@ -168,7 +169,7 @@ class PipelineHandle:
     # the CacheHandle's facts
     # ---------------------------------------------------------------------------------------------------
     @property
-    def config(self) -> TaylorSeerConfig:
+    def config(self) -> TaylorSeerConfig | CacheConfig:
         """The config in force."""
         return self.cache.config
 

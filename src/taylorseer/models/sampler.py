@@ -83,7 +83,8 @@ def sample(
     scheduler.set_timesteps(num_steps)
     labels = class_labels.long()
     null = torch.full_like(labels, NULL_CLASS)
-    x = initial_noise(len(labels), seed, model.config.sample_size)
+    config: Any = model.config  # diffusers' config of the model (untyped; nn.Module types attributes Tensor | Module)
+    x = initial_noise(len(labels), seed, config.sample_size)
     if listener is not None:
         listener.begin(num_steps)
     guided = guidance_scale != 1.0

@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .base import Decision, Policy, StepInfo, register_policy
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,15 @@ class IntervalSchedule:
 
     def __post_init__(self) -> None:
         IntervalPolicy(self.interval, self.warmup_steps, self.tail_steps)  # same validation
+
+    def to_dict(self) -> dict[str, Any]:
+        """This config as a plain dict (``config_to_dict``)."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IntervalSchedule:
+        """The config from ``to_dict``'s output (``config_from_dict``)."""
+        return config_from_dict(cls, data)
 
 
 @register_policy(IntervalSchedule)
@@ -152,18 +164,3 @@ def config_from_dict(config_type: type[C], data: Mapping[str, Any]) -> C:
     if missing:
         raise ValueError(f"{name}.from_dict: missing keys {missing}; required keys are {required}")
     return config_type(**dict(data))
-
-
-def _interval_schedule_to_dict(self: IntervalSchedule) -> dict[str, Any]:
-    """This config as a plain dict (``config_to_dict``)."""
-    return config_to_dict(self)
-
-
-def _interval_schedule_from_dict(cls: type[IntervalSchedule], data: Mapping[str, Any]) -> IntervalSchedule:
-    """The config from ``to_dict``'s output (``config_from_dict``)."""
-    return config_from_dict(cls, data)
-
-
-# Attached here, below the class, so that the class body above stays as it was (same behaviour, same fields).
-IntervalSchedule.to_dict = _interval_schedule_to_dict  # type: ignore[attr-defined]
-IntervalSchedule.from_dict = classmethod(_interval_schedule_from_dict)  # type: ignore[attr-defined]
