@@ -174,7 +174,7 @@ def _busy_reasons(load_before: float | None, load_after: float | None, threads: 
     if loads and max(loads) > threads + LOAD_MARGIN:
         reasons.append(f"1-min load average {max(loads):.2f} > {threads + LOAD_MARGIN:.1f} "
                        f"({threads} thread(s) + {LOAD_MARGIN})")
-    worst = max(spreads, key=spreads.get)
+    worst = max(spreads, key=spreads.__getitem__)
     if spreads[worst] > SPREAD_BOUND:
         reasons.append(f"wall-time spread {spreads[worst]:.0%} ({worst}) > {SPREAD_BOUND:.0%}")
     return reasons

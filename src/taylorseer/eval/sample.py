@@ -260,6 +260,7 @@ def model_identity_of(spec: SampleSpec) -> dict[str, Any]:
 
         return {"kind": "embedded", "class": "DiTTransformer2DModel", "weights_file": REFERENCE_FILE,
                 "weights_sha256": manifest_sha256(REFERENCE_FILE)}
+    assert spec.model is not None, "not embedded: spec.model names the pipeline"
     folder, note = _pipeline_folder(spec.model)
     identity: dict[str, Any] = {"kind": "pipeline", "source": str(folder) if folder else spec.model,
                                 "pipeline": None, "transformer": None, "weights_sha256": None}
@@ -410,7 +411,8 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` (no object arrays) to an ``.npz`` at ``path`` atomically."""
-    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    named: dict[str, Any] = arrays  # (for mypy, ** of ndarray values could also fill savez's allow_pickle: bool)
+    _atomic_write(Path(path), lambda f: np.savez(f, **named))
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -644,10 +646,12 @@ class _EmbeddedSampler:
         method = self.spec.method
         noise = sample_noise(self.spec.seed, indices, self.shape).to(self.device)
         labels = sample_labels(indices)
+        guidance = self.spec.resolved_guidance()
+        assert guidance is not None, "the embedded model's guidance scale defaults to 1.5"
         installed = INSTALLERS[method.family](self.model, method)
         try:
             images = denoise(installed.model, noise, labels, num_steps=method.num_steps,
-                             guidance_scale=self.spec.resolved_guidance(), cfg_mode=self.spec.cfg_mode,
+                             guidance_scale=guidance, cfg_mode=self.spec.cfg_mode,
                              listener=installed.listener)
             stats = installed.stats()
         finally:
@@ -664,6 +668,7 @@ class _PipelineSampler:
         from ..generate import _class_labels, _supported, load_pipeline
 
         self.spec = spec
+        assert spec.model is not None, "a pipeline sampler needs spec.model"
         self.pipe = load_pipeline(spec.model, str(device), spec.weights_dtype)
         self.config = spec.method.config
         _supported(self.pipe, self.config if isinstance(self.config, TaylorSeerConfig) else None)
@@ -841,8 +846,11 @@ def merge_samples(out_dir: str | os.PathLike) -> dict[str, Any]:
             missing += list(block)
             continue
         parts.append(arrays)
+        name = SHARD_NAME.fullmatch(path.name)
+        if name is None:  # the batch's glob (shard-*-BATCH.npz) also takes a non-numeric rank
+            raise SampleDirError(f"shard {path} is not named shard-RANK-BATCH.npz (RANK digits)")
         shards.append({"file": path.relative_to(out_dir).as_posix(), "indices": [block.start, block.stop - 1],
-                       "count": len(block), "rank": int(SHARD_NAME.fullmatch(path.name).group(1)),
+                       "count": len(block), "rank": int(name.group(1)),
                        "steps_full": int(arrays["steps_full"]), "steps_forecast": int(arrays["steps_forecast"])})
     indices = np.concatenate([p["indices"] for p in parts]) if parts else np.zeros(0, np.int64)
     status = {"complete": not missing, "num_samples": identity["num_samples"], "samples_present": int(len(indices)),
