@@ -89,7 +89,8 @@ def residual_leaves(path: str, names: tuple[str, ...], parameters: list[str], ar
     (the tensor slots of ``constants``) and the outputs are returned. ``names``: the forward arguments the outputs
     are residuals of, in output order; ``parameters``: the forward's argument names (positional lookup)."""
     subtract = constants is None
-    is_tensor = [isinstance(x, torch.Tensor) for x in leaves] if subtract else [x is TENSOR for x in constants]
+    is_tensor = ([isinstance(x, torch.Tensor) for x in leaves] if constants is None
+                 else [x is TENSOR for x in constants])
     if len(is_tensor) != len(names):
         raise ValueError(f"block {path!r} returned {len(is_tensor)} outputs but its adapter names "
                          f"{len(names)} residual inputs {names}")
