@@ -410,10 +410,15 @@ def _forwards(model: torch.nn.Module) -> dict[str, object]:
 
 
 def _own_dit_pipeline() -> diffusers.DiTPipeline:
-    """A tiny DiTPipeline with its own copy of the shared tiny transformer (offload hooks must not leak)."""
+    """A tiny DiTPipeline with its own tiny transformer, built as test_diffusers.tiny builds the shared one (offload
+    hooks must not leak into the shared model, and other tests' peers may leave attributes on it)."""
     pipe = tiny_dit_pipeline()
-    pipe = diffusers.DiTPipeline(copy.deepcopy(pipe.transformer), pipe.vae, DDIMScheduler(),
-                                 id2label={0: "cat", 1: "dog"})
+    torch.manual_seed(0)
+    transformer = FAMILY["dit"].build().eval().requires_grad_(False)
+    for p in transformer.parameters():
+        if p.abs().max() == 0:
+            p.normal_(0, 0.05)
+    pipe = diffusers.DiTPipeline(transformer, pipe.vae, DDIMScheduler(), id2label={0: "cat", 1: "dog"})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
