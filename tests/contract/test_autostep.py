@@ -3,7 +3,7 @@ defaults, LoRA injected after apply, branches numbered where the targets see the
 
 import pytest
 import torch
-from test_diffusers import FAMILIES, FAMILY, loop_pipeline, tiny
+from test_diffusers import FAMILIES, FAMILY, LoopPipeline, loop_pipeline, tiny
 
 import taylorseer
 from taylorseer import TaylorSeerConfig, preset
@@ -121,6 +121,18 @@ def test_every_family_has_a_recommended_preset_used_without_a_config(name):
         assert spec.preset in repr(handle)
 
 
+def _own_pipeline(name):
+    """A pipeline with its own tiny model (LoRA layers and replaced modules must not leak into the shared one)."""
+    torch.manual_seed(0)
+    model = FAMILY[name].build().eval().requires_grad_(False)
+    for p in model.parameters():
+        if p.abs().max() == 0:
+            p.normal_(0, 0.05)
+    pipe = LoopPipeline(model, FAMILY[name].scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_lora_injected_after_apply_equals_lora_injected_before():
     peft = pytest.importorskip("peft")
     family = FAMILY["flux"]
@@ -128,7 +140,7 @@ def test_lora_injected_after_apply_equals_lora_injected_before():
     lora = dict(r=2, lora_alpha=6, target_modules=["to_q", "to_v", "proj_out", "proj_mlp"], init_lora_weights=False)
     results = {}
     for order in ("before", "after"):
-        pipe = loop_pipeline("flux")
+        pipe = _own_pipeline("flux")
         if order == "before":
             torch.manual_seed(1)
             pipe.transformer.add_adapter(peft.LoraConfig(**lora), adapter_name="tiny")
@@ -166,7 +178,7 @@ def test_a_target_replaced_after_apply_is_re_resolved():
     config = TaylorSeerConfig(interval=3, warmup_steps=1, max_order=1)
     results = {}
     for order in ("before", "after"):
-        pipe = loop_pipeline("flux")
+        pipe = _own_pipeline("flux")
         block = pipe.transformer.single_transformer_blocks[0]
         original = block.proj_out
         if order == "before":

@@ -132,7 +132,10 @@ def test_peer_is_measured_or_records_its_error(bench_run):
     peer = next(r for r in bench_run[1] if r["family"] == "diffusers-peer")
     assert peer["counterpart"] == "ts-O1-N3-divided"
     if peer["error"] is None:
-        assert peer["flops"] == _by_name(bench_run[1])[peer["counterpart"]]["flops"]  # same schedule and modules
+        # Same schedule and modules; our DiT block shortcut also skips the non-gate rows of each block's adaLN
+        # modulation on forecast steps (a small matmul), which the peer computes.
+        ours = _by_name(bench_run[1])[peer["counterpart"]]["flops"]
+        assert 0 <= peer["flops"] - ours < 0.02 * peer["flops"]
     else:
         assert peer["wall_s"] is None and peer["reasons"]["wall_s"]
 
