@@ -4,6 +4,7 @@
     taylorseer plan --preset paper_dit   # print a schedule's compute/forecast pattern
     taylorseer plan --model PATH_OR_CLASS   # a model family's recommended preset, why, and its pattern
     taylorseer bench [--quick]           # measure methods, write JSONL records
+    taylorseer calibrate --budget 8 --out FILE   # fit a linear forecaster and search a schedule (embedded model)
     taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
     taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline: full compute vs accelerated
     taylorseer sample --num-samples N --method NAME --out DIR   # many samples; alone or under torchrun
@@ -228,6 +229,8 @@ def _check_bench(args: argparse.Namespace) -> None:
     if args.methods is not None and not _method_names(args.methods):
         raise ValueError(f"argument --methods: no method name in {args.methods!r}; give comma-separated names of "
                          "the grid, e.g. fora-N5,ts-O1-N5-divided")
+    for path in args.calibration or []:
+        _check_in_file("--calibration", path)
 
 
 def _check_report(args: argparse.Namespace) -> None:
@@ -326,6 +329,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .models.pretrained import load_reference
 
     methods = default_grid(quick=args.quick, num_steps=args.steps)
+    if args.calibration:
+        from .eval.bench import calibrated_methods
+
+        model = load_reference()
+        methods += [m for path in args.calibration for m in calibrated_methods(path, model, args.steps)]
     if args.methods is not None:
         methods = select_methods(methods, _method_names(args.methods))
     images = args.images if args.images is not None else (8 if args.quick else 50)
@@ -333,6 +341,68 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
                         repeats=repeats, out_path=args.out, model_name="DiT-FM-B/2-16 (embedded, Fashion-MNIST 16x16)")
     print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
+
+
+def _class_list(text: str) -> list[int]:
+    """``"0-4"`` or ``"0,2,7"`` (or a mix, ``"0-2,7"``) as a list of class ids."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        low, _, high = part.partition("-")
+        if not (low.isdigit() and (not high or high.isdigit())):
+            raise ValueError(f"argument --classes: {text!r} is not a list of class ids such as 0-4 or 0,2,7")
+        out += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    if not out:
+        raise ValueError(f"argument --classes: no class id in {text!r}")
+    return out
+
+
+def _check_calibrate(args: argparse.Namespace) -> None:
+    _check_out_file("--out", args.out)
+    if args.budget > args.steps:
+        raise ValueError(f"argument --budget: {args.budget} full steps exceed --steps {args.steps}")
+    if not 1 <= args.history <= 4:
+        raise ValueError(f"argument --history: must be 1..4, got {args.history}")
+    args.class_ids = _class_list(args.classes) if args.classes else None
+    if args.class_ids and max(args.class_ids) > 9:
+        raise ValueError(f"argument --classes: the embedded model has classes 0..9, got {args.classes!r}")
+    args.full_steps = None
+    if args.schedule:
+        from .policy import FixedSchedule
+
+        try:
+            steps = tuple(int(x) for x in args.schedule.split(","))
+            args.full_steps = FixedSchedule(steps, args.steps, name="given")
+        except ValueError as err:
+            raise ValueError(f"argument --schedule: {err}") from None
+        if len(steps) > args.budget:
+            raise ValueError(f"argument --schedule: {len(steps)} full steps exceed --budget {args.budget}")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .calibration import FitOptions, calibrate
+    from .models.pretrained import load_reference
+
+    torch.set_num_threads(args.threads)
+    options = FitOptions(history=args.history, bias=args.bias)
+    cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
+                    classes=args.class_ids, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
+                    schedule=args.full_steps, search_images=args.search_images, max_evaluations=args.max_evals,
+                    radius=args.radius, search_seed=args.search_seed, name=args.name)
+    header = cal.header
+    print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
+    print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
+    data = header["calibration_data"]
+    print(f"trajectories: {data['images']} images, classes {data['classes']}, seed {data['seed']}, CFG "
+          f"{data['guidance_scale']}: {data['model_calls']} model calls, {data['seconds']:.1f} s")
+    search = header["search"]
+    if search is not None:
+        psnr = f", {search['psnr_db']:.2f} dB on the search images" if search["psnr_db"] is not None else ""
+        print(f"search: {search['evaluations']} candidates, {search['model_calls']} model calls "
+              f"({search['full_calls']} full), {search['seconds']:.1f} s{psnr}")
+    print(f"fit: relative L2 error {header['fit']['rel_error']:.4f} (teacher-forced), {header['fit']['seconds']:.2f} s")
+    print(f"next: taylorseer bench --calibration {cal.path} --methods {header['name']}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -566,6 +636,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed")
     p.add_argument("--methods", default=None, help="comma-separated method names of the grid to run, full is "
                    "always run; e.g. fora-N5,ts-O1-N5-divided,ddim-11 (default: the whole grid)")
+    p.add_argument("--calibration", action="append", default=None, metavar="FILE", help="a file written by "
+                   "`taylorseer calibrate`: adds its methods (family calibrated: NAME and NAME-taylor2) to the grid; "
+                   "repeatable (default: none)")
+
+    p = _subcommand(sub, "calibrate", "fit a learned linear forecaster and search a schedule of --budget full steps "
+                    "on the embedded model; write a calibration file", _cmd_calibrate, _check_calibrate)
+    p.add_argument("--budget", type=positive_int, required=True, help="full steps of the schedule")
+    p.add_argument("--out", required=True, help="calibration file to write (safetensors)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
+    p.add_argument("--images", type=positive_int, default=20, help="calibration images (full-compute trajectories)")
+    p.add_argument("--classes", default=None, help="classes of the calibration images, e.g. 0-4 (default: 0-9)")
+    p.add_argument("--seed", type=nonnegative_int, default=1000, help="noise seed of the first calibration batch "
+                   "(keep it apart from evaluation seeds)")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--history", type=positive_int, default=4, help="K: computed features each forecast combines")
+    p.add_argument("--bias", action="store_true", help="fit a bias term too (lower fit error, worse held-out)")
+    p.add_argument("--schedule", default=None, help="comma-separated full steps to fit for, skipping the search "
+                   "(default: search)")
+    p.add_argument("--search-images", type=nonnegative_int, default=10, help="images each candidate schedule is "
+                   "sampled on (0: refine on the trajectory proxy only, no model call)")
+    p.add_argument("--max-evals", type=positive_int, default=200, help="candidate schedules the refinement samples")
+    p.add_argument("--radius", type=positive_int, default=3, help="largest shift of one full step per move")
+    p.add_argument("--search-seed", type=nonnegative_int, default=0, help="seed of the refinement's move order")
+    p.add_argument("--name", default=None, help="name of the calibration and its bench method (default: "
+                   "cal-bBUDGET-sSTEPS)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
 
     p = _subcommand(sub, "report", "write a Markdown/HTML report with plots from bench records", _cmd_report,
                     _check_report)
@@ -636,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RUNS_MODELS = ("demo", "bench", "generate", "train-reference", "sample")
+_RUNS_MODELS = ("demo", "bench", "generate", "train-reference", "sample", "calibrate")
 
 
 def _fail(command: str, err: BaseException) -> int:

@@ -77,10 +77,12 @@ require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not aft
 SCHEMA = "taylorseer.bench/2"
 # Our forecasters and policies beyond fixed-interval Taylor (CacheConfig methods), and diffusers' own caches.
 PART_FAMILIES = ("adams", "hermite", "corrector", "gate", "budget")
+CALIBRATED_FAMILIES = ("calibrated",)  # fitted weights and searched schedules from a calibration file
 PEER_CACHE_FAMILIES = ("firstblockcache", "magcache")
 FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES,
-            *PEER_CACHE_FAMILIES)
-CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES, *PEER_CACHE_FAMILIES)
+            *PEER_CACHE_FAMILIES, *CALIBRATED_FAMILIES)
+CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES, *PEER_CACHE_FAMILIES,
+                   *CALIBRATED_FAMILIES)
 GRID_INTERVALS = tuple(range(2, 9))
 GRID_WARMUP = 2  # DiT's reference warm-up (../shared/ALGORITHM.md)
 SAMPLE_GRID_IMAGES = 16
@@ -227,6 +229,41 @@ def part_methods(num_steps: int = 50) -> list[Method]:
     return out
 
 
+def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, num_steps: int = 50,
+                       guidance_scale: float = 1.5, cfg_mode: str = "batch") -> list[Method]:
+    """The methods of a calibration file (``taylorseer calibrate``), family ``calibrated``: its searched schedule
+    with its fitted weights (named as the file, e.g. ``cal-b8-s50``; files with weights only) and the same
+    schedule with Taylor O2 (``<name>-taylor2``: what the schedule alone gives with a formula forecaster).
+
+    The file is validated against ``model`` (when given) and ``num_steps``; weights fitted on a guided CFG batch
+    (two row groups) are refused for unguided sampling or ``cfg_mode="split"`` (their rows would be misread), and
+    the other way round. ``CalibrationError`` names the mismatch.
+
+    Example:
+        >>> [m.name for m in calibrated_methods("b8.safetensors")]     # doctest: +SKIP
+        ['cal-b8-s50', 'cal-b8-s50-taylor2']
+    """
+    from ..calibration import CalibrationError, load_calibration
+    from ..forecast import TaylorForecast
+
+    cal = load_calibration(path, model=model, num_steps=num_steps)
+    name = cal.header.get("name") or Path(path).stem
+    methods = []
+    if cal.table is not None:
+        rows = (cal.header.get("forecaster") or {}).get("row_groups", 1)
+        batch_cfg = guidance_scale != 1.0 and cfg_mode == "batch"
+        if (rows == 2) != batch_cfg:
+            raise CalibrationError(f"calibration file {path}: its weights were fitted on "
+                                   f"{'a guided CFG batch [cond; uncond]' if rows == 2 else 'one branch per call'}, "
+                                   f"but this bench samples with guidance_scale={guidance_scale}, "
+                                   f"cfg_mode={cfg_mode!r}; calibrate with the same guidance layout")
+        methods.append(Method(name, "calibrated", cal.cache_config(name=name), num_steps))
+    taylor = f"{name}-taylor2"
+    methods.append(Method(taylor, "calibrated", cal.cache_config(forecaster=TaylorForecast(max_order=2), name=taylor),
+                          num_steps))
+    return methods
+
+
 def _peer_caches(num_steps: int) -> list[Method]:
     """diffusers' FirstBlockCache / MagCache methods (integrations.diffusers_caches), when that module exists."""
     try:
@@ -327,7 +364,7 @@ def _install_peer(model: nn.Module, method: Method) -> Installed:
 
 for _family in ("full", "fewer-steps"):
     register_installer(_family, _install_plain)
-for _family in ("fora", "taylorseer", "preset", *PART_FAMILIES):
+for _family in ("fora", "taylorseer", "preset", *PART_FAMILIES, *CALIBRATED_FAMILIES):
     register_installer(_family, _install_taylorseer)
 register_installer("diffusers-peer", _install_peer)
 

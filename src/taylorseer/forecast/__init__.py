@@ -4,8 +4,10 @@ from .adams import AdamsForecast
 from .base import FactorState, Forecaster, build_forecaster, register_forecaster, registered_forecasters
 from .corrector import CorrectorForecast
 from .hermite import HermiteForecast
+from .linear import LinearForecast
 from .taylor import TaylorForecast, TaylorState, derivatives, forecast, update
 
 __all__ = ["FactorState", "Forecaster", "build_forecaster", "register_forecaster", "registered_forecasters",
            "TaylorForecast", "TaylorState", "update", "forecast", "derivatives"]
 __all__ += ["AdamsForecast", "HermiteForecast", "CorrectorForecast"]
+__all__ += ["LinearForecast"]

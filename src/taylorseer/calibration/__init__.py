@@ -1,0 +1,34 @@
+"""Calibrated forecasting: record full-compute trajectories, fit linear forecasters, search schedules, save files.
+
+Example:
+    >>> stats = record_trajectories(model, torch.arange(16) % 10, seed=1000)             # doctest: +SKIP
+    >>> result = search_schedule(stats, 8, refine=SampledObjective(model, stats))        # doctest: +SKIP
+    >>> table, error = fit_linear(stats, result.full_steps)                              # doctest: +SKIP
+"""
+
+from .calibrate import DEFAULT_SEED, calibrate, calibration_labels
+from .fit import FitOptions, anchors_for, fit_linear, forecast_steps
+from .io import (
+    Calibration,
+    CalibrationError,
+    load_calibration,
+    model_identity,
+    new_header,
+    save_calibration,
+)
+from .record import TrajectoryRecorder, TrajectoryStats, record_trajectories, target_paths
+from .search import (
+    Objective,
+    ProxyObjective,
+    SampledObjective,
+    SearchResult,
+    greedy_schedule,
+    refine_schedule,
+    search_schedule,
+)
+
+__all__ = ["DEFAULT_SEED", "calibrate", "calibration_labels", "FitOptions", "anchors_for", "fit_linear",
+           "forecast_steps", "Calibration", "CalibrationError", "load_calibration", "model_identity", "new_header",
+           "save_calibration", "TrajectoryRecorder", "TrajectoryStats", "record_trajectories", "target_paths",
+           "Objective", "ProxyObjective", "SampledObjective", "SearchResult", "greedy_schedule", "refine_schedule",
+           "search_schedule"]

@@ -1,0 +1,121 @@
+"""One call from a model to a calibration file: record trajectories, search the schedule, fit the weights, save.
+
+Example:
+    >>> cal = calibrate(load_reference(), budget=8, out="dit-b8.safetensors")      # doctest: +SKIP
+    >>> handle = taylorseer.apply(model, cal.cache_config())                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..policy.schedule import FixedSchedule
+from .fit import FitOptions, fit_linear
+from .io import Calibration, new_header, save_calibration
+from .record import TrajectoryStats, record_trajectories
+from .search import ProxyObjective, SampledObjective, SearchResult, check_budget, search_schedule
+
+DEFAULT_SEED = 1000  # calibration noise seeds start here: far from the bench's and the evaluations' seeds 0..99
+
+
+def calibration_labels(images: int, classes: Sequence[int] | None = None, num_classes: int = 10) -> torch.Tensor:
+    """``images`` class labels cycling through ``classes`` (default: all ``num_classes``).
+
+    Example:
+        >>> calibration_labels(5, classes=(5, 6)).tolist()
+        [5, 6, 5, 6, 5]
+    """
+    pool = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    if not pool:
+        raise ValueError("classes must name at least one class")
+    return torch.tensor([pool[i % len(pool)] for i in range(images)])
+
+
+def calibrate(
+    model: nn.Module,
+    budget: int,
+    out: str | os.PathLike,
+    *,
+    num_steps: int = 50,
+    images: int = 20,
+    classes: Sequence[int] | None = None,
+    seed: int = DEFAULT_SEED,
+    guidance_scale: float = 1.5,
+    cfg_mode: str = "batch",
+    options: FitOptions | None = None,
+    grouping: str = "target",
+    schedule: FixedSchedule | None = None,
+    search_images: int = 10,
+    max_evaluations: int = 200,
+    radius: int = 3,
+    search_seed: int = 0,
+    name: str | None = None,
+    sampler: Callable[..., torch.Tensor] | None = None,
+    progress: bool = True,
+    stats: TrajectoryStats | None = None,
+) -> Calibration:
+    """Calibrate ``model`` for ``num_steps``-step generations with ``budget`` full steps; write ``out``.
+
+    1. Record full-compute trajectories of ``images`` calibration images (labels cycling through ``classes``,
+       noise seeds ``seed``, ``seed + 1``, ... per batch; ``guidance_scale``/``cfg_mode`` as the generations
+       will use them) as running normal equations (``record_trajectories``).
+    2. Unless ``schedule`` is given: search the full steps (``search_schedule``): a greedy pass on the fit proxy
+       (one weight per anchor and row group, for speed), then local refinement on ``search_images`` sampled
+       calibration images (``max_evaluations`` candidates, moves of up to ``radius`` steps, order from
+       ``search_seed``); ``search_images=0`` refines on the proxy.
+    3. Fit the weights for that schedule (``options``: history K, bias, per channel, ridge) in closed form.
+    4. Save the file (``io.py`` format) with the search and fit records and return it loaded.
+
+    ``stats``: reuse trajectories recorded before (step 1 is skipped). ``sampler``: the embedded DDIM sampler by
+    default. Cost: step 1 is ``images`` full-compute generations; step 2 about ``max_evaluations`` cached
+    generations of ``search_images`` images; step 3 well under a second per schedule on the embedded model.
+
+    Example:
+        >>> cal = calibrate(load_reference(), budget=8, out="b8.safetensors", images=16)   # doctest: +SKIP
+        >>> cal.header["search"]["model_calls"], cal.header["fit"]["rel_error"]            # doctest: +SKIP
+    """
+    check_budget(budget, num_steps)
+    options = options or FitOptions()
+    if stats is None:
+        stats = record_trajectories(model, calibration_labels(images, classes), num_steps=num_steps, seed=seed,
+                                    guidance_scale=guidance_scale, cfg_mode=cfg_mode, grouping=grouping,
+                                    sampler=sampler, progress=progress)
+    elif stats.num_steps != num_steps:
+        raise ValueError(f"stats hold {stats.num_steps}-step trajectories, num_steps is {num_steps}")
+    result: SearchResult | None = None
+    if schedule is None:
+        refine = (SampledObjective(model, stats, images=search_images, options=options, sampler=sampler)
+                  if search_images > 0 else None)
+        # The greedy proxy with one weight per anchor: the same greedy schedule here, ten times faster.
+        greedy = ProxyObjective(stats, dataclasses.replace(options, channelwise=False))
+        result = search_schedule(stats, budget, refine=refine, greedy=greedy,
+                                 seed=search_seed, radius=radius, max_evaluations=max_evaluations, progress=progress)
+        full_steps = result.full_steps
+    else:
+        if schedule.num_steps != num_steps or len(schedule.full_steps) > budget:
+            raise ValueError(f"schedule {list(schedule.full_steps)} of {schedule.num_steps} steps does not fit "
+                             f"budget={budget} of num_steps={num_steps}")
+        full_steps = schedule.full_steps
+    label = name or f"cal-b{len(full_steps)}-s{num_steps}"
+    start = time.perf_counter()
+    table, error = fit_linear(stats, full_steps, options)
+    fit_seconds = time.perf_counter() - start
+    data: dict[str, Any] = {**stats.sampling, "images": stats.images, "model_calls": stats.model_calls,
+                            "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
+    data.pop("labels", None)
+    header = new_header(
+        "linear", label, model, FixedSchedule(full_steps, num_steps, name=label),
+        forecaster={"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
+                    "ridge": options.ridge},
+        fit={**error, "seconds": fit_seconds},
+        search=None if result is None else result.to_dict(),
+        calibration_data=data,
+    )
+    return save_calibration(out, header, table)

@@ -1,0 +1,146 @@
+"""Closed-form (ridge) least-squares fits of linear forecasters from the running normal equations.
+
+For a schedule (the full steps of a ``num_steps`` generation) and a history of ``K`` features, the forecast of a
+skipped step ``s`` is ``F_hat(s) = sum_j w[j] * F(a_j) (+ b)`` over its anchors ``a_0 > a_1 > ...``: the last
+``min(K, computed so far)`` full steps before ``s``, newest first (exactly the features the runtime holds at
+``s``). Per group of targets and channel ``c`` (``channelwise=True``; otherwise one set of weights for all
+channels) the weights minimise ``sum_p (F_s[p, c] - sum_j w[j, c] F_{a_j}[p, c] - b[c])**2
++ ridge * mean(diag G_AA) * |w|^2`` over the calibration rows ``p``; the bias is not penalised. With
+``G = TrajectoryStats.gram[group]`` this is the ``(k + 1) x (k + 1)`` system
+``(G[A, A] + lambda I) w = G[A, s]`` per channel (``A``: the anchors plus the constant row when ``bias``), solved in
+float64. The fit error of step ``s`` is the residual ``G[s, s] - 2 w.G[A, s] + w.G[A, A].w`` (unregularised),
+summed over channels: squared feature units, over every calibration row of the group.
+
+Example:
+    >>> table = fit_linear(stats, (0, 1, 2, 5, 9, 14, 20, 30), history=3, bias=True)   # doctest: +SKIP
+    >>> table.steps["transformer_blocks.0.attn1"][3].anchors                           # doctest: +SKIP
+    (2, 1, 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..forecast.linear import LinearTable, StepWeights
+from .record import TrajectoryStats
+
+MAX_HISTORY = 4
+
+
+def anchors_for(full_steps: Sequence[int], step: int, history: int) -> tuple[int, ...]:
+    """The full steps before ``step`` whose features a forecast at ``step`` combines: the last ``history`` of
+    them, newest first.
+
+    Example:
+        >>> anchors_for((0, 1, 5, 9), 7, history=2)
+        (5, 1)
+    """
+    before = [s for s in full_steps if s < step]
+    return tuple(reversed(before[-history:]))
+
+
+def forecast_steps(full_steps: Sequence[int], num_steps: int) -> list[int]:
+    """The steps a schedule forecasts (all but the full ones)."""
+    full = set(full_steps)
+    return [s for s in range(num_steps) if s not in full]
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How weights are fitted: ``history`` K (1..4) features, a ``bias`` term, per-channel weights
+    (``channelwise``), and the relative ``ridge`` (times the mean diagonal of the anchors' Gram block).
+
+    The defaults are the best held-out setting on the embedded model (docs/results/calibration.md): K = 4, per
+    channel, no bias (a bias lowers the calibration fit error but fits the calibration images' mean trajectory,
+    which costs 0.3 dB on held-out images), ridge 1e-6 (1e-3 already costs 1.7 dB: extrapolation weights are
+    large and must not be shrunk).
+
+    Example:
+        >>> FitOptions().history, FitOptions().bias
+        (4, False)
+    """
+
+    history: int = 4
+    bias: bool = False
+    channelwise: bool = True
+    ridge: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or not 1 <= self.history <= MAX_HISTORY:
+            raise ValueError(f"FitOptions.history must be an int in [1, {MAX_HISTORY}], got {self.history!r}")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ValueError(f"FitOptions.ridge must be a number >= 0, got {self.ridge!r}")
+
+
+def solve_rows(flat: torch.Tensor, step: int, anchors: tuple[int, ...], options: FitOptions
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ridge fit of ``step`` from ``anchors`` for every row of normal equations ``flat`` ``[N, S + 1, S + 1]``
+    (one row per channel, row group and target): solutions ``[N, m]`` (``m = k`` anchors, plus the bias), the
+    unregularised residuals ``[N]`` and target energies ``[N]`` (squared feature units)."""
+    const = flat.shape[-1] - 1
+    index = list(anchors) + ([const] if options.bias else [])
+    k = len(anchors)
+    a = flat[:, index][:, :, index]  # [N, m, m]
+    rhs = flat[:, index, step]  # [N, m]
+    reg = torch.zeros_like(a)
+    scale = a[:, :k, :k].diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)  # [N]
+    reg[:, range(k), range(k)] = (options.ridge * scale)[:, None]
+    try:
+        w = torch.linalg.solve(a + reg, rhs)
+    except torch.linalg.LinAlgError:
+        w = torch.linalg.lstsq(a + reg, rhs).solution
+    energy = flat[:, step, step]
+    residual = energy - 2 * (w * rhs).sum(-1) + torch.einsum("ni,nij,nj->n", w, a, w)
+    return w, residual.clamp_min(0), energy
+
+
+def solve_step(gram: torch.Tensor, step: int, anchors: tuple[int, ...], options: FitOptions
+               ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """Fit ``step`` from ``anchors`` on one group's Gram ``[R, C, S + 1, S + 1]``: weights ``[k, R, C']``
+    (``C' = C`` channelwise, else 1), bias ``[R, C']`` (or None), and the residual and target energy (squared
+    feature units, summed over the group's rows and channels)."""
+    rows, channels = gram.shape[0], gram.shape[1]
+    k = len(anchors)
+    if not options.channelwise:
+        gram = gram.sum(1, keepdim=True)  # one fit over all channels: the channels' normal equations add up
+    w, residual, energy = solve_rows(gram.reshape(-1, *gram.shape[-2:]), step, anchors, options)
+    width = channels if options.channelwise else 1
+    weights = w[:, :k].T.reshape(k, rows, width)
+    bias = w[:, k].reshape(rows, width) if options.bias else None
+    return weights, bias, float(residual.sum()), float(energy.sum())
+
+
+def fit_linear(stats: TrajectoryStats, full_steps: Sequence[int], options: FitOptions | None = None,
+               ) -> tuple[LinearTable, dict[str, float]]:
+    """Fit every forecast step of the schedule ``full_steps`` for every group of ``stats``.
+
+    Returns the weights table and the fit error: ``rel_error`` = sqrt(sum of residuals / sum of target
+    energies) over all groups and forecast steps (a relative L2 error of the teacher-forced forecasts, i.e. from
+    full-compute anchors), and ``rel_error_max`` (the worst step of any group).
+
+    Example:
+        >>> table, err = fit_linear(stats, (0, 1, 4, 8), FitOptions(history=2))   # doctest: +SKIP
+    """
+    options = options or FitOptions()
+    full = tuple(int(s) for s in full_steps)
+    residual_total = energy_total = 0.0
+    worst = 0.0
+    steps: dict[str, dict[int, StepWeights]] = {}
+    for group, gram in stats.gram.items():
+        steps[group] = {}
+        for s in forecast_steps(full, stats.num_steps):
+            anchors = anchors_for(full, s, options.history)
+            if not anchors:
+                raise ValueError(f"step {s} has no full step before it: full_steps must contain step 0")
+            w, b, residual, energy = solve_step(gram, s, anchors, options)
+            steps[group][s] = StepWeights(anchors, w.float(), None if b is None else b.float())
+            residual_total += residual
+            energy_total += energy
+            worst = max(worst, (residual / max(energy, 1e-300)) ** 0.5)
+    table = LinearTable(steps=steps, num_steps=stats.num_steps, full_steps=full, grouping=stats.grouping,
+                        history=options.history)
+    error = {"rel_error": (residual_total / max(energy_total, 1e-300)) ** 0.5, "rel_error_max": worst}
+    return table, error

@@ -1,0 +1,349 @@
+"""The calibration file: fitted weights and/or a searched schedule, safetensors tensors + a JSON header.
+
+Format ``taylorseer.calibration/1`` (one safetensors file):
+
+* metadata key ``"taylorseer.calibration"``: a JSON object, the header. ``format``; ``kind`` (``"linear"``:
+  weights for a schedule, usable as ``LinearForecast`` + ``FixedSchedule``; ``"schedule"``: a schedule only, usable
+  with any forecaster); ``name``; ``library_version``; ``created`` (UTC); ``model`` (``class``, ``config_sha256``
+  of its public config, ``params``: parameter count and the float64 sum of absolute values, a fingerprint of the
+  weights); ``num_steps``; ``schedule`` (``FixedSchedule.to_dict()``); ``forecaster`` (the fit options and
+  grouping, or null); ``groups`` (weight groups, in tensor order) and ``targets`` (path -> group); ``fit``
+  (relative L2 fit error of the teacher-forced forecasts, overall and worst step; seconds); ``search`` (budget,
+  method, cost in model calls and seconds, proxy and measured errors, or null); ``calibration_data`` (images,
+  class labels, noise seed, guidance scale, CFG mode, model calls and seconds of the recording);
+  ``tensor_sha256``: SHA-256 over the tensors (name, dtype, shape and bytes, sorted by name).
+* tensors: ``schedule.full_steps`` (int64 ``[F]``) and, per group ``g`` (its index in ``groups``),
+  ``g{g}.steps`` (int64 ``[n]``, the forecast steps), ``g{g}.anchors`` (int64 ``[n, K]``, newest first, -1
+  padded), ``g{g}.weights`` (float32 ``[n, K, R, C']``, zero padded; ``R`` row groups, ``C'`` channels or 1)
+  and, with a bias, ``g{g}.bias`` (float32 ``[n, R, C']``).
+
+Loading validates everything and never falls back: an unreadable, truncated or corrupted file (tensor digest),
+an unknown format, a header that disagrees with the tensors, another model (class, config hash or weights), other
+``num_steps`` or another schedule raise ``CalibrationError`` naming the mismatch.
+
+Example:
+    >>> cal = load_calibration("dit-b8.safetensors", model=model, num_steps=50)   # doctest: +SKIP
+    >>> handle = taylorseer.apply(model, cal.cache_config())                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..forecast.linear import GROUPINGS, LinearForecast, LinearTable, StepWeights
+from ..models.checkpoint import CheckpointError, check_sha256, file_sha256, save_tensors
+from ..policy.schedule import FixedSchedule
+
+FORMAT = "taylorseer.calibration/1"
+HEADER_KEY = "taylorseer.calibration"
+KINDS = ("linear", "schedule")
+
+
+class CalibrationError(ValueError):
+    """A calibration file is unreadable, corrupted, truncated, or does not match the model, steps or schedule."""
+
+
+#################################################################################
+#                                 Model identity                                #
+#################################################################################
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What a calibration is bound to: the model's class, the SHA-256 of its public config (diffusers' ``config``
+    without ``_``-keys; without a config, the parameter names, shapes and dtypes) and a weights fingerprint
+    (parameter count and float64 sum of absolute values).
+
+    Example:
+        >>> model_identity(torch.nn.Linear(2, 1))["class"]
+        'Linear'
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "items"):
+        public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        text = json.dumps(public, sort_keys=True, default=str)
+    else:
+        text = json.dumps([(n, list(p.shape), str(p.dtype)) for n, p in model.named_parameters()])
+    with torch.no_grad():
+        count = sum(p.numel() for p in model.parameters())
+        abs_sum = float(sum(p.detach().double().abs().sum() for p in model.parameters())) if count else 0.0
+    return {"class": type(model).__name__, "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "params": {"count": int(count), "abs_sum": abs_sum}}
+
+
+def _check_model(header: dict[str, Any], model: nn.Module, where: str) -> None:
+    want, have = header["model"], model_identity(model)
+    if want["class"] != have["class"]:
+        raise CalibrationError(f"{where} was calibrated for model class {want['class']}, not {have['class']}")
+    if want["config_sha256"] != have["config_sha256"]:
+        raise CalibrationError(f"{where} was calibrated for a {want['class']} with another config (config SHA-256 "
+                               f"{want['config_sha256'][:12]}..., this model's {have['config_sha256'][:12]}...)")
+    a, b = want["params"], have["params"]
+    if a["count"] != b["count"] or abs(a["abs_sum"] - b["abs_sum"]) > 1e-6 * max(abs(a["abs_sum"]), 1.0):
+        raise CalibrationError(f"{where} was calibrated for other weights of this {want['class']} (parameters: "
+                               f"{a['count']}, sum |w| {a['abs_sum']:.6g}; this model: {b['count']}, "
+                               f"{b['abs_sum']:.6g}); calibrate again for these weights")
+
+
+#################################################################################
+#                                   The object                                  #
+#################################################################################
+
+@dataclass(frozen=True)
+class Calibration:
+    """A loaded (or freshly made) calibration: the ``header`` (see the module docstring), the weights ``table``
+    (None for a schedule-only file), and the ``path``/``sha256`` of the file it was read from or written to."""
+
+    header: dict[str, Any]
+    table: LinearTable | None = None
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.header["num_steps"])
+
+    @property
+    def schedule(self) -> FixedSchedule:
+        """The calibration's schedule, as a ``FixedSchedule`` policy config."""
+        return FixedSchedule.from_dict(self.header["schedule"])
+
+    def table_required(self) -> LinearTable:
+        """The weights table; ``CalibrationError`` for a schedule-only file."""
+        if self.table is None:
+            raise CalibrationError(f"{self.path or 'this calibration'} holds a schedule only (kind "
+                                   f"{self.kind!r}), no fitted weights: use it with another forecaster, "
+                                   f"cache_config(forecaster=...)")
+        return self.table
+
+    def check(self, *, model: nn.Module | None = None, num_steps: int | None = None,
+              schedule: FixedSchedule | tuple[int, ...] | None = None) -> None:
+        """``CalibrationError`` naming the mismatch unless the calibration fits ``model``, ``num_steps`` and
+        ``schedule`` (each checked when given)."""
+        where = self.path or "the calibration"
+        if model is not None:
+            _check_model(self.header, model, where)
+        if num_steps is not None and num_steps != self.num_steps:
+            raise CalibrationError(f"{where} is for {self.num_steps}-step generations, not {num_steps}: its schedule "
+                                   f"and weights are per step index and are not interpolated; calibrate for "
+                                   f"{num_steps} steps (taylorseer calibrate --steps {num_steps})")
+        if schedule is not None:
+            steps = schedule.full_steps if isinstance(schedule, FixedSchedule) else tuple(schedule)
+            if tuple(steps) != self.schedule.full_steps:
+                raise CalibrationError(f"{where} was fitted for the full steps {list(self.schedule.full_steps)}, "
+                                       f"not {list(steps)}")
+
+    def cache_config(self, forecaster: Any = None, name: str | None = None) -> Any:
+        """A ``CacheConfig``: the file's ``FixedSchedule`` with its ``LinearForecast`` (the file must have been
+        saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config)."""
+        from ..parts import CacheConfig
+
+        if forecaster is None:
+            self.table_required()
+            if self.path is None:
+                raise CalibrationError("save the calibration first (save_calibration): LinearForecast names a file")
+            forecaster = LinearForecast(self.path, self.sha256 or "")
+        label = name or self.header.get("name") or "calibrated"
+        return CacheConfig(self.schedule, forecaster, abscissa="step", name=label)
+
+
+def new_header(kind: str, name: str, model: nn.Module, schedule: FixedSchedule, **fields: Any) -> dict[str, Any]:
+    """A header for ``save_calibration`` (``fields``: forecaster, fit, search, calibration_data, ...)."""
+    from .. import __version__
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    header = {"format": FORMAT, "kind": kind, "name": name, "library_version": __version__,
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "model": model_identity(model), "num_steps": schedule.num_steps, "schedule": schedule.to_dict(),
+              "forecaster": None, "groups": [], "targets": {}, "fit": None, "search": None, "calibration_data": None}
+    unknown = sorted(set(fields) - set(header))
+    if unknown:
+        raise ValueError(f"unknown header field(s) {unknown}; allowed: {sorted(header)}")
+    header.update(fields)
+    return header
+
+
+#################################################################################
+#                                   Write / read                                #
+#################################################################################
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _pack(table: LinearTable) -> tuple[list[str], dict[str, torch.Tensor]]:
+    groups = sorted(table.steps)
+    tensors: dict[str, torch.Tensor] = {}
+    for g, group in enumerate(groups):
+        entries = sorted(table.steps[group].items())
+        k = table.history
+        first = entries[0][1]
+        shape = tuple(first.weights.shape[1:])  # () or (C,)
+        steps = torch.tensor([s for s, _ in entries], dtype=torch.int64)
+        anchors = torch.full((len(entries), k), -1, dtype=torch.int64)
+        weights = torch.zeros((len(entries), k, *shape), dtype=torch.float32)
+        has_bias = first.bias is not None
+        bias = torch.zeros((len(entries), *shape), dtype=torch.float32)
+        for i, (_, sw) in enumerate(entries):
+            if tuple(sw.weights.shape[1:]) != shape or (sw.bias is not None) != has_bias:
+                raise ValueError(f"group {group!r}: every step needs the same weight shape and bias choice")
+            anchors[i, : len(sw.anchors)] = torch.tensor(sw.anchors)
+            weights[i, : len(sw.anchors)] = sw.weights.float()
+            if sw.bias is not None:
+                bias[i] = sw.bias.float()
+        tensors[f"g{g}.steps"], tensors[f"g{g}.anchors"], tensors[f"g{g}.weights"] = steps, anchors, weights
+        if has_bias:
+            tensors[f"g{g}.bias"] = bias
+    return groups, tensors
+
+
+def save_calibration(path: str | os.PathLike, header: dict[str, Any], table: LinearTable | None = None
+                     ) -> Calibration:
+    """Write a calibration file atomically (``header`` from ``new_header``; ``table`` for kind ``"linear"``) and
+    return it as loaded, with its path and SHA-256.
+
+    Example:
+        >>> cal = save_calibration("b8.safetensors", new_header("schedule", "b8", model, schedule))  # doctest: +SKIP
+    """
+    header = dict(header)
+    schedule = FixedSchedule.from_dict(header["schedule"])
+    if (header["kind"] == "linear") != (table is not None):
+        raise ValueError(f"kind {header['kind']!r} {'needs' if header['kind'] == 'linear' else 'takes no'} weights")
+    tensors = {"schedule.full_steps": torch.tensor(schedule.full_steps, dtype=torch.int64)}
+    if table is not None:
+        if (table.num_steps, table.full_steps) != (schedule.num_steps, schedule.full_steps):
+            raise ValueError(f"the weights were fitted for {list(table.full_steps)} of {table.num_steps} steps, the "
+                             f"header names {list(schedule.full_steps)} of {schedule.num_steps}")
+        groups, packed = _pack(table)
+        tensors.update(packed)
+        header["groups"] = groups
+        first = next(iter(next(iter(table.steps.values())).values()))
+        header["forecaster"] = {**(header.get("forecaster") or {}), "grouping": table.grouping,
+                                "history": table.history, "row_groups": first.row_groups}
+    header["tensor_sha256"] = _tensor_digest(tensors)
+    save_tensors(path, tensors, {HEADER_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
+    return Calibration(header, table, str(path), file_sha256(path))
+
+
+def _fail(path: Path, message: str) -> CalibrationError:
+    return CalibrationError(f"calibration file {path}: {message}")
+
+
+def _read(path: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CalibrationError(f"calibration file not found: {path}")
+    sha256 = check_sha256(sha256)
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise _fail(path, f"SHA-256 {actual} differs from the expected {sha256}: the file was changed, "
+                        f"corrupted or truncated since the config naming it was made")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _fail(path, f"not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if HEADER_KEY not in metadata:
+        raise _fail(path, f"no {HEADER_KEY!r} header: not a taylorseer calibration file")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except json.JSONDecodeError as err:
+        raise _fail(path, f"the header is not valid JSON (corrupted?): {err}") from err
+    if not isinstance(header, dict):
+        raise _fail(path, "the header is not a JSON object (corrupted?)")
+    return tensors, header
+
+
+_REQUIRED = ("format", "kind", "name", "library_version", "model", "num_steps", "schedule", "forecaster", "groups",
+             "targets", "fit", "search", "calibration_data", "tensor_sha256")
+
+
+def _unpack(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor], schedule: FixedSchedule
+            ) -> LinearTable:
+    options = header.get("forecaster") or {}
+    grouping, history = options.get("grouping"), options.get("history")
+    if grouping not in GROUPINGS or not isinstance(history, int):
+        raise _fail(path, f"header forecaster needs grouping in {list(GROUPINGS)} and an int history, got "
+                    f"{options!r}")
+    forecast = [s for s in range(schedule.num_steps) if s not in set(schedule.full_steps)]
+    steps: dict[str, dict[int, StepWeights]] = {}
+    for g, group in enumerate(header["groups"]):
+        names = [f"g{g}.steps", f"g{g}.anchors", f"g{g}.weights"]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise _fail(path, f"group {group!r} lacks tensors {missing}")
+        s, a, w = (tensors[n] for n in names)
+        b = tensors.get(f"g{g}.bias")
+        if s.tolist() != forecast:
+            raise _fail(path, f"group {group!r} has weights for steps {s.tolist()}, but the schedule forecasts "
+                        f"{forecast}")
+        if a.shape != (len(forecast), history) or w.shape[:2] != (len(forecast), history):
+            raise _fail(path, f"group {group!r}: anchors {tuple(a.shape)} / weights {tuple(w.shape)} do not match "
+                        f"{len(forecast)} steps x history {history}")
+        steps[group] = {}
+        for i, step in enumerate(forecast):
+            anchors = tuple(int(x) for x in a[i] if x >= 0)
+            steps[group][step] = StepWeights(anchors, w[i, : len(anchors)].clone(),
+                                             None if b is None else b[i].clone())
+    return LinearTable(steps, schedule.num_steps, schedule.full_steps, grouping, history)
+
+
+def load_calibration(path: str | os.PathLike, *, sha256: str | None = None, model: nn.Module | None = None,
+                     num_steps: int | None = None, schedule: FixedSchedule | tuple[int, ...] | None = None,
+                     kind: str | None = None) -> Calibration:
+    """Read and validate a calibration file (see the module docstring); check it against ``model``,
+    ``num_steps``, ``schedule`` and ``kind`` when given. ``sha256``: the expected digest of the whole file.
+
+    Raises ``CalibrationError`` (a ``ValueError``) naming what is wrong or does not match.
+
+    Example:
+        >>> cal = load_calibration("b8.safetensors", model=load_reference(), num_steps=50)   # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        tensors, header = _read(path, sha256)
+    except CheckpointError as err:
+        raise CalibrationError(str(err)) from err
+    if header.get("format") != FORMAT:
+        raise _fail(path, f"format {header.get('format')!r} is not {FORMAT!r} (another library version?)")
+    missing = [k for k in _REQUIRED if k not in header]
+    if missing:
+        raise _fail(path, f"the header lacks {missing} (corrupted or written by another tool)")
+    if header["tensor_sha256"] != _tensor_digest(tensors):
+        raise _fail(path, "its tensors do not match the digest recorded in its header: the file is corrupted")
+    if header["kind"] not in KINDS:
+        raise _fail(path, f"kind {header['kind']!r} is not one of {list(KINDS)}")
+    try:
+        schedule_cfg = FixedSchedule.from_dict(header["schedule"])
+    except (TypeError, ValueError) as err:
+        raise _fail(path, f"invalid schedule in the header: {err}") from err
+    if "schedule.full_steps" not in tensors or tuple(tensors["schedule.full_steps"].tolist()) != \
+            schedule_cfg.full_steps or schedule_cfg.num_steps != header["num_steps"]:
+        raise _fail(path, "the schedule in the header disagrees with the file's schedule tensor")
+    table = _unpack(path, header, tensors, schedule_cfg) if header["kind"] == "linear" else None
+    cal = Calibration(header, table, str(path), file_sha256(path))
+    if kind is not None and kind != cal.kind:
+        raise _fail(path, f"holds a {cal.kind!r} calibration, a {kind!r} one was asked for")
+    cal.check(model=model, num_steps=num_steps, schedule=schedule)
+    return cal

@@ -1,0 +1,222 @@
+"""Record full-compute trajectories of the cached targets as running normal equations (Gram matrices).
+
+A calibration generation runs the model in full at every step. A forward hook on each target module (the same
+targets ``apply`` would forecast, from the registered adapter) keeps its output at every step of one batch of
+images; at the end of the batch the features of the batch are folded into ``TrajectoryStats`` and dropped, so
+memory is one batch of trajectories, never all of them.
+
+What is kept, per group of targets (a target, its kind across blocks, or all targets), row group ``r`` and
+channel ``c`` (the feature's last dimension): the Gram matrix of the features at every pair of steps, with a
+constant row appended for the bias term, ``G[r, c, i, j] = sum_p X_i[r, p, c] * X_j[r, p, c]`` with ``X_i`` the
+feature at step ``i`` (``i < num_steps``) and ``X_{num_steps} = 1``; ``p`` runs over the images and tokens of the
+row group. Row groups split the feature's first dimension into ``R`` equal blocks: ``R = 2`` for a CFG batch
+``[cond; uncond]`` (the two halves get their own weights), 1 otherwise. Everything a
+least-squares fit of any step from any other steps needs (``fit.py``), for any schedule, is in ``G``: searching
+schedules costs no further model calls.
+
+Example:
+    >>> stats = record_trajectories(model, torch.arange(4), num_steps=50, seed=1)   # doctest: +SKIP
+    >>> stats.gram["transformer_blocks.0.attn1"].shape                               # doctest: +SKIP
+    torch.Size([128, 51, 51])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..forecast.linear import GROUPINGS, group_of
+
+
+@dataclass
+class TrajectoryStats:
+    """Running normal equations of full-compute trajectories (see the module docstring).
+
+    ``gram[group]``: float64 ``[R, C, num_steps + 1, num_steps + 1]`` (the last index is the constant 1);
+    ``row_groups``: ``R``.
+    ``targets``: target path -> group. ``rows``: feature rows summed per group and channel (images x CFG rows x
+    tokens x targets in the group). ``model_calls``: full model evaluations spent; ``seconds``: wall time.
+    ``sampling``: how the trajectories were made (labels, seed, guidance scale, ...), for the file header.
+    """
+
+    num_steps: int
+    grouping: str
+    row_groups: int = 1
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    model_calls: int = 0
+    seconds: float = 0.0
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, target: str, features: torch.Tensor) -> None:
+        """Fold one target's trajectory ``[num_steps, rows, ..., C]`` into its group's Gram (``rows`` divisible by
+        ``row_groups``)."""
+        if features.dim() < 3 or features.shape[0] != self.num_steps:
+            raise ValueError(f"target {target!r}: expected features [num_steps={self.num_steps}, rows, ..., C], got "
+                             f"shape {tuple(features.shape)}")
+        if features.shape[1] % self.row_groups:
+            raise ValueError(f"target {target!r}: {features.shape[1]} rows do not split into {self.row_groups} row "
+                             f"groups")
+        group = group_of(target, self.grouping)
+        self.targets[target] = group
+        x = features.reshape(self.num_steps, self.row_groups, -1, features.shape[-1]).double()  # [S, R, P, C]
+        x = torch.cat([x, torch.ones_like(x[:1])], dim=0)  # [S + 1, R, P, C]
+        gram = torch.einsum("irpc,jrpc->rcij", x, x)
+        if group in self.gram:
+            if self.gram[group].shape != gram.shape:
+                raise ValueError(f"target {target!r} has {gram.shape[1]} channels but its group {group!r} has "
+                                 f"{self.gram[group].shape[1]}; use grouping='target'")
+            self.gram[group] += gram
+        else:
+            self.gram[group] = gram
+        self.rows[group] = self.rows.get(group, 0) + x.shape[2]
+
+    def merge(self, other: TrajectoryStats) -> TrajectoryStats:
+        """The statistics of both recordings together (same steps and grouping)."""
+        mine, theirs = (self.num_steps, self.grouping, self.row_groups), (other.num_steps, other.grouping,
+                                                                           other.row_groups)
+        if mine != theirs:
+            raise ValueError(f"cannot merge trajectories of (steps, grouping, row groups) {theirs} into {mine}")
+        out = TrajectoryStats(self.num_steps, self.grouping, self.row_groups,
+                              {k: v.clone() for k, v in self.gram.items()}, dict(self.targets), dict(self.rows),
+                              self.images, self.model_calls, self.seconds, dict(self.sampling))
+        for group, gram in other.gram.items():
+            out.gram[group] = out.gram[group] + gram if group in out.gram else gram.clone()
+            out.rows[group] = out.rows.get(group, 0) + other.rows[group]
+        out.targets.update(other.targets)
+        out.images += other.images
+        out.model_calls += other.model_calls
+        out.seconds += other.seconds
+        return out
+
+
+class TrajectoryRecorder:
+    """A sampler listener (``begin``/``step``) that hooks the target modules and keeps their outputs per step.
+
+    Each call's output is kept (detached); several calls in one step (CFG split) are concatenated along the
+    first dimension. ``take()`` returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or
+    leaving ``with``) takes the hooks off.
+    """
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.paths = list(paths)
+        self.index: int | None = None
+        self.num_steps: int | None = None
+        self._outputs: dict[str, dict[int, list[torch.Tensor]]] = {p: {} for p in self.paths}
+        self._hooks = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.paths]
+
+    def _hook(self, path: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.index is None:
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"target {path!r} returns a {type(output).__name__}: calibration records tensor "
+                                "outputs only")
+            self._outputs[path].setdefault(self.index, []).append(output.detach())
+
+        return hook
+
+    def begin(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps
+        self._outputs = {p: {} for p in self.paths}
+
+    @contextlib.contextmanager
+    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> Iterator[None]:
+        self.index = index
+        try:
+            yield
+        finally:
+            self.index = None
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The outputs of the generation just sampled, ``[num_steps, ...]`` per target path."""
+        out = {}
+        for path, steps in self._outputs.items():
+            if sorted(steps) != list(range(len(steps))) or (self.num_steps and len(steps) != self.num_steps):
+                raise RuntimeError(f"target {path!r} was not called at every step ({len(steps)} recorded)")
+            out[path] = torch.stack([torch.cat(steps[i], dim=0) for i in range(len(steps))])
+        self._outputs = {p: {} for p in self.paths}
+        return out
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> TrajectoryRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def target_paths(model: nn.Module) -> list[str]:
+    """The module targets ``apply`` forecasts on ``model`` (registered adapter, module granularity)."""
+    from ..adapters import resolve_targets
+    from ..config import TaylorSeerConfig
+
+    return [t.path for t in resolve_targets(model, TaylorSeerConfig()) if t.mode == "output"]
+
+
+def record_trajectories(
+    model: nn.Module,
+    labels: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    seed: int = 1,
+    guidance_scale: float = 1.5,
+    cfg_mode: str = "batch",
+    grouping: str = "target",
+    row_groups: int | None = None,
+    batch_size: int = 8,
+    sampler: Callable[..., torch.Tensor] | None = None,
+    progress: bool = True,
+) -> TrajectoryStats:
+    """Sample ``labels`` at full compute (``num_steps`` DDIM steps, noise from ``seed``) and return the running
+    normal equations of every target's trajectory.
+
+    Images are sampled ``batch_size`` at a time; batch ``b`` uses noise seed ``seed + b`` (so the images of a
+    calibration never share noise with a bench run of another seed unless the seeds collide: use seeds the
+    evaluation does not). ``row_groups`` (None: 2 for a guided CFG batch, ``cfg_mode="batch"`` with
+    ``guidance_scale != 1``, whose halves are [cond; uncond]; else 1). ``sampler`` defaults to the embedded
+    model's DDIM sampler (``taylorseer.models.sampler.sample``; any function with its signature works).
+    Memory: one batch of trajectories (``num_steps`` x batch x CFG rows x tokens x channels x targets floats)
+    plus the Gram matrices.
+
+    Example:
+        >>> stats = record_trajectories(load_reference(), torch.arange(10) % 10, seed=100)   # doctest: +SKIP
+    """
+    if sampler is None:
+        from ..models.sampler import sample
+
+        sampler = sample
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {list(GROUPINGS)}, got {grouping!r}")
+    labels = torch.as_tensor(labels).long()
+    calls_per_step = 1 if guidance_scale == 1.0 or cfg_mode == "batch" else 2
+    if row_groups is None:
+        row_groups = 2 if guidance_scale != 1.0 and cfg_mode == "batch" else 1
+    stats = TrajectoryStats(num_steps, grouping, row_groups)
+    start = time.perf_counter()
+    batches = list(torch.split(labels, batch_size))
+    with TrajectoryRecorder(model, target_paths(model)) as recorder:
+        for b, chunk in enumerate(tqdm(batches, desc="calibration trajectories", disable=not progress)):
+            sampler(model, chunk, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
+                    cfg_mode=cfg_mode, listener=recorder)
+            for path, features in recorder.take().items():
+                stats.add(path, features)
+            stats.images += len(chunk)
+            stats.model_calls += num_steps * calls_per_step
+    stats.seconds = time.perf_counter() - start
+    stats.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
+                      "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups}
+    return stats

@@ -1,0 +1,480 @@
+"""Calibrated forecasting: the least-squares fit, the learned linear forecaster in the runtime, the schedule search,
+and the calibration file (round trip and every refusal).
+
+Synthetic trajectories are built so that each forecast step *is* a known linear combination of its anchors; the
+fit must recover those weights. Files are checked byte-level: a flipped byte, a cut file and every kind of
+mismatch must raise ``CalibrationError`` naming what is wrong.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from taylorseer import apply
+from taylorseer.calibration import (
+    CalibrationError,
+    FitOptions,
+    ProxyObjective,
+    TrajectoryStats,
+    anchors_for,
+    fit_linear,
+    forecast_steps,
+    greedy_schedule,
+    load_calibration,
+    new_header,
+    record_trajectories,
+    refine_schedule,
+    save_calibration,
+    search_schedule,
+)
+from taylorseer.calibration.fit import solve_step
+from taylorseer.forecast import LinearForecast, TaylorForecast, build_forecaster
+from taylorseer.forecast.linear import LinearForecaster, LinearTable, StepWeights, group_of
+from taylorseer.models.reference import build_reference
+from taylorseer.models.sampler import sample
+from taylorseer.parts import CacheConfig
+from taylorseer.policy import FixedSchedule
+
+NUM_STEPS = 12
+SCHEDULE = (0, 1, 4, 8)
+
+
+def synthetic(schedule=SCHEDULE, num_steps=NUM_STEPS, history=3, bias=True, channelwise=True, seed=0):
+    """Trajectories [num_steps, P, C] whose forecast steps are exact linear combinations of their anchors."""
+    g = torch.Generator().manual_seed(seed)
+    rows, channels = 200, 3
+    feats = torch.zeros(num_steps, rows, channels, dtype=torch.float64)
+    truth = {}
+    for s in range(num_steps):
+        if s in schedule:
+            feats[s] = torch.randn(rows, channels, generator=g, dtype=torch.float64)
+            continue
+        anchors = anchors_for(schedule, s, history)
+        w = torch.randn(len(anchors), channels if channelwise else 1, generator=g, dtype=torch.float64)
+        w = w.expand(len(anchors), channels)
+        b = torch.randn(channels, generator=g, dtype=torch.float64) if bias else torch.zeros(channels,
+                                                                                            dtype=torch.float64)
+        if not channelwise:
+            b = b[:1].expand(channels)
+        feats[s] = sum(w[j] * feats[a] for j, a in enumerate(anchors)) + b
+        truth[s] = (w, b)
+    stats = TrajectoryStats(num_steps, "target")
+    stats.add("blocks.0.attn", feats)
+    return stats, truth
+
+
+#################################################################################
+#                                      Fit                                      #
+#################################################################################
+
+@pytest.mark.parametrize("history", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fit_recovers_known_channel_weights(history, bias):
+    stats, truth = synthetic(history=history, bias=bias)
+    options = FitOptions(history=history, bias=bias, channelwise=True, ridge=0.0)
+    table, error = fit_linear(stats, SCHEDULE, options)
+    assert set(table.steps["blocks.0.attn"]) == set(forecast_steps(SCHEDULE, NUM_STEPS))
+    for s, (w, b) in truth.items():
+        gram = stats.gram["blocks.0.attn"]
+        w_fit, b_fit, residual, energy = solve_step(gram, s, anchors_for(SCHEDULE, s, history), options)
+        assert torch.allclose(w_fit[:, 0], w, atol=1e-9, rtol=0), s  # float64 solve; one row group
+        if bias:
+            assert torch.allclose(b_fit[0], b, atol=1e-9, rtol=0)
+        sw = table.steps["blocks.0.attn"][s]  # stored in float32
+        assert sw.anchors == anchors_for(SCHEDULE, s, history)
+        assert (sw.weights[:, 0].double() - w).abs().max() < 1e-6
+        assert (sw.bias is None) == (not bias)
+        if bias:
+            assert (sw.bias[0].double() - b).abs().max() < 1e-6
+        assert residual <= 1e-12 * energy
+    assert error["rel_error"] < 1e-6
+
+
+def test_fit_recovers_known_scalar_weights():
+    stats, truth = synthetic(channelwise=False)
+    table, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=True, channelwise=False, ridge=0.0))
+    for s, (w, b) in truth.items():
+        sw = table.steps["blocks.0.attn"][s]
+        assert sw.weights.shape == (len(sw.anchors), 1, 1)
+        assert (sw.weights[:, 0, 0].double() - w[:, 0]).abs().max() < 1e-6
+        assert abs(float(sw.bias) - float(b[0])) < 1e-6
+
+
+def test_fit_is_never_worse_than_newton_on_its_trajectories():
+    # Newton (Taylor 'divided') extrapolation through the anchors is one point of the least-squares search space.
+    g = torch.Generator().manual_seed(1)
+    t = torch.linspace(0, 1, NUM_STEPS, dtype=torch.float64)[:, None, None]
+    feats = torch.sin(3 * t + torch.randn(1, 50, 4, generator=g, dtype=torch.float64)) + 0.01 * torch.randn(
+        NUM_STEPS, 50, 4, generator=g, dtype=torch.float64)
+    stats = TrajectoryStats(NUM_STEPS, "target")
+    stats.add("x", feats)
+    options = FitOptions(history=3, bias=False, ridge=0.0)
+    gram = stats.gram["x"]
+    for s in forecast_steps(SCHEDULE, NUM_STEPS):
+        anchors = anchors_for(SCHEDULE, s, 3)
+        lagrange = torch.tensor([math.prod((s - b) / (a - b) for b in anchors if b != a) for a in anchors],
+                                dtype=torch.float64)
+        newton = float(((feats[s] - sum(w * feats[a] for w, a in zip(lagrange, anchors))) ** 2).sum())
+        assert solve_step(gram, s, anchors, options)[2] <= newton * (1 + 1e-9)
+
+
+def test_ridge_shrinks_the_weights():
+    stats, _ = synthetic(bias=False)
+    s = 6
+    anchors = anchors_for(SCHEDULE, s, 3)
+    free = solve_step(stats.gram["blocks.0.attn"], s, anchors, FitOptions(ridge=0.0, bias=False))[0]
+    ridged = solve_step(stats.gram["blocks.0.attn"], s, anchors, FitOptions(ridge=10.0, bias=False))[0]
+    assert ridged.norm() < free.norm()
+
+
+def test_fit_options_are_validated():
+    with pytest.raises(ValueError, match="history"):
+        FitOptions(history=5)
+    with pytest.raises(ValueError, match="ridge"):
+        FitOptions(ridge=-1.0)
+
+
+#################################################################################
+#                              Forecaster (pure math)                           #
+#################################################################################
+
+def reuse_table(targets, schedule=SCHEDULE, num_steps=NUM_STEPS, grouping="all"):
+    """Weights 1 on the newest anchor (K = 1): the learned forecaster then *is* reuse (FORA)."""
+    groups = {group_of(t, grouping) for t in targets}
+    steps = {g: {s: StepWeights(anchors_for(schedule, s, 1), torch.tensor([1.0]), None)
+                 for s in forecast_steps(schedule, num_steps)} for g in groups}
+    return LinearTable(steps, num_steps, tuple(schedule), grouping, 1)
+
+
+def test_forecaster_hand_values_and_refusals():
+    table = LinearTable({"blocks.*.attn": {
+        2: StepWeights((1, 0), torch.tensor([[2.0, 1.0], [-1.0, 0.5]]), torch.tensor([0.5, 0.0])),
+        3: StepWeights((1, 0), torch.tensor([3.0, -2.0]), None)}}, 4, (0, 1), "kind", 2)
+    f = LinearForecaster(table)
+    s = f.update(f.empty(), torch.tensor([[1.0, 2.0]]), 0.0)
+    s = f.update(s, torch.tensor([[3.0, 4.0]]), 1.0)
+    # step 2, per channel: [2*3 - 1*1 + 0.5, 1*4 + 0.5*2 + 0] = [5.5, 5.0]
+    assert f.predict(s, 2.0, target="blocks.7.attn").tolist() == [[5.5, 5.0]]
+    # step 3, scalar weights: 3*[3, 4] - 2*[1, 2] = [7, 8]
+    assert f.predict(s, 3.0, target="blocks.0.attn").tolist() == [[7.0, 8.0]]
+    with pytest.raises(ValueError, match="target path"):
+        f.predict(s, 2.0)
+    with pytest.raises(ValueError, match="no weights for target 'blocks.0.mlp'"):
+        f.predict(s, 2.0, target="blocks.0.mlp")
+    with pytest.raises(ValueError, match="no weights for step 1.5"):
+        f.predict(s, 1.5, target="blocks.0.attn")
+    wrong = f.update(f.update(f.empty(), torch.tensor([[1.0, 2.0]]), 0.0), torch.tensor([[3.0, 4.0]]), 2.0)
+    with pytest.raises(ValueError, match=r"fitted on the features of steps \[1, 0\].*held are \[2, 0\]"):
+        f.predict(wrong, 3.0, target="blocks.0.attn")
+    assert f.predict(s, 2.0, target="blocks.0.attn").data_ptr() != s.factors[0].data_ptr()
+    assert len(f.update(s, torch.tensor([[5.0, 6.0]]), 2.0).factors) == 2  # keeps the last K = 2 only
+
+
+def test_linear_table_refuses_more_anchors_than_history():
+    with pytest.raises(ValueError, match="history=1"):
+        LinearTable({"*": {2: StepWeights((1, 0), torch.ones(2))}}, 3, (0, 1), "all", 1)
+    with pytest.raises(ValueError, match="k = 2 anchors"):
+        StepWeights((1, 0), torch.ones(3))
+
+
+#################################################################################
+#                              Runtime integration                              #
+#################################################################################
+
+def _images(model, config, num_steps=NUM_STEPS):
+    with apply(model, config) as handle:
+        return sample(model, torch.tensor([0, 3]), num_steps=num_steps, seed=5, listener=handle)
+
+
+def test_runtime_passes_the_target_and_reuse_weights_equal_fora(tiny_dit, tmp_path):
+    paths = [t for t in record_targets(tiny_dit)]
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    table = reuse_table(paths, grouping="target")
+    cal = save_calibration(tmp_path / "reuse.safetensors", new_header("linear", "reuse", tiny_dit, schedule), table)
+    ours = _images(tiny_dit, cal.cache_config())
+    fora = _images(tiny_dit, CacheConfig(schedule, TaylorForecast(max_order=0), abscissa="step"))
+    assert torch.equal(ours, fora)
+    full = sample(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5)
+    assert not torch.equal(ours, full)  # it did forecast
+
+
+def record_targets(model):
+    from taylorseer.calibration import target_paths
+
+    return target_paths(model)
+
+
+def test_fitted_weights_beat_taylor_on_the_tiny_model(tiny_dit, tmp_path):
+    # Calibrated and evaluated on the same trajectories: the fit minimises exactly what Taylor only approximates.
+    stats = record_trajectories(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5, batch_size=2,
+                                progress=False)
+    assert stats.model_calls == NUM_STEPS and stats.images == 2
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=2, bias=True))
+    cal = save_calibration(tmp_path / "fit.safetensors",
+                           new_header("linear", "fit", tiny_dit, schedule, fit=error), table)
+    full = sample(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5)
+    ours = _images(tiny_dit, cal.cache_config())
+    taylor = _images(tiny_dit, CacheConfig(schedule, TaylorForecast(max_order=1), abscissa="step"))
+    assert ((ours - full) ** 2).mean() < ((taylor - full) ** 2).mean()
+
+
+def test_linear_forecast_at_other_steps_is_refused(tiny_dit, tmp_path):
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    cal = save_calibration(tmp_path / "reuse.safetensors", new_header("linear", "r", tiny_dit, schedule),
+                           reuse_table(record_targets(tiny_dit)))
+    with pytest.raises(ValueError, match="schedule for 12 steps.*num_steps=10"):
+        _images(tiny_dit, cal.cache_config(), num_steps=10)
+
+
+#################################################################################
+#                                    Search                                     #
+#################################################################################
+
+def test_searched_schedule_respects_the_budget_and_is_deterministic():
+    stats, _ = synthetic(schedule=(0, 2, 5, 9), history=2)
+    for budget in (1, 2, 4, 6, NUM_STEPS):
+        first = search_schedule(stats, budget, seed=3, max_evaluations=40, progress=False)
+        again = search_schedule(stats, budget, seed=3, max_evaluations=40, progress=False)
+        assert len(first.full_steps) == budget and first.full_steps[0] == 0
+        assert list(first.full_steps) == sorted(set(first.full_steps))
+        assert all(0 <= s < NUM_STEPS for s in first.full_steps)
+        assert first.full_steps == again.full_steps and first.error == again.error
+        assert first.error <= first.greedy_error
+        assert first.model_calls == 0  # the proxy costs no model call
+    with pytest.raises(ValueError, match="budget"):
+        search_schedule(stats, NUM_STEPS + 1, progress=False)
+
+
+def test_refinement_is_deterministic_for_a_seed_and_never_grows():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(NUM_STEPS, generator=g).tolist()
+
+    def objective(full):
+        return sum(cost[s] * (s - max(f for f in full if f <= s)) for s in range(NUM_STEPS))
+
+    start = greedy_schedule(objective, 4, NUM_STEPS)
+    runs = [refine_schedule(objective, start, NUM_STEPS, seed=7, radius=2) for _ in range(2)]
+    assert runs[0] == runs[1]
+    best, error, trace = runs[0]
+    assert len(best) == 4 and best[0] == 0 and error == objective(best) <= objective(start)
+    assert [e for _, e in trace] == sorted((e for _, e in trace), reverse=True)
+
+
+def test_proxy_prefers_the_schedule_the_trajectories_were_built_for():
+    stats, _ = synthetic(schedule=(0, 2, 5, 9), history=2, bias=False)
+    proxy = ProxyObjective(stats, FitOptions(history=2, bias=False))
+    assert proxy((0, 2, 5, 9)) < 1e-9 < proxy((0, 3, 5, 9))
+
+
+#################################################################################
+#                                 Calibration file                              #
+#################################################################################
+
+@pytest.fixture
+def saved(tiny_dit, tmp_path):
+    stats = record_trajectories(tiny_dit, torch.tensor([1]), num_steps=NUM_STEPS, seed=9, batch_size=1,
+                                progress=False)
+    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=3))
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS, name="tiny-b4")
+    header = new_header("linear", "tiny-b4", tiny_dit, schedule, fit=error, calibration_data=stats.sampling)
+    return save_calibration(tmp_path / "cal.safetensors", header, table), table
+
+
+def test_file_round_trips(saved, tiny_dit):
+    cal, table = saved
+    loaded = load_calibration(cal.path, model=tiny_dit, num_steps=NUM_STEPS, schedule=SCHEDULE, kind="linear")
+    assert loaded.header == cal.header and loaded.sha256 == cal.sha256
+    assert loaded.schedule == FixedSchedule(SCHEDULE, NUM_STEPS, name="tiny-b4")
+    assert loaded.table.steps.keys() == table.steps.keys()
+    for group, steps in table.steps.items():
+        for s, sw in steps.items():
+            other = loaded.table.steps[group][s]
+            assert other.anchors == sw.anchors
+            assert torch.equal(other.weights, sw.weights) and other.bias is sw.bias is None
+    config = loaded.cache_config()
+    assert config.forecaster == LinearForecast(cal.path, cal.sha256) and config.abscissa == "step"
+    assert CacheConfig.from_json(config.to_json()) == config
+    assert isinstance(build_forecaster(config.forecaster), LinearForecaster)
+
+
+def test_schedule_only_file_works_with_any_forecaster(tiny_dit, tmp_path):
+    schedule = FixedSchedule((0, 3, 7), NUM_STEPS, name="s3")
+    cal = save_calibration(tmp_path / "s.safetensors", new_header("schedule", "s3", tiny_dit, schedule))
+    loaded = load_calibration(cal.path, kind="schedule")
+    assert loaded.table is None and loaded.schedule == schedule
+    assert loaded.cache_config(forecaster=TaylorForecast(2)).policy == schedule
+    with pytest.raises(CalibrationError, match="schedule only"):
+        loaded.cache_config()
+    with pytest.raises(CalibrationError, match="holds a 'schedule' calibration, a 'linear' one"):
+        load_calibration(cal.path, kind="linear")
+
+
+def _rewrite(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
+
+
+def test_corrupted_file_is_refused(saved):
+    cal, _ = saved
+    data = bytearray(Path(cal.path).read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor's data
+    _rewrite(cal.path, bytes(data))
+    with pytest.raises(CalibrationError, match="corrupted"):
+        load_calibration(cal.path)
+
+
+def test_truncated_file_is_refused(saved):
+    cal, _ = saved
+    data = Path(cal.path).read_bytes()
+    _rewrite(cal.path, data[: len(data) // 2])
+    with pytest.raises(CalibrationError, match="truncated"):
+        load_calibration(cal.path)
+
+
+def test_changed_file_is_refused_by_its_digest(saved, tiny_dit):
+    cal, _ = saved
+    config = cal.cache_config()
+    data = bytearray(Path(cal.path).read_bytes())
+    data[-3] ^= 0x40
+    _rewrite(cal.path, bytes(data))
+    with pytest.raises(CalibrationError, match=f"differs from the expected {cal.sha256}"):
+        apply(tiny_dit, config)
+
+
+def test_mismatched_model_is_refused(saved):
+    cal, _ = saved
+    with pytest.raises(CalibrationError, match="model class DiTTransformer2DModel, not Linear"):
+        load_calibration(cal.path, model=torch.nn.Linear(2, 2))
+    with pytest.raises(CalibrationError, match="another config"):
+        load_calibration(cal.path, model=build_reference("DiT-FM-S/4"))
+    other = build_reference("DiT-FM-T/4")  # same config, other (random) weights
+    with pytest.raises(CalibrationError, match="other weights"):
+        load_calibration(cal.path, model=other)
+
+
+def test_mismatched_steps_and_schedule_are_refused(saved):
+    cal, _ = saved
+    with pytest.raises(CalibrationError, match="12-step generations, not 40"):
+        load_calibration(cal.path, num_steps=40)
+    with pytest.raises(CalibrationError, match=r"full steps \[0, 1, 4, 8\], not \[0, 2, 4, 8\]"):
+        load_calibration(cal.path, schedule=(0, 2, 4, 8))
+
+
+def test_not_a_calibration_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(CalibrationError, match="not a taylorseer calibration file"):
+        load_calibration(path)
+    with pytest.raises(CalibrationError, match="not found"):
+        load_calibration(tmp_path / "missing.safetensors")
+
+
+def test_row_groups_get_their_own_weights():
+    # Two halves of the rows (a CFG batch [cond; uncond]) follow different linear rules; R = 2 recovers both.
+    g = torch.Generator().manual_seed(2)
+    feats = torch.zeros(NUM_STEPS, 8, 5, 3, dtype=torch.float64)
+    rules = {}
+    for s in range(NUM_STEPS):
+        if s in SCHEDULE:
+            feats[s] = torch.randn(8, 5, 3, generator=g, dtype=torch.float64)
+            continue
+        anchors = anchors_for(SCHEDULE, s, 2)
+        w = torch.randn(len(anchors), 2, 3, generator=g, dtype=torch.float64)
+        feats[s, :4] = sum(w[j, 0] * feats[a, :4] for j, a in enumerate(anchors))
+        feats[s, 4:] = sum(w[j, 1] * feats[a, 4:] for j, a in enumerate(anchors))
+        rules[s] = w
+    stats = TrajectoryStats(NUM_STEPS, "target", row_groups=2)
+    stats.add("t", feats)
+    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=2, bias=False, ridge=0.0))
+    assert error["rel_error"] < 1e-6
+    f = LinearForecaster(table)
+    for s, w in rules.items():
+        assert (table.steps["t"][s].weights.double() - w).abs().max() < 1e-6
+        state = f.empty()
+        for a in sorted(anchors_for(SCHEDULE, s, 2)):
+            state = f.update(state, feats[a].float(), float(a))
+        assert torch.allclose(f.predict(state, float(s), target="t").double(), feats[s], atol=1e-5)
+    state = f.update(f.update(f.empty(), torch.ones(3, 5, 3), 0.0), torch.ones(3, 5, 3), 1.0)
+    with pytest.raises(ValueError, match="does not split into the calibration's 2 row groups"):
+        f.predict(state, 2.0, target="t")
+
+
+def test_bias_and_row_groups_round_trip(tiny_dit, tmp_path):
+    stats = record_trajectories(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=9, batch_size=2,
+                                progress=False)
+    assert stats.row_groups == 2  # a guided CFG batch: [cond; uncond]
+    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=2, bias=True))
+    header = new_header("linear", "b", tiny_dit, FixedSchedule(SCHEDULE, NUM_STEPS), fit=error)
+    cal = save_calibration(tmp_path / "b.safetensors", header, table)
+    loaded = load_calibration(cal.path)
+    assert loaded.header["forecaster"]["row_groups"] == 2
+    for group, steps in table.steps.items():
+        for s, sw in steps.items():
+            other = loaded.table.steps[group][s]
+            assert other.weights.shape == sw.weights.shape == (len(sw.anchors), 2, sw.weights.shape[2])
+            assert torch.equal(other.weights, sw.weights) and torch.equal(other.bias, sw.bias)
+
+
+#################################################################################
+#                               Bench and CLI hooks                             #
+#################################################################################
+
+def test_bench_builds_calibrated_methods_and_refuses_the_wrong_guidance_layout(saved, tiny_dit):
+    from taylorseer.eval.bench import CACHED_FAMILIES, INSTALLERS, calibrated_methods
+
+    cal, _ = saved
+    methods = calibrated_methods(cal.path, tiny_dit, NUM_STEPS)
+    assert [m.name for m in methods] == ["tiny-b4", "tiny-b4-taylor2"]
+    assert all(m.family == "calibrated" and m.full_steps() == len(SCHEDULE) for m in methods)
+    assert "calibrated" in CACHED_FAMILIES and "calibrated" in INSTALLERS
+    assert isinstance(methods[0].config.forecaster, LinearForecast)
+    assert methods[1].config.forecaster == TaylorForecast(max_order=2)
+    with pytest.raises(CalibrationError, match="guided CFG batch.*guidance_scale=1.0"):
+        calibrated_methods(cal.path, tiny_dit, NUM_STEPS, guidance_scale=1.0)
+    with pytest.raises(CalibrationError, match="not 40"):
+        calibrated_methods(cal.path, tiny_dit, 40)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--budget", "60", "--out", "{tmp}/c.safetensors"], "--budget: 60 full steps exceed --steps 50"),
+    (["calibrate", "--budget", "8", "--out", "{tmp}/c.safetensors", "--classes", "0-12"], "--classes"),
+    (["calibrate", "--budget", "8", "--out", "{tmp}/c.safetensors", "--classes", "a-b"], "--classes"),
+    (["calibrate", "--budget", "3", "--out", "{tmp}/c.safetensors", "--schedule", "0,5,9,20"],
+     "4 full steps exceed --budget 3"),
+    (["calibrate", "--budget", "3", "--out", "{tmp}/c.safetensors", "--schedule", "1,5"], "start with step 0"),
+    (["bench", "--calibration", "{tmp}/missing.safetensors"], "no such file"),
+])
+def test_cli_refuses_bad_calibration_input_before_any_work(monkeypatch, capsys, tmp_path, argv, message):
+    import taylorseer.calibration
+    import taylorseer.models.pretrained
+
+    def reached(*args, **kwargs):
+        raise AssertionError("work started on refused input")
+
+    monkeypatch.setattr(taylorseer.models.pretrained, "load_reference", reached)
+    monkeypatch.setattr(taylorseer.calibration, "calibrate", reached)
+    from taylorseer.cli import main
+
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_end_to_end_on_the_tiny_model(tiny_dit, tmp_path):
+    from taylorseer.calibration import calibrate
+
+    cal = calibrate(tiny_dit, 4, tmp_path / "c.safetensors", num_steps=NUM_STEPS, images=2, search_images=2,
+                    max_evaluations=6, progress=False, name="tiny")
+    search = cal.header["search"]
+    assert len(cal.schedule.full_steps) == 4 and cal.schedule.full_steps[0] == 0
+    assert search["full_steps"] == list(cal.schedule.full_steps)
+    assert 0 < search["evaluations"] and search["model_calls"] >= NUM_STEPS  # the search images' reference
+    assert search["full_calls"] < search["model_calls"] and search["seconds"] > 0
+    assert cal.header["calibration_data"]["images"] == 2 and cal.header["fit"]["rel_error"] >= 0
+    assert load_calibration(cal.path, model=tiny_dit, num_steps=NUM_STEPS).sha256 == cal.sha256
+    again = calibrate(tiny_dit, 4, tmp_path / "d.safetensors", num_steps=NUM_STEPS, images=2, search_images=2,
+                      max_evaluations=6, progress=False, name="tiny")
+    assert again.schedule == cal.schedule  # deterministic for the seeds
