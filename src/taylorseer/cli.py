@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from ._extras import MissingExtraError
@@ -511,7 +511,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
     if args.spec is None:
         merge_samples(args.out)
-        result = evaluate(args.out, args.reference)
+        result: dict[str, Any] | None = evaluate(args.out, args.reference)
     else:
         result = run_sample(args.spec, args.out, device=args.device, threads=args.threads, reference=args.reference,
                             progress=True)

@@ -55,7 +55,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ from ..parts import CacheConfig
 from ..runtime.allocator import allocator_setting
 from ..runtime.measure import count_flops
 from .grid import image_grid
+
+if TYPE_CHECKING:
+    from ..integrations.diffusers_caches import FirstBlockCacheSettings, MagCacheSettings
 
 require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
 
@@ -99,9 +102,10 @@ class Method:
     """One benchmarked method: how ``num_steps`` sampler steps are computed.
 
     ``family`` is one of ``FAMILIES``. ``full`` and ``fewer-steps`` run the plain sampler (``config`` None);
-    the cached families carry the ``TaylorSeerConfig`` that is applied (for ``diffusers-peer``: the schedule and
-    order the peer integration is asked to reproduce). ``counterpart`` names our method that a peer is compared
-    with (same schedule and modules); the bench times them in the same group.
+    the cached families carry the ``TaylorSeerConfig`` or ``CacheConfig`` that is applied (for ``diffusers-peer``:
+    the schedule and order the peer integration is asked to reproduce; diffusers' own caches: their settings).
+    ``counterpart`` names our method that a peer is compared with (same schedule and modules); the bench times
+    them in the same group.
 
     Example:
         >>> Method("ts-O2-N5-divided", "taylorseer", TaylorSeerConfig(interval=5, max_order=2)).full_steps()
@@ -110,7 +114,7 @@ class Method:
 
     name: str
     family: str
-    config: TaylorSeerConfig | CacheConfig | None = None
+    config: TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | None = None
     num_steps: int = 50
     counterpart: str | None = None
 
@@ -129,7 +133,13 @@ class Method:
             return self.num_steps
         if self.family in PEER_CACHE_FAMILIES:
             return None
-        return self.config.full_steps(self.num_steps)
+        return self.cache_config().full_steps(self.num_steps)
+
+    def cache_config(self) -> TaylorSeerConfig | CacheConfig:
+        """The config that ``taylorseer.apply`` installs (``TypeError`` for plain sampling or a peer's settings)."""
+        if not isinstance(self.config, (TaylorSeerConfig, CacheConfig)):
+            raise TypeError(f"method {self.name!r} (family {self.family}) has no taylorseer config: {self.config!r}")
+        return self.config
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (the config as its ``to_dict()``)."""
@@ -155,6 +165,7 @@ def _fora(interval: int, num_steps: int, tail: int = 0) -> Method:
 
 def _peer(ours: Method) -> Method:
     cfg = ours.config
+    assert isinstance(cfg, TaylorSeerConfig), f"the peer of {ours.name!r} reproduces a TaylorSeerConfig"
     return Method(f"diffusers-O{cfg.max_order}-N{cfg.interval}", "diffusers-peer", cfg, ours.num_steps, ours.name)
 
 
@@ -326,7 +337,7 @@ def _install_plain(model: nn.Module, method: Method) -> Installed:
 
 
 def _install_taylorseer(model: nn.Module, method: Method) -> Installed:
-    handle = apply(model, method.config)
+    handle = apply(model, method.cache_config())
 
     def stats() -> dict[str, Any]:
         return {**handle.stats.to_dict(), "probe_errors": list(handle.stats.probe_errors)}
@@ -349,13 +360,17 @@ def _install_peer(model: nn.Module, method: Method) -> Installed:
     from ..integrations.peers import adapter_regexes, apply_diffusers_taylorseer
 
     cfg = method.config
+    if not isinstance(cfg, TaylorSeerConfig):
+        raise TypeError(f"method {method.name!r}: diffusers' TaylorSeer reproduces a TaylorSeerConfig, "
+                        f"got {type(cfg).__name__}")
     clone = copy.deepcopy(model)
+    factor_dtype = None if cfg.factor_dtype is None else _TORCH_DTYPES.get(cfg.factor_dtype)
     peer = apply_diffusers_taylorseer(clone, cfg.interval, cfg.warmup_steps, cfg.max_order,
-                                      adapter_regexes(clone, cfg), factor_dtype=_TORCH_DTYPES.get(cfg.factor_dtype))
+                                      adapter_regexes(clone, cfg), factor_dtype=factor_dtype)
     listener = peer if hasattr(peer, "begin") and hasattr(peer, "step") else None
 
     def stats() -> dict[str, Any]:
-        raw = getattr(peer, "stats", None)
+        raw: Any = getattr(peer, "stats", None)
         raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
         return dict(raw) if isinstance(raw, dict) else {}
 
@@ -397,6 +412,8 @@ def _run(ctx: _Context, method: Method, labels: torch.Tensor, count: bool = Fals
     installed = INSTALLERS[method.family](ctx.model, method)
     try:
         if probe is not None:
+            if installed.probe is None:
+                raise TypeError(f"method {method.name!r} (family {method.family}) cannot probe a module")
             installed.probe(probe)
 
         def call() -> torch.Tensor:
@@ -416,7 +433,7 @@ def _probe_path(model: nn.Module, method: Method) -> str | None:
     """The middle attention target of ``method`` (e.g. ``transformer_blocks.3.attn1``), None if not probeable."""
     if INSTALLERS.get(method.family) is not _install_taylorseer:
         return None
-    targets = [t.path for t in resolve_targets(model, method.config)]
+    targets = [t.path for t in resolve_targets(model, method.cache_config())]
     paths = [p for p in targets if "attn" in p] or targets
     return paths[len(paths) // 2] if paths else None
 

@@ -670,7 +670,7 @@ class _PipelineSampler:
         self.spec = spec
         assert spec.model is not None, "a pipeline sampler needs spec.model"
         self.pipe = load_pipeline(spec.model, str(device), spec.weights_dtype)
-        self.config = spec.method.config
+        self.config = None if spec.method.config is None else spec.method.cache_config()
         _supported(self.pipe, self.config if isinstance(self.config, TaylorSeerConfig) else None)
         self.pipe.set_progress_bar_config(disable=True)
         parameters = inspect.signature(self.pipe.__call__).parameters
