@@ -5,8 +5,10 @@
     taylorseer plan --model PATH_OR_CLASS   # a model family's recommended preset, why, and its pattern
     taylorseer bench [--quick]           # measure methods, write JSONL records
     taylorseer calibrate --budget 8 --out FILE   # fit a linear forecaster and search a schedule (embedded model)
+    taylorseer calibrate --model PATH --prompt "..." --budget 8 --out FILE   # the same for a diffusers pipeline
     taylorseer report RECORDS.jsonl      # Markdown/HTML report with plots, from records only
     taylorseer generate --model PATH --prompt "..."   # a diffusers pipeline: full compute vs accelerated
+    taylorseer generate --model PATH --calibration FILE   # accelerated with a calibration file instead of a preset
     taylorseer sample --num-samples N --method NAME --out DIR   # many samples; alone or under torchrun
     taylorseer train-reference           # (re)train the embedded model, resumable
 
@@ -240,8 +242,9 @@ def _check_report(args: argparse.Namespace) -> None:
 
 def _check_generate(args: argparse.Namespace) -> None:
     """Resolve --device auto and refuse an unavailable device; refuse contradictory flags; set ``args.config``
-    (a ``TaylorSeerConfig`` from --preset, ``"family"`` for the model family's preset, None for --no-cache) and
-    ``args.overrides`` (the field flags given, applied to the family's preset once the model is loaded)."""
+    (a ``TaylorSeerConfig`` from --preset, ``"family"`` for the model family's preset, None for --no-cache or
+    --calibration) and ``args.overrides`` (the field flags given, applied to the family's preset once the model is
+    loaded). --calibration: the file must load and be for --steps steps (its model is checked after loading)."""
     from .generate import FAMILY, resolve_device
 
     try:
@@ -256,6 +259,21 @@ def _check_generate(args: argparse.Namespace) -> None:
                          "drop one or the other")
     if args.no_cache and args.no_baseline:
         raise ValueError("argument --no-baseline: --no-cache runs only the baseline; drop one of the two")
+    if args.calibration is not None:
+        if given:
+            raise ValueError(f"argument --calibration: the file is the cache config (its schedule and fitted "
+                             f"weights), so the cache flags {given} would be ignored; drop one or the other")
+        if args.no_cache:
+            raise ValueError("argument --calibration: --no-cache runs without taylorseer; drop one of the two")
+        _check_in_file("--calibration", args.calibration)
+        from .generate import read_calibration
+
+        try:  # the file and the step count; the model is checked once the pipeline is loaded
+            read_calibration(args.calibration, args.steps)
+        except ValueError as err:
+            raise ValueError(f"argument --calibration: {err}") from None
+        args.config, args.overrides = None, {}
+        return
     config = config_from_args(args)  # validates each field flag, naming it
     args.overrides = {}
     if args.no_cache:
@@ -356,12 +374,56 @@ def _class_list(text: str) -> list[int]:
     return out
 
 
+def _prompt_list(values: list[str] | None) -> list[str]:
+    """--prompt values (repeatable), each split at ``|``."""
+    return [p.strip() for value in values or [] for p in value.split("|") if p.strip()]
+
+
+def _check_pipeline_model(flag: str, model: str) -> None:
+    """``model`` names a diffusers pipeline: a folder with model_index.json or a hub id; its transformer family
+    has an adapter (config files only: no weights loaded)."""
+    from .generate import _HUB_ID, family_of
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"argument {flag}: {model!r} is not a diffusers pipeline folder (no model_index.json)")
+    elif not _HUB_ID.fullmatch(model) or model.startswith((".", "/", "~")):
+        raise ValueError(f"argument {flag}: {model!r} is neither an existing folder nor a Hugging Face Hub id "
+                         f"(owner/name)")
+    try:
+        family_of(model)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"argument {flag}: {err}") from None
+
+
 def _check_calibrate(args: argparse.Namespace) -> None:
     _check_out_file("--out", args.out)
     if args.budget > args.steps:
         raise ValueError(f"argument --budget: {args.budget} full steps exceed --steps {args.steps}")
     if not 1 <= args.history <= 4:
         raise ValueError(f"argument --history: must be 1..4, got {args.history}")
+    args.prompts = None
+    if args.model is None:
+        for flag, value in (("--prompt", args.prompt), ("--device", args.device), ("--dtype", args.dtype)):
+            if value is not None:
+                raise ValueError(f"argument {flag}: applies to a diffusers pipeline (--model PATH); the embedded "
+                                 f"model takes --classes")
+    else:
+        if args.classes is not None:
+            raise ValueError("argument --classes: is for the embedded model; give a pipeline's calibration prompts "
+                             "with --prompt (class ids or label names for class-conditional DiT pipelines)")
+        args.prompts = _prompt_list(args.prompt)
+        if not args.prompts:
+            raise ValueError("argument --prompt: --model needs the calibration prompts (--prompt, repeatable or "
+                             "'|'-separated; class ids or label names for class-conditional DiT pipelines)")
+        _check_pipeline_model("--model", args.model)
+        from .generate import resolve_device
+
+        try:
+            args.device = resolve_device(args.device or "auto")
+        except ValueError as err:
+            raise ValueError(f"argument --device: {err}") from None
     args.class_ids = _class_list(args.classes) if args.classes else None
     if args.class_ids and max(args.class_ids) > 9:
         raise ValueError(f"argument --classes: the embedded model has classes 0..9, got {args.classes!r}")
@@ -386,23 +448,39 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     options = FitOptions(history=args.history, bias=args.bias)
-    cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
-                    classes=args.class_ids, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
-                    schedule=args.full_steps, search_images=args.search_images, max_evaluations=args.max_evals,
-                    radius=args.radius, search_seed=args.search_seed, name=args.name)
+    search = {"schedule": args.full_steps, "search_images": args.search_images, "max_evaluations": args.max_evals,
+              "radius": args.radius, "search_seed": args.search_seed, "name": args.name}
+    if args.model is None:
+        guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
+        cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
+                        classes=args.class_ids, seed=args.seed, guidance_scale=guidance, options=options, **search)
+    else:
+        from .calibration.pipeline import calibrate_pipeline
+        from .generate import load_pipeline
+
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+        cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,
+                                 images=args.images, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
+                                 **search)
     header = cal.header
     print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
     print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
     data = header["calibration_data"]
-    print(f"trajectories: {data['images']} images, classes {data['classes']}, seed {data['seed']}, CFG "
-          f"{data['guidance_scale']}: {data['model_calls']} model calls, {data['seconds']:.1f} s")
+    what = f"prompts {data['prompts']}" if "prompts" in data else f"classes {data['classes']}"
+    print(f"trajectories: {data['images']} images, {what}, seed {data['seed']}, CFG {data['guidance_scale']} "
+          f"({data['cfg_mode']}, {data['row_groups']} row group(s)): {data['model_calls']} model calls, "
+          f"{data['seconds']:.1f} s")
     search = header["search"]
     if search is not None:
         psnr = f", {search['psnr_db']:.2f} dB on the search images" if search["psnr_db"] is not None else ""
         print(f"search: {search['evaluations']} candidates, {search['model_calls']} model calls "
               f"({search['full_calls']} full), {search['seconds']:.1f} s{psnr}")
     print(f"fit: relative L2 error {header['fit']['rel_error']:.4f} (teacher-forced), {header['fit']['seconds']:.2f} s")
-    print(f"next: taylorseer bench --calibration {cal.path} --methods {header['name']}")
+    if args.model is None:
+        print(f"next: taylorseer bench --calibration {cal.path} --methods {header['name']}")
+    else:
+        print(f"next: taylorseer generate --model {args.model} --steps {args.steps} --calibration {cal.path} "
+              f"--prompt ...")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -414,11 +492,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from . import generate as gen
 
+    accelerated = args.config is not None or args.calibration is not None
     result = gen.generate(model=args.model, prompt=args.prompt, config=args.config, overrides=args.overrides,
-                          baseline=args.config is not None and not args.no_baseline, num_inference_steps=args.steps,
+                          baseline=accelerated and not args.no_baseline, num_inference_steps=args.steps,
                           seed=args.seed, out_dir=args.out, num_images=args.num_images,
                           guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype,
-                          measure_flops=args.measure_flops, progress=True)
+                          measure_flops=args.measure_flops, progress=True, calibration=args.calibration)
     print(format_generate(result))
 
 
@@ -433,6 +512,11 @@ def format_generate(result: dict) -> str:
         reason = result.get("preset_reason")
         lines.append(f"config: {config.get('name')}" + (f" (the family's preset: {reason})" if reason else "")
                      + f" {json.dumps(config, sort_keys=True)}")
+    calibration = result.get("calibration")
+    if calibration is not None:
+        lines.append(f"calibration: {calibration['name']} ({calibration['path']}, sha256 "
+                     f"{(calibration['sha256'] or '')[:12]}...): full steps {calibration['full_steps']} of "
+                     f"{calibration['num_steps']}, guidance scale {result.get('guidance_scale')}")
     if baseline is not None:
         lines.append(f"baseline:   {baseline['seconds']:.3f} s (full compute)")
     if config is not None and "seconds" in result:
@@ -641,15 +725,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeatable (default: none)")
 
     p = _subcommand(sub, "calibrate", "fit a learned linear forecaster and search a schedule of --budget full steps "
-                    "on the embedded model; write a calibration file", _cmd_calibrate, _check_calibrate)
+                    "on the embedded model or a diffusers pipeline (--model); write a calibration file",
+                    _cmd_calibrate, _check_calibrate)
     p.add_argument("--budget", type=positive_int, required=True, help="full steps of the schedule")
     p.add_argument("--out", required=True, help="calibration file to write (safetensors)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
     p.add_argument("--images", type=positive_int, default=20, help="calibration images (full-compute trajectories)")
-    p.add_argument("--classes", default=None, help="classes of the calibration images, e.g. 0-4 (default: 0-9)")
+    p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "
+                   "(default: 0-9)")
+    p.add_argument("--model", default=None, help="hub id or local folder of a diffusers pipeline to calibrate "
+                   "(default: the embedded DiT)")
+    p.add_argument("--prompt", action="append", default=None, help="with --model: a calibration prompt, "
+                   "repeatable, several in one value separated by '|'; for class-conditional DiT pipelines class "
+                   "ids or label names (comma-separated); image k takes prompt k mod the count (default: none; "
+                   "required with --model)")
+    p.add_argument("--device", type=device_or_auto, default=None, help=f"with --model: torch device, auto (cuda "
+                   f"when available, else cpu) or one of {DEVICES} (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="with --model: weights dtype (default: as saved)")
     p.add_argument("--seed", type=nonnegative_int, default=1000, help="noise seed of the first calibration batch "
                    "(keep it apart from evaluation seeds)")
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale, as "
+                   "the generations will use it (default: 1.5 for the embedded model, the pipeline's own for --model)")
     p.add_argument("--history", type=positive_int, default=4, help="K: computed features each forecast combines")
     p.add_argument("--bias", action="store_true", help="fit a bias term too (lower fit error, worse held-out)")
     p.add_argument("--schedule", default=None, help="comma-separated full steps to fit for, skipping the search "
@@ -693,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "accelerated run's wall time then includes the counting)")
     p.add_argument("--no-baseline", action="store_true", help="skip the full-compute run (no speedup or PSNR)")
     p.add_argument("--no-cache", action="store_true", help="run the pipeline without taylorseer (the baseline only)")
+    p.add_argument("--calibration", default=None, metavar="FILE", help="a file written by `taylorseer calibrate "
+                   "--model` for this pipeline and --steps: the accelerated run uses its schedule and fitted weights "
+                   "instead of a preset, and its guidance scale unless --guidance-scale is given (default: none)")
     _add_config_args(p, default_preset=None, unset="the preset recommended for the model's transformer family")
 
     p = _subcommand(sub, "sample", "generate N samples of one method into shards (alone or under torchrun, "

@@ -4,7 +4,9 @@ the function behind ``taylorseer generate``.
 Loads ``DiffusionPipeline.from_pretrained(model)`` once, then runs it with the config applied (the scheduler tells
 the steps) and, with ``baseline=True``, first at full compute with the same seed: the result holds both wall times,
 the measured speedup and the PSNR of the accelerated images against the baseline's. ``config="family"`` takes the
-preset recommended for the model's transformer family (``taylorseer.api.default_config``). Images are saved as PNG
+preset recommended for the model's transformer family (``taylorseer.api.default_config``); ``calibration=FILE``
+runs a file of ``taylorseer calibrate --model`` instead (its schedule and fitted weights), checked against the
+steps before the pipeline is loaded and against the transformer before anything runs. Images are saved as PNG
 (videos as GIF) and never overwrite earlier outputs: every call takes the next free run number ``NNN`` in
 ``out_dir`` (one above the highest number any file there starts with) and writes ``NNN-baseline-K.png``,
 ``NNN-taylorseer-K.png`` and the facts as ``NNN.json``, each file created exclusively.
@@ -35,7 +37,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,7 +48,11 @@ from .adapters.registry import AdapterSpec, find_adapter, registered_adapters
 from .api import apply, default_config
 from .config import PRESET_NAMES, TaylorSeerConfig, preset
 from .integrations.pipeline import check_pipeline
+from .parts import CacheConfig
 from .runtime.install import unwrap
+
+if TYPE_CHECKING:
+    from .calibration.io import Calibration
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -317,7 +323,7 @@ def family_of(model: str) -> ModelFamily:
 #                      What a pipeline is called with                           #
 #################################################################################
 
-def _supported(pipe: Any, config: TaylorSeerConfig | None) -> None:
+def _supported(pipe: Any, config: TaylorSeerConfig | CacheConfig | None) -> None:
     try:
         check_pipeline(pipe)
     except ValueError as error:
@@ -457,8 +463,8 @@ def _timed_call(pipe: Any, call: dict[str, Any], seed: int, device: str, steps: 
     return result, time.perf_counter() - start
 
 
-def _run(pipe: Any, call: dict[str, Any], config: TaylorSeerConfig | None, seed: int, device: str, steps: int,
-         measure_flops: bool, progress: bool) -> tuple[str, np.ndarray, float, dict[str, Any] | None]:
+def _run(pipe: Any, call: dict[str, Any], config: TaylorSeerConfig | CacheConfig | None, seed: int, device: str,
+         steps: int, measure_flops: bool, progress: bool) -> tuple[str, np.ndarray, float, dict[str, Any] | None]:
     """One timed pipeline call, accelerated when ``config`` is given: (kind, arrays, seconds, handle stats)."""
     label = "taylorseer" if config is not None else "baseline (full compute)"
     pipe.set_progress_bar_config(disable=not progress, desc=label)
@@ -502,6 +508,49 @@ def _resolve_config(pipe: Any, config: TaylorSeerConfig | str | None,
     return config, reason
 
 
+def read_calibration(path: str | os.PathLike, num_steps: int) -> Calibration:
+    """The calibration file ``path`` for a ``num_steps``-step generation, read and validated before any model is
+    loaded: ``CalibrationError`` (a ``ValueError``) for an unreadable or corrupted file, another step count, or a
+    schedule-only file (it holds no weights to run). The model is checked once the pipeline is loaded
+    (``_calibrated_config``).
+
+    Example:
+        >>> cal = read_calibration("dit-b8.safetensors", num_steps=50)       # doctest: +SKIP
+    """
+    from .calibration.io import load_calibration
+
+    calibration = load_calibration(path, num_steps=num_steps)
+    calibration.table_required()
+    return calibration
+
+
+def _calibrated_config(pipe: Any, calibration: Calibration, guidance_scale: float | None
+                       ) -> tuple[CacheConfig, float | None]:
+    """The calibration's ``CacheConfig`` for ``pipe`` and the guidance scale to run with: the calibration's own
+    when none is given; ``CalibrationError`` for another model or another guidance scale than it was made with."""
+    from .calibration.io import CalibrationError
+
+    calibration.check(model=pipe.transformer)
+    made_with = (calibration.header.get("calibration_data") or {}).get("guidance_scale")
+    if "guidance_scale" in inspect.signature(pipe.__call__).parameters and isinstance(made_with, (int, float)):
+        if guidance_scale is None:
+            guidance_scale = float(made_with)
+        elif float(guidance_scale) != float(made_with):
+            raise CalibrationError(f"{calibration.path} was calibrated at guidance scale {made_with:g}, not "
+                                   f"{guidance_scale:g}: its weights are per CFG layout and fitted on those "
+                                   f"trajectories; generate with --guidance-scale {made_with:g} or calibrate again")
+    return calibration.cache_config(), guidance_scale
+
+
+def _calibration_facts(calibration: Calibration | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    header = calibration.header
+    return {"path": calibration.path, "sha256": calibration.sha256, "name": header.get("name"),
+            "num_steps": calibration.num_steps, "full_steps": list(calibration.schedule.full_steps),
+            "guidance_scale": (header.get("calibration_data") or {}).get("guidance_scale")}
+
+
 def _check_config(config: Any, overrides: Mapping[str, Any] | None) -> None:
     if config is not None and not isinstance(config, (TaylorSeerConfig, str)):
         raise TypeError(f"config must be a TaylorSeerConfig, a preset name, {FAMILY!r} or None, "
@@ -534,6 +583,7 @@ def generate(
     dtype: str | None = None,
     measure_flops: bool = False,
     progress: bool = False,
+    calibration: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images with ``model``, save them to ``out_dir`` and return the run's facts.
 
@@ -545,41 +595,60 @@ def generate(
     compute and then accelerated, both with ``seed``, and compares them. ``num_inference_steps``: denoising
     steps; ``guidance_scale``: None keeps the pipeline's default; ``device``: one of ``DEVICES`` or ``"auto"``
     (cuda if available, else cpu). ``measure_flops`` (with a config) counts executed and skipped FLOPs (slower;
-    the accelerated call's ``seconds`` then include the counting).
+    the accelerated call's ``seconds`` then include the counting). ``calibration``: a file written by ``taylorseer
+    calibrate --model`` for this pipeline's transformer and ``num_inference_steps``; its schedule and fitted
+    weights (``load_calibration(...).cache_config()``) are the accelerated run's config (``config`` must then be
+    None, without overrides), and its guidance scale the default. Another step count or a schedule-only file is
+    refused before the pipeline is loaded, another model (class, config or weights) or guidance scale before
+    anything runs (``CalibrationError``, a ``ValueError``, naming the mismatch).
 
     Returns ``{"model", "pipeline", "transformer", "device", "prompt", "config", "preset_reason",
-    "num_inference_steps", "seed", "run", "images", "seconds", "stats", "baseline", "speedup", "psnr_db",
-    "psnr_note", "record"}``: ``images`` and ``seconds`` are those of the accelerated call (of the only call
-    without a config), ``stats`` the handle's stats (None without a config); ``baseline`` is ``{"images",
+    "calibration", "num_inference_steps", "seed", "run", "images", "seconds", "stats", "baseline", "speedup",
+    "psnr_db", "psnr_note", "record"}``: ``images`` and ``seconds`` are those of the accelerated call (of the only
+    call without a config), ``stats`` the handle's stats (None without a config); ``baseline`` is ``{"images",
     "seconds"}`` of the full-compute call or None; ``speedup`` the baseline's wall time over the accelerated one;
     ``psnr_db`` the accelerated images' PSNR against the baseline's (None with a ``psnr_note`` when the images are
-    identical or torchmetrics is missing); ``record`` the path of ``NNN.json``, which holds all of this.
+    identical or torchmetrics is missing); ``calibration`` the file's ``{"path", "sha256", "name", "num_steps",
+    "full_steps", "guidance_scale"}`` or None; ``record`` the path of ``NNN.json``, which holds all of this.
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
     _check_config(config, overrides)
-    if baseline and config is None:
-        raise ValueError("baseline=True compares against an accelerated call: give a config (None is the baseline)")
+    cal = None
+    if calibration is not None:
+        if config is not None or overrides:
+            raise ValueError("calibration= is the accelerated run's config (its schedule and fitted weights): pass "
+                             "config=None and no overrides with it")
+        cal = read_calibration(calibration, num_inference_steps)  # file and step count, before loading the model
+    if baseline and config is None and cal is None:
+        raise ValueError("baseline=True compares against an accelerated call: give a config or a calibration (None "
+                         "is the baseline)")
     device = resolve_device(device)
     check_out_dir(out_dir)
     pipe = load_pipeline(model, device, dtype)
-    config, reason = _resolve_config(pipe, config, overrides or {})
-    _supported(pipe, config)
+    run_config: TaylorSeerConfig | CacheConfig | None
+    reason: str | None = None
+    if cal is not None:  # another model or guidance scale: refused here, before any pipeline call
+        run_config, guidance_scale = _calibrated_config(pipe, cal, guidance_scale)
+    else:
+        run_config, reason = _resolve_config(pipe, config, overrides or {})
+    _supported(pipe, run_config)
     call = _call_arguments(pipe, prompt, num_images, guidance_scale)
     compared = None
     if baseline:  # one-time costs (allocator, kernels, caches) go to an untimed short call, not to either run
         pipe.set_progress_bar_config(disable=not progress, desc="warm-up (untimed)")
         _timed_call(pipe, call, seed, device, min(WARMUP_STEPS, num_inference_steps))
         compared = _run(pipe, call, None, seed, device, num_inference_steps, False, progress)
-    kind, arrays, seconds, stats = _run(pipe, call, config, seed, device, num_inference_steps, measure_flops,
+    kind, arrays, seconds, stats = _run(pipe, call, run_config, seed, device, num_inference_steps, measure_flops,
                                         progress)
     out, run = Path(out_dir).expanduser(), next_run_number(out_dir)
     facts: dict[str, Any] = {
         "model": model, "pipeline": type(pipe).__name__, "transformer": type(pipe.transformer).__name__,
         "device": device, "dtype": dtype, "prompt": prompt, "num_images": num_images, "guidance_scale": guidance_scale,
-        "config": config.to_dict() if config is not None else None, "preset_reason": reason,
+        "config": run_config.to_dict() if run_config is not None else None, "preset_reason": reason,
+        "calibration": _calibration_facts(cal),
         "num_inference_steps": num_inference_steps, "seed": seed, "run": run, "taylorseer_version": __version__,
         "torch_version": torch.__version__, "baseline": None, "speedup": None, "psnr_db": None, "psnr_note": None,
     }
@@ -588,7 +657,7 @@ def generate(
                              "seconds": compared[2]}
         facts["speedup"] = compared[2] / seconds
         facts["psnr_db"], facts["psnr_note"] = _psnr(arrays, compared[1])
-    stem = f"{run:03d}-{'taylorseer' if config is not None else 'baseline'}"
+    stem = f"{run:03d}-{'taylorseer' if run_config is not None else 'baseline'}"
     facts.update(images=_save(kind, arrays, out, stem), seconds=seconds, stats=stats)
     facts["record"] = _write_record(out, run, facts)
     return facts

@@ -16,6 +16,7 @@ from .io import (
     new_header,
     save_calibration,
 )
+from .pipeline import PipelineSampler, calibrate_pipeline
 from .record import TrajectoryRecorder, TrajectoryStats, record_trajectories, target_paths
 from .search import (
     Objective,
@@ -31,4 +32,4 @@ __all__ = ["DEFAULT_SEED", "calibrate", "calibration_labels", "FitOptions", "anc
            "forecast_steps", "Calibration", "CalibrationError", "load_calibration", "model_identity", "new_header",
            "save_calibration", "TrajectoryRecorder", "TrajectoryStats", "record_trajectories", "target_paths",
            "Objective", "ProxyObjective", "SampledObjective", "SearchResult", "greedy_schedule", "refine_schedule",
-           "search_schedule"]
+           "search_schedule", "PipelineSampler", "calibrate_pipeline"]
