@@ -7,7 +7,7 @@ Example:
 """
 
 from .calibrate import DEFAULT_SEED, calibrate, calibration_labels
-from .fit import FitOptions, anchors_for, fit_linear, forecast_steps
+from .fit import FitOptions, anchors_for, fit_linear, fit_on_policy, forecast_steps
 from .io import (
     Calibration,
     CalibrationError,
@@ -17,7 +17,14 @@ from .io import (
     save_calibration,
 )
 from .pipeline import PipelineSampler, calibrate_pipeline
-from .record import TrajectoryRecorder, TrajectoryStats, record_trajectories, target_paths
+from .record import (
+    OnPolicyStats,
+    TrajectoryRecorder,
+    TrajectoryStats,
+    record_on_policy,
+    record_trajectories,
+    target_paths,
+)
 from .search import (
     Objective,
     ProxyObjective,
@@ -29,7 +36,9 @@ from .search import (
 )
 
 __all__ = ["DEFAULT_SEED", "calibrate", "calibration_labels", "FitOptions", "anchors_for", "fit_linear",
-           "forecast_steps", "Calibration", "CalibrationError", "load_calibration", "model_identity", "new_header",
-           "save_calibration", "TrajectoryRecorder", "TrajectoryStats", "record_trajectories", "target_paths",
+           "fit_on_policy", "forecast_steps", "Calibration", "CalibrationError", "load_calibration", "model_identity",
+           "new_header",
+           "save_calibration", "OnPolicyStats", "TrajectoryRecorder", "TrajectoryStats", "record_on_policy",
+           "record_trajectories", "target_paths",
            "Objective", "ProxyObjective", "SampledObjective", "SearchResult", "greedy_schedule", "refine_schedule",
            "search_schedule", "PipelineSampler", "calibrate_pipeline"]

@@ -19,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..forecast.linear import LinearTable, StepWeights
-from .record import TrajectoryStats
+from .record import OnPolicyStats, TrajectoryStats
 
 MAX_HISTORY = 4
 
@@ -126,21 +126,47 @@ def fit_linear(stats: TrajectoryStats, full_steps: Sequence[int], options: FitOp
     """
     options = options or FitOptions()
     full = tuple(int(s) for s in full_steps)
+    return _fit(stats, full, stats.num_steps, options, anchor_index=lambda a: a, target_index=lambda s: s)
+
+
+def fit_on_policy(stats: OnPolicyStats, options: FitOptions | None = None) -> tuple[LinearTable, dict[str, float]]:
+    """Fit every forecast step of ``stats``' schedule from the cached run's own features at its full steps to the
+    full-compute feature of that step (``record.OnPolicyStats``): the weights correct the drift the forecasts
+    cause, which teacher-forced weights (``fit_linear``) never see.
+
+    The error is the same relative L2 measure as ``fit_linear``'s, but against the full-compute features from the
+    cached run's anchors, so it includes the drift the weights cannot undo (it is larger than the teacher-forced
+    error and not comparable with it).
+
+    Example:
+        >>> table, err = fit_on_policy(record_on_policy(model, labels, cal.cache_config()))   # doctest: +SKIP
+    """
+    options = options or FitOptions()
+    return _fit(stats.pairs, stats.full_steps, stats.num_steps, options, anchor_index=stats.anchor_index,
+                target_index=stats.target_index)
+
+
+def _fit(stats: TrajectoryStats, full: tuple[int, ...], num_steps: int, options: FitOptions,
+         anchor_index: Callable[[int], int], target_index: Callable[[int], int]
+         ) -> tuple[LinearTable, dict[str, float]]:
+    """Fit every forecast step of ``full`` (a ``num_steps`` schedule) per group of ``stats``, the anchors and the
+    target read at the Gram indices ``anchor_index(step)`` / ``target_index(step)``."""
     residual_total = energy_total = 0.0
     worst = 0.0
     steps: dict[str, dict[int, StepWeights]] = {}
     for group, gram in stats.gram.items():
         steps[group] = {}
-        for s in forecast_steps(full, stats.num_steps):
+        for s in forecast_steps(full, num_steps):
             anchors = anchors_for(full, s, options.history)
             if not anchors:
                 raise ValueError(f"step {s} has no full step before it: full_steps must contain step 0")
-            w, b, residual, energy = solve_step(gram, s, anchors, options)
+            w, b, residual, energy = solve_step(gram, target_index(s), tuple(anchor_index(a) for a in anchors),
+                                                options)
             steps[group][s] = StepWeights(anchors, w.float(), None if b is None else b.float())
             residual_total += residual
             energy_total += energy
             worst = max(worst, (residual / max(energy, 1e-300)) ** 0.5)
-    table = LinearTable(steps=steps, num_steps=stats.num_steps, full_steps=full, grouping=stats.grouping,
+    table = LinearTable(steps=steps, num_steps=num_steps, full_steps=full, grouping=stats.grouping,
                         history=options.history)
     error = {"rel_error": (residual_total / max(energy_total, 1e-300)) ** 0.5, "rel_error_max": worst}
     return table, error

@@ -354,7 +354,7 @@ def calibrate_pipeline(
     *,
     prompts: Sequence[str | int],
     num_steps: int = 50,
-    images: int = 20,
+    images: int = 40,
     seed: int = DEFAULT_SEED,
     guidance_scale: float | None = None,
     options: FitOptions | None = None,
@@ -367,6 +367,7 @@ def calibrate_pipeline(
     name: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    on_policy: bool = True,
 ) -> Calibration:
     """Calibrate ``pipe.transformer`` for ``num_steps``-step generations of ``pipe`` with ``budget`` full steps;
     write ``out`` (the ``taylorseer.calibration.calibrate`` steps, with ``PipelineSampler`` as the sampler).
@@ -377,7 +378,8 @@ def calibrate_pipeline(
     guidance layout, read once by ``PipelineSampler.probe``, is recorded in the file: ``cfg_mode`` and
     ``row_groups`` of its ``calibration_data``). The other arguments are ``calibrate``'s. Cost: one probe call (one
     image, ``PROBE_STEPS`` steps), ``images`` full-compute images, the search's ``max_evaluations`` cached runs of
-    ``search_images`` images (none with ``schedule`` given or ``search_images=0``).
+    ``search_images`` images (none with ``schedule`` given or ``search_images=0``), and with ``on_policy`` one more
+    full-compute and one cached pass over the images.
 
     Example:
         >>> cal = calibrate_pipeline(pipe, 8, "b8.safetensors", prompts=["a red fox"], num_steps=28)   # doctest: +SKIP
@@ -405,4 +407,4 @@ def calibrate_pipeline(
                      classes=range(len(sampler.items)), seed=seed, guidance_scale=guidance, cfg_mode=cfg_mode,
                      options=options, grouping=grouping, schedule=schedule, search_images=search_images,
                      max_evaluations=max_evaluations, radius=radius, search_seed=search_seed, name=name,
-                     sampler=sampler, progress=progress, stats=stats)
+                     sampler=sampler, progress=progress, stats=stats, on_policy=on_policy)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,8 +107,9 @@ class TrajectoryRecorder:
     leaving ``with``) takes the hooks off.
     """
 
-    def __init__(self, model: nn.Module, paths: list[str]):
+    def __init__(self, model: nn.Module, paths: list[str], steps: Sequence[int] | None = None):
         self.paths = list(paths)
+        self.steps = None if steps is None else tuple(int(s) for s in steps)
         self.index: int | None = None
         self.num_steps: int | None = None
         self._outputs: dict[str, dict[int, list[torch.Tensor]]] = {p: {} for p in self.paths}
@@ -116,7 +117,7 @@ class TrajectoryRecorder:
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.index is None:
+            if self.index is None or (self.steps is not None and self.index not in self.steps):
                 return
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"target {path!r} returns a {type(output).__name__}: calibration records tensor "
@@ -138,12 +139,15 @@ class TrajectoryRecorder:
             self.index = None
 
     def take(self) -> dict[str, torch.Tensor]:
-        """The outputs of the generation just sampled, ``[num_steps, ...]`` per target path."""
+        """The outputs of the generation just sampled, ``[num_steps, ...]`` per target path (``[len(steps), ...]``,
+        in the order of ``steps``, when the recorder keeps only some steps)."""
         out = {}
         for path, steps in self._outputs.items():
-            if sorted(steps) != list(range(len(steps))) or (self.num_steps and len(steps) != self.num_steps):
-                raise RuntimeError(f"target {path!r} was not called at every step ({len(steps)} recorded)")
-            out[path] = torch.stack([torch.cat(steps[i], dim=0) for i in range(len(steps))])
+            want = list(self.steps) if self.steps is not None else list(range(self.num_steps or len(steps)))
+            if sorted(steps) != sorted(want):
+                raise RuntimeError(f"target {path!r} was not called at every recorded step ({len(steps)} of "
+                                   f"{len(want)} recorded)")
+            out[path] = torch.stack([torch.cat(steps[i], dim=0) for i in want])
         self._outputs = {p: {} for p in self.paths}
         return out
 
@@ -220,3 +224,111 @@ def record_trajectories(
     stats.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
                       "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups}
     return stats
+
+
+@dataclass
+class OnPolicyStats:
+    """Normal equations of *on-policy* anchors against full-compute targets, for one schedule.
+
+    Teacher-forced fits (``TrajectoryStats``) combine full-compute features; at run time the anchors are what the
+    cached run itself computed at its full steps, after its own forecasts have moved its state off the
+    full-compute trajectory. Here ``pairs`` is a ``TrajectoryStats`` over ``len(full_steps) + num_steps``
+    "steps": first the cached run's features at its full steps (in order), then the full-compute run's features
+    at every step (same labels and noise), so a fit of index ``len(full_steps) + s`` from the anchors' indices is a
+    forecast that, from what the cached run holds, aims at the full-compute feature of step ``s``: it learns to
+    correct the run's own drift (``fit.fit_on_policy``).
+    """
+
+    full_steps: tuple[int, ...]
+    num_steps: int
+    pairs: TrajectoryStats
+
+    def anchor_index(self, step: int) -> int:
+        """Index of full step ``step``'s on-policy feature in ``pairs``."""
+        return self.full_steps.index(step)
+
+    def target_index(self, step: int) -> int:
+        """Index of step ``step``'s full-compute feature in ``pairs``."""
+        return len(self.full_steps) + step
+
+
+def record_on_policy(
+    model: nn.Module,
+    labels: torch.Tensor,
+    config: Any,
+    *,
+    num_steps: int = 50,
+    seed: int = 1,
+    guidance_scale: float = 1.5,
+    cfg_mode: str = "batch",
+    grouping: str = "target",
+    row_groups: int | None = None,
+    batch_size: int = 8,
+    sampler: Callable[..., torch.Tensor] | None = None,
+    progress: bool = True,
+) -> OnPolicyStats:
+    """Sample ``labels`` twice per batch, at full compute and with ``config`` (a ``CacheConfig`` with a
+    ``FixedSchedule``: the schedule being fitted) installed, and fold the cached run's features at its full steps
+    with the full-compute features at every step into ``OnPolicyStats``.
+
+    Same noise seeds, batching and guidance as ``record_trajectories`` (use the calibration's). Cost per image:
+    one full-compute generation plus one cached one.
+
+    Example:
+        >>> on = record_on_policy(model, labels, cal.cache_config(), seed=1000)   # doctest: +SKIP
+    """
+    from ..api import apply
+
+    if sampler is None:
+        from ..models.sampler import sample
+
+        sampler = sample
+    full = tuple(int(s) for s in config.policy.full_steps)
+    if getattr(config.policy, "num_steps", num_steps) != num_steps:
+        raise ValueError(f"config's schedule is for {config.policy.num_steps} steps, num_steps is {num_steps}")
+    labels = torch.as_tensor(labels).long()
+    calls_per_step = 1 if guidance_scale == 1.0 or cfg_mode == "batch" else 2
+    if row_groups is None:
+        row_groups = 2 if guidance_scale != 1.0 and cfg_mode == "batch" else 1
+    pairs = TrajectoryStats(len(full) + num_steps, grouping, row_groups)
+    start = time.perf_counter()
+    paths = target_paths(model)
+    batches = list(torch.split(labels, batch_size))
+    for b, chunk in enumerate(tqdm(batches, desc="on-policy trajectories", disable=not progress)):
+        kwargs: dict[str, Any] = dict(num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
+                                      cfg_mode=cfg_mode)
+        with TrajectoryRecorder(model, paths) as recorder:
+            sampler(model, chunk, listener=recorder, **kwargs)
+            reference = recorder.take()
+        # The recorder's hooks go on after apply: they see what the cached run's targets return at its full steps.
+        with apply(model, config) as handle, TrajectoryRecorder(model, paths, steps=full) as recorder:
+            listener = _Listeners(handle, recorder)
+            sampler(model, chunk, listener=listener, **kwargs)
+            cached = recorder.take()
+        for path in paths:
+            pairs.add(path, torch.cat([cached[path], reference[path]]))
+        pairs.images += len(chunk)
+        pairs.model_calls += (num_steps + len(full)) * calls_per_step
+    pairs.seconds = time.perf_counter() - start
+    pairs.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
+                      "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups,
+                      "full_steps": list(full)}
+    return OnPolicyStats(full, num_steps, pairs)
+
+
+class _Listeners:
+    """Several sampler listeners told the same steps (begin in order, step contexts nested in order)."""
+
+    def __init__(self, *listeners: Any):
+        self.listeners = listeners
+
+    def begin(self, num_steps: int | None = None) -> None:
+        for listener in self.listeners:
+            listener.begin(num_steps)
+
+    @contextlib.contextmanager
+    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for listener in self.listeners:
+                stack.enter_context(listener.step(index, timestep, sigma))
+            yield
