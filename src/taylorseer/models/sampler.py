@@ -20,6 +20,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
+from ..policy.guidance import GuidanceCache, estimate_difference
 from .reference import (  # noqa: F401  (build_reference: docstring example)
     GUIDANCE_INTERVAL,
     IMAGE_SIZE,
@@ -64,6 +65,7 @@ def sample(
     cfg_mode: str = "batch",
     listener: StepListener | None = None,
     progress: bool = False,
+    guidance_cache: GuidanceCache | None = None,
 ) -> torch.Tensor:
     """Generate images in [-1, 1] ([N, 1, S, S], S the model's ``sample_size``) for ``class_labels`` [N] with DDIM.
 
@@ -73,12 +75,25 @@ def sample(
     elsewhere the conditional prediction is used alone, but both branches are still evaluated, so every step makes
     the same model calls (what a cache handle expects). ``None``: guidance at every step. The default is the
     DiT setting, every step (docs/model_card.md, "Sampler"). ``listener`` is told the steps.
+
+    ``guidance_cache`` (needs ``guidance_scale`` != 1): on the steps its plan marks as half steps the model runs
+    on the conditional batch only (N rows instead of 2N, or one call instead of two) and ``eps_uncond = eps_cond -
+    d_hat``, ``d_hat`` estimated from the guidance differences of earlier both-branch steps
+    (``taylorseer.policy.guidance``). The listener is still told every step. With ``cfg_mode="batch"`` a model
+    with a taylorseer handle applied is refused (``ValueError``): its batch would alternate between 2N and N rows,
+    and every change re-anchors the cached targets (computed in full, factors restarted: docs/reliability.md,
+    #11.2), so the handle would barely forecast. With ``cfg_mode="split"`` each branch is its own call and keeps
+    its own factors, so the two combine: a half step simply makes no unconditional call (pass the handle as
+    ``listener``: with untold steps a generation that ends on a half step keeps its factors until the next one).
     """
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {list(CFG_MODES)}, got {cfg_mode!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     low, high = _check_interval(guidance_interval)
+    both = _guidance_plan(model, guidance_cache, guidance_scale, num_steps, cfg_mode)
+    estimate = guidance_cache.estimate if guidance_cache is not None else ""
+    known: list[tuple[int, torch.Tensor]] = []  # the last two computed (step, eps_cond - eps_uncond)
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
     labels = class_labels.long()
@@ -94,7 +109,10 @@ def sample(
         context = listener.step(i, int(t), sigma) if listener is not None else contextlib.nullcontext()
         with context:
             scale = (guidance_scale if low <= int(t) < high else 1.0) if guided else None
-            eps = _guided_eps(model, x, int(t), labels, null, scale, cfg_mode)
+            if both is None or scale is None:
+                eps = _guided_eps(model, x, int(t), labels, null, scale, cfg_mode)
+            else:
+                eps = _cached_guided_eps(model, x, int(t), labels, null, scale, cfg_mode, i, both[i], known, estimate)
         x = scheduler.step(eps, t, x).prev_sample
     return x.clamp(-1, 1)
 
@@ -110,14 +128,64 @@ def _check_interval(interval: tuple[int, int] | None) -> tuple[float, float]:
     return interval[0], interval[1]
 
 
-def _guided_eps(model, x, t: int, labels, null, scale: float | None, cfg_mode: str) -> torch.Tensor:
-    def eps(inputs, y):
-        return model(inputs, timestep=torch.full((len(y),), t), class_labels=y).sample
+def _eps(model, x, t: int, y) -> torch.Tensor:
+    return model(x, timestep=torch.full((len(y),), t), class_labels=y).sample
 
-    if scale is None:
-        return eps(x, labels)
+
+def _branches(model, x, t: int, labels, null, cfg_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_cond, eps_uncond) as one doubled batch or two calls, conditional first."""
     if cfg_mode == "batch":
-        cond, uncond = eps(torch.cat([x, x]), torch.cat([labels, null])).chunk(2)
+        cond, uncond = _eps(model, torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
+        return cond, uncond
+    return _eps(model, x, t, labels), _eps(model, x, t, null)
+
+
+def _guided_eps(model, x, t: int, labels, null, scale: float | None, cfg_mode: str) -> torch.Tensor:
+    if scale is None:
+        return _eps(model, x, t, labels)
+    cond, uncond = _branches(model, x, t, labels, null, cfg_mode)
+    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
+
+
+#################################################################################
+#                 Guidance cache: half steps compute cond only                  #
+#################################################################################
+
+def _guidance_plan(model: torch.nn.Module, cache: GuidanceCache | None, guidance_scale: float, num_steps: int,
+                   cfg_mode: str) -> list[bool] | None:
+    """The both-branch plan of ``cache`` (None without one), after checking that it can run here."""
+    if cache is None:
+        return None
+    if not isinstance(cache, GuidanceCache):
+        raise TypeError(f"guidance_cache must be a GuidanceCache or None, got {type(cache).__name__}")
+    if guidance_scale == 1.0:
+        raise ValueError("guidance_cache needs classifier-free guidance (guidance_scale != 1): without it there is "
+                         "no unconditional branch to save, got guidance_scale=1.0")
+    if cfg_mode == "batch" and _has_taylorseer_handle(model):
+        raise ValueError("guidance_cache with cfg_mode='batch' on a model with a taylorseer handle: the half steps "
+                         "call the model on N rows instead of 2N, and each batch change re-anchors every cached "
+                         "target (computed in full, factors restarted; docs/reliability.md #11.2), so the handle "
+                         "would hardly forecast. Use cfg_mode='split' (each branch keeps its own factors), or "
+                         "remove() the handle")
+    return cache.plan(num_steps)
+
+
+def _has_taylorseer_handle(model: torch.nn.Module) -> bool:
+    """Whether a taylorseer handle has swapped a forward anywhere in ``model`` (also inside an offload hook)."""
+    from ..runtime.install import Forward, unwrap
+
+    return any(isinstance(m.__dict__.get("forward"), Forward) or isinstance(m.__dict__.get("_old_forward"), Forward)
+               for m in unwrap(model).modules())
+
+
+def _cached_guided_eps(model, x, t: int, labels, null, scale: float, cfg_mode: str, step: int, both: bool,
+                       known: list[tuple[int, torch.Tensor]], estimate: str) -> torch.Tensor:
+    """A guided step whose unconditional prediction is computed (``both``, recording ``d`` in ``known``) or
+    estimated as ``eps_cond - d_hat``; on both-branch steps exactly ``_guided_eps``."""
+    if both:
+        cond, uncond = _branches(model, x, t, labels, null, cfg_mode)
+        known[:] = [*known[-1:], (step, cond - uncond)]
     else:
-        cond, uncond = eps(x, labels), eps(x, null)
+        cond = _eps(model, x, t, labels)
+        uncond = cond - estimate_difference(estimate, known, step)
     return cond if scale == 1.0 else uncond + scale * (cond - uncond)

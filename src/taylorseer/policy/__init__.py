@@ -11,9 +11,10 @@ from .base import (
 )
 from .budget import ErrorBudget
 from .gate import ConfidenceGate
+from .guidance import GuidanceCache
 from .interval import IntervalPolicy, IntervalSchedule
 from .schedule import FixedSchedule
 
 __all__ = ["Decision", "Observation", "Policy", "StepInfo", "build_policy", "register_policy",
            "registered_policies", "IntervalPolicy", "IntervalSchedule"]
-__all__ += ["ConfidenceGate", "ErrorBudget", "FixedSchedule"]
+__all__ += ["ConfidenceGate", "ErrorBudget", "FixedSchedule", "GuidanceCache"]
