@@ -202,9 +202,9 @@ def test_settings_and_methods_are_validated():
     with pytest.raises(ValueError, match="needs its settings"):
         PeerCacheMethod("x", "magcache", FirstBlockCacheSettings(0.1))
     methods = peer_methods(50)
-    assert [m.family for m in methods] == ["firstblockcache"] * 3 + ["magcache"] * 3
+    assert [m.family for m in methods] == ["firstblockcache"] * 5 + ["magcache"] * 5
     assert all(isinstance(m, Method) and m.num_steps == 50 for m in methods)
-    assert json.loads(json.dumps([m.to_dict() for m in methods]))[3]["config"]["max_skip_steps"] == 8
+    assert json.loads(json.dumps([m.to_dict() for m in methods]))[5]["config"]["max_skip_steps"] == 8
     assert methods[0].full_steps() is None  # adaptive: the record's steps_full is measured
 
 

@@ -11,6 +11,10 @@ channels) the weights minimise ``sum_p (F_s[p, c] - sum_j w[j, c] F_{a_j}[p, c] 
 float64. The fit error of step ``s`` is the residual ``G[s, s] - 2 w.G[A, s] + w.G[A, A].w`` (unregularised),
 summed over channels: squared feature units, over every calibration row of the group.
 
+``fit_on_policy`` solves the same systems on ``record.OnPolicyStats``: the anchors are the features a cached run
+with the teacher-forced weights computed at its full steps (after its own forecasts moved it), the targets the
+full-compute features, so the weights also undo the drift their forecasts cause.
+
 Example:
     >>> table = fit_linear(stats, (0, 1, 2, 5, 9, 14, 20, 30), history=3, bias=True)   # doctest: +SKIP
     >>> table.steps["transformer_blocks.0.attn1"][3].anchors                           # doctest: +SKIP

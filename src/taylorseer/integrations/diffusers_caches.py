@@ -524,11 +524,14 @@ def _read_printed_ratios(text: str, num_steps: int) -> list[float]:
 #   FirstBlockCache        0.05 -> 25 (29.4)   0.14 -> 11 (18.5)   0.2 -> 8 (14.8)
 #   MagCache, K=8, r=0.04  0.06 -> 21 (27.0)   0.3  -> 11 (17.7)   0.8 -> 8 (16.7)
 # i.e. near 8 and 11 full steps (our N=7 / N=5 grid points) plus diffusers' default threshold (for MagCache with
-# our K and retention). The counts are adaptive: other images, seeds or weights give other counts (each record's
-# steps_full is measured). The calibrated MagCache ratios of that model fall from 0.996 (step 1) to 0.964 (step 45),
-# then rise to 1.013 and 1.704 at the last two steps, which therefore cut most skip runs short.
-FBCACHE_THRESHOLDS = (0.05, 0.14, 0.2)
-MAGCACHE_THRESHOLDS = (0.06, 0.3, 0.8)
+# our K and retention). Added for the calibrated comparison at 6 and 10 full steps (2026-12-01, the bench's 16
+# images, seed 0): FirstBlockCache 0.16 -> 10, 0.3 -> 6; MagCache 0.4 -> 10, 1.2 -> 7 (with at most K=8 skips in a
+# row and 2 steps always computed, 7 is the fewest it reached: 2.0 also gives 7). The counts are adaptive: other
+# images, seeds or weights give other counts (each record's steps_full is measured). The calibrated MagCache
+# ratios of that model fall from 0.996 (step 1) to 0.964 (step 45), then rise to 1.013 and 1.704 at the last two
+# steps, which therefore cut most skip runs short.
+FBCACHE_THRESHOLDS = (0.05, 0.14, 0.16, 0.2, 0.3)
+MAGCACHE_THRESHOLDS = (0.06, 0.3, 0.4, 0.8, 1.2)
 MAGCACHE_MAX_SKIP = 8
 MAGCACHE_RETENTION = 0.04  # int(0.04 * 50 + 0.5) = 2 steps always computed: our grid's warm-up
 
@@ -560,7 +563,8 @@ def peer_methods(num_steps: int = 50) -> list[PeerCacheMethod]:
 
     Example:
         >>> [m.name for m in peer_methods(50)]
-        ['fbcache-t0.05', 'fbcache-t0.14', 'fbcache-t0.2', 'magcache-t0.06', 'magcache-t0.3', 'magcache-t0.8']
+        ['fbcache-t0.05', 'fbcache-t0.14', 'fbcache-t0.16', 'fbcache-t0.2', 'fbcache-t0.3', 'magcache-t0.06', \
+'magcache-t0.3', 'magcache-t0.4', 'magcache-t0.8', 'magcache-t1.2']
     """
     _check_int("num_steps", num_steps, 1)
     fbc = [PeerCacheMethod(f"fbcache-t{t:g}", "firstblockcache", FirstBlockCacheSettings(t), num_steps)
