@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,7 +154,7 @@ class LinearForecaster:
 
     def __init__(self, table: LinearTable):
         self.table = table
-        self._placed: dict[tuple[str, int, Any, Any], StepWeights] = {}
+        self._placed: dict[tuple[str, float, Any, Any], _Placed] = {}
 
     def empty(self) -> FactorState:
         """The state before any computed step."""
@@ -185,14 +186,15 @@ class LinearForecaster:
                              f"(abscissa must be 'step' and the schedule the calibration's)")
         return table[step]
 
-    def _placed_weights(self, target: str, point: float, like: torch.Tensor, dtype: torch.dtype) -> StepWeights:
-        group = group_of(target, self.table.grouping)
-        key = (group, int(point), like.device, dtype)
+    def _placed_weights(self, target: str, point: float, like: torch.Tensor, dtype: torch.dtype) -> _Placed:
+        key = (target, point, like.device, dtype)
         placed = self._placed.get(key)
         if placed is None:
             sw = self.weights_for(target, point)
-            placed = StepWeights(sw.anchors, sw.weights.to(like.device, dtype),
-                                 None if sw.bias is None else sw.bias.to(like.device, dtype))
+            w = sw.weights.to(like.device, dtype)[:, :, None, :]  # [k, R, 1, C']: broadcast over each row group
+            b = None if sw.bias is None else sw.bias.to(like.device, dtype)[:, None, :]
+            placed = _Placed(sw.anchors, tuple(float(a) for a in sw.anchors), tuple(w), b, sw.row_groups,
+                             int(sw.weights.shape[2]))
             self._placed[key] = placed
         return placed
 
@@ -205,37 +207,74 @@ class LinearForecaster:
                              "forecasters with per_target = True)")
         if not state.factors:
             raise ValueError("cannot forecast from an empty state: no step has been computed yet")
-        dtype = dtype or state.factors[0].dtype
-        sw = self._placed_weights(target, point, state.factors[0], dtype)
-        held = tuple(int(p) for p in state.points[: len(sw.anchors)])
-        if held != sw.anchors:
+        first = state.factors[0]
+        dtype = dtype or first.dtype
+        placed = self._placed_weights(target, point, first, dtype)
+        k = len(placed.anchors)
+        if tuple(state.points[:k]) != placed.points:
+            held = [int(p) for p in state.points[:k]]
             raise ValueError(f"LinearForecast: step {int(point)} of target {target!r} was fitted on the features of "
-                             f"steps {list(sw.anchors)}, but the computed steps held are {list(held)}: the run did "
+                             f"steps {list(placed.anchors)}, but the computed steps held are {held}: the run did "
                              f"not follow the calibration's schedule {list(self.table.full_steps)}")
-        factors = [f if f.dtype == dtype else f.to(dtype) for f in state.factors[: len(sw.anchors)]]
-        shape, rows, channels = factors[0].shape, sw.row_groups, sw.weights.shape[2]
-        if factors[0].dim() == 0 or shape[0] % rows:
+        shape, rows = first.shape, placed.rows
+        if first.dim() == 0 or shape[0] % rows:
             raise ValueError(f"LinearForecast: target {target!r} returned a feature of shape {tuple(shape)}, whose "
                              f"first dimension does not split into the calibration's {rows} row groups (a CFG batch "
                              f"[cond; uncond] was calibrated: sample with the same guidance layout)")
-        if channels not in (1, shape[-1]):
-            raise ValueError(f"LinearForecast: target {target!r} has {shape[-1]} channels, its weights {channels}: "
-                             f"the calibration is for another model")
+        if placed.channels not in (1, shape[-1]):
+            raise ValueError(f"LinearForecast: target {target!r} has {shape[-1]} channels, its weights "
+                             f"{placed.channels}: the calibration is for another model")
         # [R, rows/R * ..., C] views: one multiply, then one fused multiply-add per further anchor, one bias add.
-        views = [f.reshape(rows, -1, shape[-1]) for f in factors]
-        output = views[0] * sw.weights[0][:, None, :]
-        for j in range(1, len(views)):
-            output.addcmul_(views[j], sw.weights[j][:, None, :])
-        if sw.bias is not None:
-            output.add_(sw.bias[:, None, :])
-        return output.reshape(shape)
+        view = (rows, -1, shape[-1])
+        factors = state.factors
+        output = torch.mul(_as(factors[0], dtype).reshape(view), placed.weights[0])
+        for j in range(1, k):
+            output.addcmul_(_as(factors[j], dtype).reshape(view), placed.weights[j])
+        if placed.bias is not None:
+            output.add_(placed.bias)
+        return output.view(shape)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """One (target, step)'s weights on the features' device and dtype, shaped to broadcast: ``weights[j]``
+    ``[R, 1, C']``, ``bias`` ``[R, 1, C']``; ``points``: the anchors as the state's float abscissae."""
+
+    anchors: tuple[int, ...]
+    points: tuple[float, ...]
+    weights: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None
+    rows: int
+    channels: int
+
+
+def _as(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return feature if feature.dtype == dtype else feature.to(dtype)
+
+
+_BUILT: dict[tuple[str, int, int, str], LinearForecaster] = {}
 
 
 @register_forecaster(LinearForecast)
 def _build_linear(config: LinearForecast) -> LinearForecaster:
     # The file is read by the calibration package (file IO and validation live there); imported here, when a
-    # LinearForecast is built, because the calibration package itself builds on the runtime.
+    # LinearForecast is built, because the calibration package itself builds on the runtime. The forecaster holds
+    # no generation state (that is in FactorState), only its weights placed on a device: one per unchanged file,
+    # so that an apply per generation does not read, validate and place the weights again.
     from ..calibration.io import load_calibration
 
+    path = Path(config.calibration)
+    try:
+        stat = path.stat()
+        key: tuple[str, int, int, str] | None = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.sha256)
+    except OSError:
+        key = None  # load_calibration names the problem
+    if key is not None and key in _BUILT:
+        return _BUILT[key]
     calibration = load_calibration(config.calibration, sha256=config.sha256 or None)
-    return LinearForecaster(calibration.table_required())
+    forecaster = LinearForecaster(calibration.table_required())
+    if key is not None:
+        while len(_BUILT) >= 8:  # a few recent files (a calibration holds a few MB of weights)
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = forecaster
+    return forecaster
