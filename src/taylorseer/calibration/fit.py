@@ -57,10 +57,10 @@ class FitOptions:
     """How weights are fitted: ``history`` K (1..4) features, a ``bias`` term, per-channel weights
     (``channelwise``), and the relative ``ridge`` (times the mean diagonal of the anchors' Gram block).
 
-    The defaults are the best held-out setting on the embedded model (docs/results/calibration.md): K = 4, per
-    channel, no bias (a bias lowers the calibration fit error but fits the calibration images' mean trajectory,
-    which costs 0.3 dB on held-out images), ridge 1e-6 (1e-3 already costs 1.7 dB: extrapolation weights are
-    large and must not be shrunk).
+    The defaults are the best held-out setting on the embedded model (docs/design.md "Calibrated forecasting",
+    ``scripts/calibration_options.py``): K = 4, per channel, no bias (a bias lowers the calibration fit error but
+    fits the calibration images' mean trajectory: -0.15 dB on held-out images), ridge 1e-6 (1e-3 already costs
+    1.4 dB: extrapolation weights are large and must not be shrunk).
 
     Example:
         >>> FitOptions().history, FitOptions().bias
