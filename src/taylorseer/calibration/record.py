@@ -199,16 +199,11 @@ def record_trajectories(
     Example:
         >>> stats = record_trajectories(load_reference(), torch.arange(10) % 10, seed=100)   # doctest: +SKIP
     """
-    if sampler is None:
-        from ..models.sampler import sample
-
-        sampler = sample
+    sampler = sampler or _embedded_sampler()
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {list(GROUPINGS)}, got {grouping!r}")
     labels = torch.as_tensor(labels).long()
-    calls_per_step = 1 if guidance_scale == 1.0 or cfg_mode == "batch" else 2
-    if row_groups is None:
-        row_groups = 2 if guidance_scale != 1.0 and cfg_mode == "batch" else 1
+    calls_per_step, row_groups = _layout(guidance_scale, cfg_mode, row_groups)
     stats = TrajectoryStats(num_steps, grouping, row_groups)
     start = time.perf_counter()
     batches = list(torch.split(labels, batch_size))
@@ -279,17 +274,12 @@ def record_on_policy(
     """
     from ..api import apply
 
-    if sampler is None:
-        from ..models.sampler import sample
-
-        sampler = sample
+    sampler = sampler or _embedded_sampler()
     full = tuple(int(s) for s in config.policy.full_steps)
     if getattr(config.policy, "num_steps", num_steps) != num_steps:
         raise ValueError(f"config's schedule is for {config.policy.num_steps} steps, num_steps is {num_steps}")
     labels = torch.as_tensor(labels).long()
-    calls_per_step = 1 if guidance_scale == 1.0 or cfg_mode == "batch" else 2
-    if row_groups is None:
-        row_groups = 2 if guidance_scale != 1.0 and cfg_mode == "batch" else 1
+    calls_per_step, row_groups = _layout(guidance_scale, cfg_mode, row_groups)
     pairs = TrajectoryStats(len(full) + num_steps, grouping, row_groups)
     start = time.perf_counter()
     paths = target_paths(model)
@@ -332,3 +322,18 @@ class _Listeners:
             for listener in self.listeners:
                 stack.enter_context(listener.step(index, timestep, sigma))
             yield
+
+
+def _embedded_sampler() -> Callable[..., torch.Tensor]:
+    from ..models.sampler import sample
+
+    return sample
+
+
+def _layout(guidance_scale: float, cfg_mode: str, row_groups: int | None) -> tuple[int, int]:
+    """(model calls per step, row groups): a guided CFG batch is one call whose halves are [cond; uncond] (2 row
+    groups unless ``row_groups`` says otherwise); split CFG is two calls of one row group each."""
+    batch = guidance_scale == 1.0 or cfg_mode == "batch"
+    if row_groups is None:
+        row_groups = 2 if guidance_scale != 1.0 and cfg_mode == "batch" else 1
+    return (1 if batch else 2), row_groups
