@@ -565,3 +565,17 @@ def test_on_policy_refit_lowers_the_error_to_full_compute(tmp_path):
 
 
 DEFAULT_EVAL_SEED = 11  # held out: the calibrations use noise seeds from 1000
+
+
+def test_on_policy_needs_a_recorded_sampling_before_any_search(tiny_dit, tmp_path, monkeypatch):
+    import importlib
+
+    from taylorseer.calibration import calibrate
+
+    module = importlib.import_module("taylorseer.calibration.calibrate")  # the package's calibrate is the function
+
+    stats, _truth = synthetic(num_steps=NUM_STEPS)  # built by hand: no sampling record to sample again from
+    monkeypatch.setattr(module, "search_schedule", lambda *a, **k: pytest.fail("searched before refusing"))
+    with pytest.raises(ValueError, match="on_policy=True samples the calibration images again"):
+        calibrate(tiny_dit, 4, tmp_path / "x.safetensors", num_steps=NUM_STEPS, stats=stats, progress=False)
+    assert not (tmp_path / "x.safetensors").exists()

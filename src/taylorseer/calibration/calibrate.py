@@ -97,6 +97,10 @@ def calibrate(
                                     sampler=sampler, progress=progress)
     elif stats.num_steps != num_steps:
         raise ValueError(f"stats hold {stats.num_steps}-step trajectories, num_steps is {num_steps}")
+    if on_policy and not {"labels", "seed", "guidance_scale", "cfg_mode", "row_groups", "batch_size"} <= set(
+            stats.sampling):
+        raise ValueError("on_policy=True samples the calibration images again: stats must come from "
+                         "record_trajectories (its sampling record), or pass on_policy=False")
     result: SearchResult | None = None
     if schedule is None:
         refine = (SampledObjective(model, stats, images=search_images, options=options, sampler=sampler)
@@ -122,9 +126,6 @@ def calibrate(
                             "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
     data.pop("labels", None)
     if on_policy:
-        if not {"labels", "seed", "guidance_scale", "cfg_mode", "row_groups", "batch_size"} <= set(stats.sampling):
-            raise ValueError("on_policy=True samples the calibration images again: stats must come from "
-                             "record_trajectories (its sampling record), or pass on_policy=False")
         with tempfile.TemporaryDirectory(prefix="taylorseer-calibrate-") as tmp:
             first = save_calibration(Path(tmp) / "teacher-forced.safetensors",
                                      new_header("linear", label, model, schedule_cfg), table)
