@@ -448,7 +448,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     options = FitOptions(history=args.history, bias=args.bias)
-    search = {"schedule": args.full_steps, "search_images": args.search_images, "max_evaluations": args.max_evals,
+    search_images = args.search_images if args.search_images is not None else (30 if args.model is None else 10)
+    search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
               "radius": args.radius, "search_seed": args.search_seed, "name": args.name}
     if args.model is None:
         guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
@@ -761,8 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "worse held-out at 8 of 50 full steps on the embedded model)")
     p.add_argument("--schedule", default=None, help="comma-separated full steps to fit for, skipping the search "
                    "(default: search)")
-    p.add_argument("--search-images", type=nonnegative_int, default=10, help="images each candidate schedule is "
-                   "sampled on (0: refine on the trajectory proxy only, no model call)")
+    p.add_argument("--search-images", type=nonnegative_int, default=None, help="images each candidate schedule is "
+                   "sampled on (0: refine on the trajectory proxy only, no model call; default: 30 for the embedded "
+                   "model, 10 for a pipeline, whose generations cost more)")
     p.add_argument("--max-evals", type=positive_int, default=200, help="candidate schedules the refinement samples")
     p.add_argument("--radius", type=positive_int, default=3, help="largest shift of one full step per move")
     p.add_argument("--search-seed", type=nonnegative_int, default=0, help="seed of the refinement's move order")

@@ -54,7 +54,7 @@ def calibrate(
     options: FitOptions | None = None,
     grouping: str = "target",
     schedule: FixedSchedule | None = None,
-    search_images: int = 10,
+    search_images: int = 30,
     max_evaluations: int = 200,
     radius: int = 3,
     search_seed: int = 0,
