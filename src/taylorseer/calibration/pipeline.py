@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -120,17 +119,16 @@ class StepTeller:
     manager; leaving it restores the scheduler and removes the hook exactly."""
 
     def __init__(self, pipe: Any, listener: Any, num_steps: int):
-        from ..integrations.pipeline import _timestep_position
+        from ..integrations.pipeline import TimestepCheck
 
         self.pipe, self.listener, self.num_steps = pipe, listener, num_steps
         self.scheduler = pipe.scheduler
         self.transformer: nn.Module = pipe.transformer
         self.calls: dict[int, list[int | None]] = {}
-        self._timestep_at = _timestep_position(self.transformer)
+        self._timesteps = TimestepCheck(self.transformer)
         self._completed = 0
         self._offset = 0
         self._started = False
-        self._ratio: float | None = None
         self._open: contextlib.ExitStack | None = None
         self._saved: list[tuple[str, bool, Any]] = []
         self._hook: Any = None
@@ -164,7 +162,8 @@ class StepTeller:
             raise RuntimeError(f"{type(self.pipe).__name__} set {steps} scheduler timesteps for "
                                f"num_inference_steps={self.num_steps}: a calibration is per step index, so the "
                                f"pipeline must take one scheduler step per inference step")
-        self._completed, self._ratio, self._started, self.calls = 0, None, True, {}
+        self._completed, self._started, self.calls = 0, True, {}
+        self._timesteps.reset()
         self.listener.begin(self.num_steps)
 
     def _on_step(self) -> None:
@@ -172,34 +171,16 @@ class StepTeller:
         self._completed += 1
 
     def _where(self, index: int) -> tuple[float, float | None]:
-        scheduler, position = self.scheduler, self._offset + index
-        timestep = float(scheduler.timesteps[position])
-        sigmas = getattr(scheduler, "sigmas", None)
-        if sigmas is not None and len(sigmas) > position:
-            return timestep, float(sigmas[position])
-        alphas = getattr(scheduler, "alphas_cumprod", None)
-        if alphas is not None:
-            alpha = float(alphas[int(timestep)])
-            return timestep, math.sqrt((1 - alpha) / alpha)
-        return timestep, None
+        from ..integrations.pipeline import scheduler_point
+
+        timestep, sigma = scheduler_point(self.scheduler, self._offset + index, with_sigma=True)
+        return float(timestep), None if sigma is None else float(sigma)
 
     def _check_timestep(self, index: int, expected: float, args: tuple, kwargs: dict) -> None:
-        from ..integrations.pipeline import _timestep_value
-
-        raw = kwargs["timestep"] if "timestep" in kwargs else (
-            args[self._timestep_at] if self._timestep_at is not None and len(args) > self._timestep_at else None)
-        called = _timestep_value(raw)
-        if called is None:
-            return  # the transformer takes no timestep we can read: the scheduler's position is the step
-        value, rtol = called
-        if self._ratio is None:
-            if expected != 0.0 and value != 0.0 and math.isfinite(value / expected):
-                self._ratio = value / expected  # diffusers passes t or t / 1000: learned at the first call
-            return
-        want = self._ratio * expected
-        if abs(value - want) > rtol * max(abs(value), abs(want)):
-            raise RuntimeError(f"{type(self.pipe).__name__} called its transformer with timestep {value:g} where "
-                               f"step {index} of its scheduler has {want:g}: the step cannot be told")
+        mismatch = self._timesteps.mismatch(expected, args, kwargs)
+        if mismatch is not None:
+            raise RuntimeError(f"{type(self.pipe).__name__} called its transformer with timestep {mismatch[0]:g} "
+                               f"where step {index} of its scheduler has {mismatch[1]:g}: the step cannot be told")
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._started:

@@ -78,6 +78,51 @@ def _timestep_value(value: Any) -> tuple[float, float] | None:
     return None
 
 
+def scheduler_point(scheduler: Any, position: int, with_sigma: bool) -> tuple[Any, Any]:
+    """The scheduler's timestep at ``position`` of its ``timesteps`` and, when ``with_sigma``, its sigma (from
+    ``sigmas``, else from ``alphas_cumprod``; None when it has neither)."""
+    timestep = scheduler.timesteps[position]
+    sigma = None
+    if with_sigma:
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is not None and len(sigmas) > position:
+            sigma = sigmas[position]
+        elif getattr(scheduler, "alphas_cumprod", None) is not None:
+            alpha = scheduler.alphas_cumprod[int(timestep)]
+            sigma = ((1 - alpha) / alpha).sqrt()
+    return timestep, sigma
+
+
+class TimestepCheck:
+    """Whether a transformer call's own ``timestep`` argument is the scheduler's at the expected step, up to the
+    constant factor the pipeline applies (diffusers passes ``t`` or ``t / 1000``: learned at the generation's
+    first call with a non-zero timestep; ``reset`` at each generation) and the rounding of the call's dtype."""
+
+    def __init__(self, transformer: nn.Module):
+        self.position = _timestep_position(transformer)
+        self.ratio: float | None = None
+
+    def reset(self) -> None:
+        self.ratio = None
+
+    def mismatch(self, expected: Any, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+        """None if the call follows the scheduler (or has no readable timestep); else (its timestep, the one
+        expected of it)."""
+        at = self.position
+        called = _timestep_value(kwargs["timestep"] if "timestep" in kwargs else
+                                 args[at] if at is not None and len(args) > at else None)
+        if called is None:
+            return None
+        value, rtol = called
+        expected = float(expected)
+        if self.ratio is None:
+            if expected != 0.0 and value != 0.0 and math.isfinite(value / expected):
+                self.ratio = value / expected
+            return None
+        want = self.ratio * expected
+        return None if abs(value - want) <= rtol * max(abs(value), abs(want)) else (value, want)
+
+
 def is_pipeline(obj: Any) -> bool:
     """True for a diffusers-style pipeline: a ``transformer`` module and a ``scheduler`` with ``set_timesteps``."""
     return (isinstance(getattr(obj, "transformer", None), nn.Module)
@@ -125,8 +170,7 @@ class PipelineHandle:
         self._open: contextlib.ExitStack | None = None
         self._warned = False
         self._removed = False
-        self._ratio: float | None = None  # the call's timestep / the scheduler's, learned at a generation's start
-        self._timestep_at = _timestep_position(pipeline.transformer)
+        self._timesteps = TimestepCheck(pipeline.transformer)
 
     # ---------------------------------------------------------------------------------------------------
     # install / remove
@@ -242,21 +286,11 @@ class PipelineHandle:
         self._num_steps = len(scheduler.timesteps) - self._offset
         self.cache.begin(self._num_steps)
         self._pending, self._active, self._last_index, self._warned = False, True, None, False
-        self._ratio = None
+        self._timesteps.reset()
 
     def _where(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scheduler's timestep and sigma of step ``index`` (sigma only when the abscissa needs it)."""
-        scheduler, position = self._scheduler, self._offset + index
-        timestep = scheduler.timesteps[position]
-        sigma = None
-        if self.config.abscissa == "sigma":
-            sigmas = getattr(scheduler, "sigmas", None)
-            if sigmas is not None and len(sigmas) > position:
-                sigma = sigmas[position]
-            elif getattr(scheduler, "alphas_cumprod", None) is not None:
-                alpha = scheduler.alphas_cumprod[int(timestep)]
-                sigma = ((1 - alpha) / alpha).sqrt()
-        return timestep, sigma
+        return scheduler_point(self._scheduler, self._offset + index, self.config.abscissa == "sigma")
 
     # ---------------------------------------------------------------------------------------------------
     # transformer hooks
@@ -290,23 +324,14 @@ class PipelineHandle:
 
     def _follows(self, index: int, expected: Any, args: tuple, kwargs: dict) -> bool:
         """Whether this call's timestep is the scheduler's at step ``index``; if not, end the generation."""
-        called = _timestep_value(kwargs["timestep"] if "timestep" in kwargs else
-                                 args[self._timestep_at] if self._timestep_at is not None
-                                 and len(args) > self._timestep_at else None)
-        if called is None:  # the transformer takes no timestep we can read: nothing to check
+        mismatch = self._timesteps.mismatch(expected, args, kwargs)
+        if mismatch is None:
             return True
-        value, rtol = called
-        expected = float(expected)
-        if self._ratio is None:  # the generation's first call (or the first with a timestep other than 0)
-            if expected != 0.0 and value != 0.0 and math.isfinite(value / expected):
-                self._ratio = value / expected
-            return True
-        if abs(value - self._ratio * expected) <= rtol * max(abs(value), abs(self._ratio * expected)):
-            return True
+        value, want = mismatch
         self._active = False
         self.cache.engine.clear()  # nothing from that generation may be read again
         warnings.warn(f"transformer called with timestep {value:g} where step {index} of the running generation has "
-                      f"{self._ratio * expected:g} (scheduler timestep {expected:g}): taylorseer ended that "
+                      f"{want:g} (scheduler timestep {float(expected):g}): taylorseer ended that "
                       f"generation (a pipeline call that failed partway, or another pipeline sharing this "
                       f"transformer); calls run at full compute until the pipeline sets its timesteps again",
                       stacklevel=3)
