@@ -171,11 +171,9 @@ def _guidance_plan(model: torch.nn.Module, cache: GuidanceCache | None, guidance
 
 
 def _has_taylorseer_handle(model: torch.nn.Module) -> bool:
-    """Whether a taylorseer handle has swapped a forward anywhere in ``model`` (also inside an offload hook)."""
-    from ..runtime.install import Forward, unwrap
+    from ..runtime.install import is_applied  # the runtime's own registry of installed handles
 
-    return any(isinstance(m.__dict__.get("forward"), Forward) or isinstance(m.__dict__.get("_old_forward"), Forward)
-               for m in unwrap(model).modules())
+    return is_applied(model)
 
 
 def _cached_guided_eps(model, x, t: int, labels, null, scale: float, cfg_mode: str, step: int, both: bool,

@@ -68,6 +68,17 @@ class Forward:
 _VARIANTS: dict[tuple, type] = {}
 
 
+def is_applied(model: nn.Module) -> bool:
+    """Whether a taylorseer handle is installed on ``model`` or any module in it (``torch.compile`` wrappers are
+    looked through).
+
+    Example:
+        >>> is_applied(nn.Linear(2, 2))
+        False
+    """
+    return any(id(m) in _INSTALLED for m in unwrap(model).modules())
+
+
 def forward_class(original: Any, slot: Slot) -> type:
     """A ``Forward`` subclass whose ``__call__`` has its own code object for each (module forward, mode,
     ``enters``): dynamo keeps compiled variants per code object, so targets of different kinds never share (and
