@@ -455,7 +455,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
         cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
                         classes=args.class_ids, seed=args.seed, guidance_scale=guidance, options=options,
-                        on_policy=not args.teacher_forced, **search)
+                        on_policy=not args.teacher_forced, granularity=args.granularity, **search)
     else:
         from .calibration.pipeline import calibrate_pipeline
         from .generate import load_pipeline
@@ -463,7 +463,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args.model, args.device, args.dtype)
         cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,
                                  images=args.images, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
-                                 on_policy=not args.teacher_forced, **search)
+                                 on_policy=not args.teacher_forced, granularity=args.granularity, **search)
     header = cal.header
     print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
     print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
@@ -760,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-forced", action="store_true", help="skip the on-policy refit: keep the weights fitted "
                    "on full-compute features only (cheaper by one full and one cached pass over the images; 1.7 dB "
                    "worse held-out at 8 of 50 full steps on the embedded model)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="module", help="what is "
+                   "recorded and forecast: the attention/MLP module outputs (the paper's), each block's residual, or "
+                   "the model output (default: module)")
     p.add_argument("--schedule", default=None, help="comma-separated full steps to fit for, skipping the search "
                    "(default: search)")
     p.add_argument("--search-images", type=nonnegative_int, default=None, help="images each candidate schedule is "

@@ -200,6 +200,54 @@ def test_runtime_passes_the_target_and_reuse_weights_equal_fora(tiny_dit, tmp_pa
     assert not torch.equal(ours, full)  # it did forecast
 
 
+@pytest.mark.parametrize("granularity", ["block", "output"])
+def test_reuse_weights_equal_fora_at_other_granularities(tiny_dit, tmp_path, granularity):
+    from taylorseer.calibration import target_paths
+    from taylorseer.parts import Targets
+
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    table = reuse_table(target_paths(tiny_dit, granularity), grouping="target")
+    header = new_header("linear", "reuse", tiny_dit, schedule, granularity=granularity)
+    cal = save_calibration(tmp_path / "reuse.safetensors", header, table)
+    loaded = load_calibration(cal.path, model=tiny_dit)
+    assert loaded.granularity == granularity and loaded.cache_config().targets.granularity == granularity
+    ours = _images(tiny_dit, loaded.cache_config())
+    fora = _images(tiny_dit, CacheConfig(schedule, TaylorForecast(max_order=0), Targets(granularity=granularity),
+                                         abscissa="step"))
+    assert torch.equal(ours, fora)
+    full = sample(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5)
+    assert not torch.equal(ours, full)
+    module = _images(tiny_dit, CacheConfig(schedule, TaylorForecast(max_order=0), abscissa="step"))
+    assert not torch.equal(ours, module)  # the file's granularity was used, not the default
+
+
+def test_block_recording_is_each_blocks_output_minus_its_input(tiny_dit):
+    from taylorseer.calibration import TrajectoryRecorder, calibration_targets
+
+    blocks = calibration_targets(tiny_dit, "block")
+    assert blocks and all(t.mode == "residual" for t in blocks)
+    paths = [t.path for t in blocks]
+    with TrajectoryRecorder(tiny_dit, blocks) as residuals, TrajectoryRecorder(tiny_dit, paths) as outputs:
+        from taylorseer.calibration.record import _Listeners
+
+        sample(tiny_dit, torch.tensor([0, 3]), num_steps=4, seed=5, listener=_Listeners(residuals, outputs))
+        r, o = residuals.take(), outputs.take()
+    for before, block in zip(paths, paths[1:]):  # block i's input is block i-1's output
+        torch.testing.assert_close(r[block], o[block] - o[before], rtol=0, atol=0)
+    assert r[paths[0]].shape == (4, 4, *o[paths[0]].shape[2:])  # 4 steps, CFG batch of 2 images
+    assert not torch.equal(r[paths[0]], o[paths[0]])
+
+
+def test_granularity_is_checked_before_any_work(tiny_dit, tmp_path):
+    from taylorseer.calibration import calibrate
+
+    with pytest.raises(ValueError, match="granularity must be one of.*'module', 'block', 'output'.*'blocks'"):
+        calibrate(tiny_dit, 4, tmp_path / "x.safetensors", num_steps=NUM_STEPS, granularity="blocks", progress=False)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        record_trajectories(tiny_dit, torch.tensor([0]), num_steps=NUM_STEPS, granularity="layer", progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def record_targets(model):
     from taylorseer.calibration import target_paths
 
@@ -478,6 +526,22 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_dit, tmp_path):
     again = calibrate(tiny_dit, 4, tmp_path / "d.safetensors", num_steps=NUM_STEPS, images=2, search_images=2,
                       max_evaluations=6, progress=False, name="tiny")
     assert again.schedule == cal.schedule  # deterministic for the seeds
+
+
+def test_calibrate_at_block_granularity_records_and_forecasts_block_residuals(tiny_dit, tmp_path):
+    from taylorseer.calibration import calibrate, target_paths
+
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    cal = calibrate(tiny_dit, 4, tmp_path / "b.safetensors", num_steps=NUM_STEPS, images=2, schedule=schedule,
+                    granularity="block", progress=False)
+    assert cal.header["granularity"] == "block" and cal.header["calibration_data"]["granularity"] == "block"
+    assert sorted(cal.header["targets"]) == sorted(cal.header["groups"]) == sorted(target_paths(tiny_dit, "block"))
+    config = load_calibration(cal.path, model=tiny_dit).cache_config()
+    assert config.targets.granularity == "block"
+    with apply(tiny_dit, config) as handle:
+        sample(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5, listener=handle)
+        assert sorted({t.path for t in handle.targets}) == sorted(cal.header["targets"])
+        assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
 
 
 #################################################################################

@@ -21,6 +21,7 @@ from .record import (
     OnPolicyStats,
     TrajectoryRecorder,
     TrajectoryStats,
+    calibration_targets,
     record_on_policy,
     record_trajectories,
     target_paths,
@@ -39,6 +40,6 @@ __all__ = ["DEFAULT_SEED", "calibrate", "calibration_labels", "FitOptions", "anc
            "fit_on_policy", "forecast_steps", "Calibration", "CalibrationError", "load_calibration", "model_identity",
            "new_header",
            "save_calibration", "OnPolicyStats", "TrajectoryRecorder", "TrajectoryStats", "record_on_policy",
-           "record_trajectories", "target_paths",
+           "record_trajectories", "target_paths", "calibration_targets",
            "Objective", "ProxyObjective", "SampledObjective", "SearchResult", "greedy_schedule", "refine_schedule",
            "search_schedule", "PipelineSampler", "calibrate_pipeline"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GRANULARITIES
 from ..policy.schedule import FixedSchedule
 from .fit import FitOptions, fit_linear, fit_on_policy
 from .io import Calibration, new_header, save_calibration
@@ -63,6 +64,7 @@ def calibrate(
     progress: bool = True,
     stats: TrajectoryStats | None = None,
     on_policy: bool = True,
+    granularity: str | None = None,
 ) -> Calibration:
     """Calibrate ``model`` for ``num_steps``-step generations with ``budget`` full steps; write ``out``.
 
@@ -80,7 +82,9 @@ def calibrate(
        docs/design.md "Calibrated forecasting").
     5. Save the file (``io.py`` format) with the search and fit records and return it loaded.
 
-    ``stats``: reuse trajectories recorded before (step 1 is skipped). ``sampler``: the embedded DDIM sampler by
+    ``granularity``: what is forecast (``module`` outputs by default, ``block`` residuals or the model ``output``;
+    ``calibration_targets``); with ``stats``, theirs. ``stats``: reuse trajectories recorded before (step 1 is
+    skipped). ``sampler``: the embedded DDIM sampler by
     default. Cost: step 1 is ``images`` full-compute generations; step 2 about ``max_evaluations`` cached
     generations of ``search_images`` images; step 3 well under a second per schedule on the embedded model;
     step 4 ``images`` full-compute and ``images`` cached generations.
@@ -91,12 +95,16 @@ def calibrate(
     """
     check_budget(budget, num_steps)
     options = options or FitOptions()
+    if granularity is not None and granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
     if stats is None:
         stats = record_trajectories(model, calibration_labels(images, classes), num_steps=num_steps, seed=seed,
                                     guidance_scale=guidance_scale, cfg_mode=cfg_mode, grouping=grouping,
-                                    sampler=sampler, progress=progress)
+                                    sampler=sampler, progress=progress, granularity=granularity or "module")
     elif stats.num_steps != num_steps:
         raise ValueError(f"stats hold {stats.num_steps}-step trajectories, num_steps is {num_steps}")
+    elif granularity is not None and granularity != stats.granularity:
+        raise ValueError(f"stats hold {stats.granularity!r}-granularity trajectories, granularity is {granularity!r}")
     if on_policy and not {"labels", "seed", "guidance_scale", "cfg_mode", "row_groups", "batch_size"} <= set(
             stats.sampling):
         raise ValueError("on_policy=True samples the calibration images again: stats must come from "
@@ -128,18 +136,20 @@ def calibrate(
     if on_policy:
         with tempfile.TemporaryDirectory(prefix="taylorseer-calibrate-") as tmp:
             first = save_calibration(Path(tmp) / "teacher-forced.safetensors",
-                                     new_header("linear", label, model, schedule_cfg), table)
+                                     new_header("linear", label, model, schedule_cfg,
+                                                granularity=stats.granularity), table)
             sampling = stats.sampling
             on = record_on_policy(model, torch.tensor(sampling["labels"]), first.cache_config(),
                                   num_steps=num_steps, seed=sampling["seed"], guidance_scale=sampling["guidance_scale"],
                                   cfg_mode=sampling["cfg_mode"], grouping=stats.grouping,
                                   row_groups=sampling["row_groups"], batch_size=sampling["batch_size"],
-                                  sampler=sampler, progress=progress)
+                                  sampler=sampler, progress=progress, granularity=stats.granularity)
         start = time.perf_counter()
         table, on_error = fit_on_policy(on, options)
         fit = {"teacher_forced": fit, **on_error, "seconds": time.perf_counter() - start}
         data["on_policy"] = {"images": on.pairs.images, "model_calls": on.pairs.model_calls,
                              "seconds": on.pairs.seconds}
-    header = new_header("linear", label, model, schedule_cfg, forecaster=forecaster, fit=fit,
-                        search=None if result is None else result.to_dict(), calibration_data=data)
+    header = new_header("linear", label, model, schedule_cfg, granularity=stats.granularity, forecaster=forecaster,
+                        fit=fit, search=None if result is None else result.to_dict(), calibration_data=data,
+                        targets=dict(sorted(stats.targets.items())))
     return save_calibration(out, header, table)

@@ -2,16 +2,17 @@
 
 Format ``taylorseer.calibration/1`` (one safetensors file):
 
-* metadata key ``"taylorseer.calibration"``: a JSON object, the header. ``format``; ``kind`` (``"linear"``:
-  weights for a schedule, usable as ``LinearForecast`` + ``FixedSchedule``; ``"schedule"``: a schedule only, usable
-  with any forecaster); ``name``; ``library_version``; ``created`` (UTC); ``model`` (``class``, ``config_sha256``
-  of its public config, ``params``: parameter count and the float64 sum of absolute values, a fingerprint of the
-  weights); ``num_steps``; ``schedule`` (``FixedSchedule.to_dict()``); ``forecaster`` (the fit options and
-  grouping, or null); ``groups`` (weight groups, in tensor order) and ``targets`` (path -> group); ``fit``
+* metadata key ``"taylorseer.calibration"``: a JSON object, the header. ``format``; ``kind`` (``"linear"``: weights
+  for a schedule, usable as ``LinearForecast`` + ``FixedSchedule``; ``"schedule"``: a schedule only, usable with any
+  forecaster); ``name``; ``library_version``; ``created`` (UTC); ``model`` (``class``, ``config_sha256`` of its public
+  config, ``params``: parameter count and the float64 sum of absolute values, a fingerprint of the weights);
+  ``granularity`` (what the weights forecast: ``module`` outputs, ``block`` residuals or the model ``output``; files
+  without it are ``module``); ``num_steps``; ``schedule`` (``FixedSchedule.to_dict()``); ``forecaster`` (the fit
+  options and grouping, or null); ``groups`` (weight groups, in tensor order) and ``targets`` (path -> group); ``fit``
   (relative L2 fit error of the teacher-forced forecasts, overall and worst step; seconds); ``search`` (budget,
-  method, cost in model calls and seconds, proxy and measured errors, or null); ``calibration_data`` (images,
-  class labels, noise seed, guidance scale, CFG mode, model calls and seconds of the recording);
-  ``tensor_sha256``: SHA-256 over the tensors (name, dtype, shape and bytes, sorted by name).
+  method, cost in model calls and seconds, proxy and measured errors, or null); ``calibration_data`` (images, class
+  labels, noise seed, guidance scale, CFG mode, model calls and seconds of the recording); ``tensor_sha256``: SHA-256
+  over the tensors (name, dtype, shape and bytes, sorted by name).
 * tensors: ``schedule.full_steps`` (int64 ``[F]``) and, per group ``g`` (its index in ``groups``),
   ``g{g}.steps`` (int64 ``[n]``, the forecast steps), ``g{g}.anchors`` (int64 ``[n, K]``, newest first, -1
   padded), ``g{g}.weights`` (float32 ``[n, K, R, C']``, zero padded; ``R`` row groups, ``C'`` channels or 1)
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GRANULARITIES
 from ..forecast.linear import GROUPINGS, LinearForecast, LinearTable, StepWeights
 from ..models.checkpoint import CheckpointError, check_sha256, file_sha256, save_tensors
 from ..policy.schedule import FixedSchedule
@@ -115,6 +117,11 @@ class Calibration:
         return int(self.header["num_steps"])
 
     @property
+    def granularity(self) -> str:
+        """What the weights forecast (``Targets.granularity``): ``module``, ``block`` or ``output``."""
+        return str(self.header.get("granularity", "module"))
+
+    @property
     def schedule(self) -> FixedSchedule:
         """The calibration's schedule, as a ``FixedSchedule`` policy config."""
         return FixedSchedule.from_dict(self.header["schedule"])
@@ -146,8 +153,9 @@ class Calibration:
 
     def cache_config(self, forecaster: Any = None, name: str | None = None) -> Any:
         """A ``CacheConfig``: the file's ``FixedSchedule`` with its ``LinearForecast`` (the file must have been
-        saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config)."""
-        from ..parts import CacheConfig
+        saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config), at the
+        file's ``granularity``."""
+        from ..parts import CacheConfig, Targets
 
         if forecaster is None:
             self.table_required()
@@ -155,7 +163,8 @@ class Calibration:
                 raise CalibrationError("save the calibration first (save_calibration): LinearForecast names a file")
             forecaster = LinearForecast(self.path, self.sha256 or "")
         label = name or self.header.get("name") or "calibrated"
-        return CacheConfig(self.schedule, forecaster, abscissa="step", name=label)
+        return CacheConfig(self.schedule, forecaster, Targets(granularity=self.granularity), abscissa="step",
+                           name=label)
 
 
 def new_header(kind: str, name: str, model: nn.Module, schedule: FixedSchedule, **fields: Any) -> dict[str, Any]:
@@ -166,12 +175,15 @@ def new_header(kind: str, name: str, model: nn.Module, schedule: FixedSchedule, 
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     header = {"format": FORMAT, "kind": kind, "name": name, "library_version": __version__,
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "model": model_identity(model), "num_steps": schedule.num_steps, "schedule": schedule.to_dict(),
+              "model": model_identity(model), "granularity": "module", "num_steps": schedule.num_steps,
+              "schedule": schedule.to_dict(),
               "forecaster": None, "groups": [], "targets": {}, "fit": None, "search": None, "calibration_data": None}
     unknown = sorted(set(fields) - set(header))
     if unknown:
         raise ValueError(f"unknown header field(s) {unknown}; allowed: {sorted(header)}")
     header.update(fields)
+    if header["granularity"] not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {header['granularity']!r}")
     return header
 
 
@@ -334,6 +346,8 @@ def load_calibration(path: str | os.PathLike, *, sha256: str | None = None, mode
         raise _fail(path, "its tensors do not match the digest recorded in its header: the file is corrupted")
     if header["kind"] not in KINDS:
         raise _fail(path, f"kind {header['kind']!r} is not one of {list(KINDS)}")
+    if header.get("granularity", "module") not in GRANULARITIES:
+        raise _fail(path, f"granularity {header['granularity']!r} is not one of {list(GRANULARITIES)}")
     try:
         schedule_cfg = FixedSchedule.from_dict(header["schedule"])
     except (TypeError, ValueError) as err:

@@ -46,7 +46,7 @@ from ..policy.schedule import FixedSchedule
 from .calibrate import DEFAULT_SEED, calibrate, calibration_labels
 from .fit import FitOptions
 from .io import Calibration
-from .record import record_trajectories
+from .record import calibration_targets, record_trajectories
 from .search import check_budget
 
 PROBE_STEPS = 2  # steps of the one-image pipeline call that reads the guidance layout
@@ -349,6 +349,7 @@ def calibrate_pipeline(
     batch_size: int = 8,
     progress: bool = True,
     on_policy: bool = True,
+    granularity: str = "module",
 ) -> Calibration:
     """Calibrate ``pipe.transformer`` for ``num_steps``-step generations of ``pipe`` with ``budget`` full steps;
     write ``out`` (the ``taylorseer.calibration.calibrate`` steps, with ``PipelineSampler`` as the sampler).
@@ -367,6 +368,7 @@ def calibrate_pipeline(
         >>> taylorseer.generate.generate(folder, "a red fox", None, 28, calibration="b8.safetensors")  # doctest: +SKIP
     """
     check_budget(budget, num_steps)
+    calibration_targets(pipe.transformer, granularity)  # a wrong granularity is refused before the probe call
     sampler = PipelineSampler(pipe, prompts)
     if not sampler.takes_guidance and guidance_scale not in (None, 1.0):
         raise ValueError(f"{type(pipe).__name__} takes no guidance_scale, got {guidance_scale!r}")
@@ -379,7 +381,7 @@ def calibrate_pipeline(
     # recorded here with it and handed to calibrate().
     stats = record_trajectories(pipe.transformer, labels, num_steps=num_steps, seed=seed, guidance_scale=guidance,
                                 cfg_mode=cfg_mode, grouping=grouping, row_groups=row_groups, batch_size=batch_size,
-                                sampler=sampler, progress=progress)
+                                sampler=sampler, progress=progress, granularity=granularity)
     stats.model_calls += probe_calls
     stats.sampling.update(pipeline=type(pipe).__name__, prompts=list(sampler.prompts),
                           items=[i if isinstance(i, int) else str(i) for i in sampler.items],

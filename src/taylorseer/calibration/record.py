@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import GRANULARITIES
 from ..forecast.linear import GROUPINGS, group_of
 
 
@@ -44,6 +46,7 @@ class TrajectoryStats:
     ``targets``: target path -> group. ``rows``: feature rows summed per group and channel (images x CFG rows x
     tokens x targets in the group). ``model_calls``: full model evaluations spent; ``seconds``: wall time.
     ``sampling``: how the trajectories were made (labels, seed, guidance scale, ...), for the file header.
+    ``granularity``: what the targets are (``calibration_targets``: module outputs, block residuals, the output).
     """
 
     num_steps: int
@@ -56,6 +59,7 @@ class TrajectoryStats:
     model_calls: int = 0
     seconds: float = 0.0
     sampling: dict[str, Any] = field(default_factory=dict)
+    granularity: str = "module"
 
     def add(self, target: str, features: torch.Tensor) -> None:
         """Fold one target's trajectory ``[num_steps, rows, ..., C]`` into its group's Gram (``rows`` divisible by
@@ -82,13 +86,14 @@ class TrajectoryStats:
 
     def merge(self, other: TrajectoryStats) -> TrajectoryStats:
         """The statistics of both recordings together (same steps and grouping)."""
-        mine, theirs = (self.num_steps, self.grouping, self.row_groups), (other.num_steps, other.grouping,
-                                                                           other.row_groups)
+        mine = (self.num_steps, self.grouping, self.row_groups, self.granularity)
+        theirs = (other.num_steps, other.grouping, other.row_groups, other.granularity)
         if mine != theirs:
-            raise ValueError(f"cannot merge trajectories of (steps, grouping, row groups) {theirs} into {mine}")
+            raise ValueError(f"cannot merge trajectories of (steps, grouping, row groups, granularity) {theirs} into "
+                             f"{mine}")
         out = TrajectoryStats(self.num_steps, self.grouping, self.row_groups,
                               {k: v.clone() for k, v in self.gram.items()}, dict(self.targets), dict(self.rows),
-                              self.images, self.model_calls, self.seconds, dict(self.sampling))
+                              self.images, self.model_calls, self.seconds, dict(self.sampling), self.granularity)
         for group, gram in other.gram.items():
             out.gram[group] = out.gram[group] + gram if group in out.gram else gram.clone()
             out.rows[group] = out.rows.get(group, 0) + other.rows[group]
@@ -100,29 +105,52 @@ class TrajectoryStats:
 
 
 class TrajectoryRecorder:
-    """A sampler listener (``begin``/``step``) that hooks the target modules and keeps their outputs per step.
+    """A sampler listener (``begin``/``step``) that hooks the target modules and keeps what they return per step.
 
-    Each call's output is kept (detached); several calls in one step (CFG split) are concatenated along the
-    first dimension. ``take()`` returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or
-    leaving ``with``) takes the hooks off.
+    ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the
+    output (its one tensor: the root model's ``(sample,)`` counts as one), ``mode="residual"`` keeps output minus
+    the input it is the residual of (block granularity: what ``apply`` forecasts). Each call's tensor is kept
+    (detached); several calls in one step (CFG split) are concatenated along the first dimension. ``take()``
+    returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or leaving ``with``) takes the
+    hooks off.
     """
 
-    def __init__(self, model: nn.Module, paths: list[str], steps: Sequence[int] | None = None):
-        self.paths = list(paths)
+    def __init__(self, model: nn.Module, targets: Sequence[Any], steps: Sequence[int] | None = None):
+        from ..adapters.registry import Target
+
+        self.targets = [t if isinstance(t, Target) else Target(str(t)) for t in targets]
+        self.paths = [t.path for t in self.targets]
         self.steps = None if steps is None else tuple(int(s) for s in steps)
         self.index: int | None = None
         self.num_steps: int | None = None
         self._outputs: dict[str, dict[int, list[torch.Tensor]]] = {p: {} for p in self.paths}
-        self._hooks = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.paths]
+        self._hooks = []
+        for t in self.targets:
+            if t.mode not in ("output", "residual"):
+                raise ValueError(f"target {t.path!r}: calibration records mode 'output' or 'residual' targets, not "
+                                 f"{t.mode!r}")
+            module = model.get_submodule(t.path)
+            self._hooks.append(module.register_forward_hook(self._hook(t, module), with_kwargs=True))
 
-    def _hook(self, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def _hook(self, target: Any, module: nn.Module) -> Callable[..., None]:
+        from ..runtime.state import residual_leaves
+
+        # The class's forward names the arguments (an installed handle or an offload hook wraps the instance's).
+        forward = type(module).forward.__get__(module)
+        parameters = list(inspect.signature(forward).parameters) if target.mode == "residual" else []
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self.index is None or (self.steps is not None and self.index not in self.steps):
                 return
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"target {path!r} returns a {type(output).__name__}: calibration records tensor "
-                                "outputs only")
-            self._outputs[path].setdefault(self.index, []).append(output.detach())
+            leaves = list(output) if isinstance(output, (tuple, list)) else [output]
+            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+            if len(tensors) != 1:
+                raise TypeError(f"target {target.path!r} returns {type(output).__name__} with {len(tensors)} tensors: "
+                                "calibration records targets that return one tensor")
+            if target.mode == "residual":
+                leaves = residual_leaves(target.path, target.inputs, parameters, args, kwargs, leaves, None)
+                tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+            self._outputs[target.path].setdefault(self.index, []).append(tensors[0].detach())
 
         return hook
 
@@ -163,12 +191,27 @@ class TrajectoryRecorder:
         self.remove()
 
 
-def target_paths(model: nn.Module) -> list[str]:
-    """The module targets ``apply`` forecasts on ``model`` (registered adapter, module granularity)."""
+def calibration_targets(model: nn.Module, granularity: str = "module") -> list[Any]:
+    """The ``Target``s ``apply`` forecasts on ``model`` at ``granularity`` (registered adapter): ``module`` (the
+    attention and MLP outputs, the paper's), ``block`` (each block's residual, output minus input) or ``output``
+    (the model's output).
+
+    Example:
+        >>> [t.path for t in calibration_targets(load_reference(), "block")][:2]     # doctest: +SKIP
+        ['transformer_blocks.0', 'transformer_blocks.1']
+    """
     from ..adapters import resolve_targets
     from ..config import TaylorSeerConfig
 
-    return [t.path for t in resolve_targets(model, TaylorSeerConfig()) if t.mode == "output"]
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
+    return [t for t in resolve_targets(model, TaylorSeerConfig(granularity=granularity))
+            if t.mode in ("output", "residual")]
+
+
+def target_paths(model: nn.Module, granularity: str = "module") -> list[str]:
+    """The paths of ``calibration_targets(model, granularity)``."""
+    return [t.path for t in calibration_targets(model, granularity)]
 
 
 def record_trajectories(
@@ -184,6 +227,7 @@ def record_trajectories(
     batch_size: int = 8,
     sampler: Callable[..., torch.Tensor] | None = None,
     progress: bool = True,
+    granularity: str = "module",
 ) -> TrajectoryStats:
     """Sample ``labels`` at full compute (``num_steps`` DDIM steps, noise from ``seed``) and return the running
     normal equations of every target's trajectory.
@@ -191,8 +235,10 @@ def record_trajectories(
     Images are sampled ``batch_size`` at a time; batch ``b`` uses noise seed ``seed + b`` (so the images of a
     calibration never share noise with a bench run of another seed unless the seeds collide: use seeds the
     evaluation does not). ``row_groups`` (None: 2 for a guided CFG batch, ``cfg_mode="batch"`` with
-    ``guidance_scale != 1``, whose halves are [cond; uncond]; else 1). ``sampler`` defaults to the embedded
-    model's DDIM sampler (``taylorseer.models.sampler.sample``; any function with its signature works).
+    ``guidance_scale != 1``, whose halves are [cond; uncond]; else 1). ``granularity``: which features are
+    recorded (``calibration_targets``; the file's forecasts are then made at that granularity). ``sampler``
+    defaults to the embedded model's DDIM sampler (``taylorseer.models.sampler.sample``; any function with its
+    signature works).
     Memory: one batch of trajectories (``num_steps`` x batch x CFG rows x tokens x channels x targets floats)
     plus the Gram matrices.
 
@@ -202,12 +248,13 @@ def record_trajectories(
     sampler = sampler or _embedded_sampler()
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {list(GROUPINGS)}, got {grouping!r}")
+    targets = calibration_targets(model, granularity)
     labels = torch.as_tensor(labels).long()
     calls_per_step, row_groups = _layout(guidance_scale, cfg_mode, row_groups)
-    stats = TrajectoryStats(num_steps, grouping, row_groups)
+    stats = TrajectoryStats(num_steps, grouping, row_groups, granularity=granularity)
     start = time.perf_counter()
     batches = list(torch.split(labels, batch_size))
-    with TrajectoryRecorder(model, target_paths(model)) as recorder:
+    with TrajectoryRecorder(model, targets) as recorder:
         for b, chunk in enumerate(tqdm(batches, desc="calibration trajectories", disable=not progress)):
             sampler(model, chunk, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
                     cfg_mode=cfg_mode, listener=recorder)
@@ -217,7 +264,8 @@ def record_trajectories(
             stats.model_calls += num_steps * calls_per_step
     stats.seconds = time.perf_counter() - start
     stats.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
-                      "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups}
+                      "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups,
+                      "granularity": granularity}
     return stats
 
 
@@ -261,12 +309,14 @@ def record_on_policy(
     batch_size: int = 8,
     sampler: Callable[..., torch.Tensor] | None = None,
     progress: bool = True,
+    granularity: str | None = None,
 ) -> OnPolicyStats:
     """Sample ``labels`` twice per batch, at full compute and with ``config`` (a ``CacheConfig`` with a
     ``FixedSchedule``: the schedule being fitted) installed, and fold the cached run's features at its full steps
     with the full-compute features at every step into ``OnPolicyStats``.
 
-    Same noise seeds, batching and guidance as ``record_trajectories`` (use the calibration's). Cost per image:
+    Same noise seeds, batching and guidance as ``record_trajectories`` (use the calibration's). ``granularity``
+    (None: ``config.targets.granularity``) must be the one ``config`` forecasts at. Cost per image:
     one full-compute generation plus one cached one.
 
     Example:
@@ -278,20 +328,25 @@ def record_on_policy(
     full = tuple(int(s) for s in config.policy.full_steps)
     if getattr(config.policy, "num_steps", num_steps) != num_steps:
         raise ValueError(f"config's schedule is for {config.policy.num_steps} steps, num_steps is {num_steps}")
+    granularity = granularity or config.targets.granularity
+    if granularity != config.targets.granularity:
+        raise ValueError(f"granularity {granularity!r} differs from the config's ({config.targets.granularity!r}): "
+                         f"the cached run's features would not be the ones recorded")
     labels = torch.as_tensor(labels).long()
     calls_per_step, row_groups = _layout(guidance_scale, cfg_mode, row_groups)
-    pairs = TrajectoryStats(len(full) + num_steps, grouping, row_groups)
+    pairs = TrajectoryStats(len(full) + num_steps, grouping, row_groups, granularity=granularity)
     start = time.perf_counter()
-    paths = target_paths(model)
+    targets = calibration_targets(model, granularity)
+    paths = [t.path for t in targets]
     batches = list(torch.split(labels, batch_size))
     for b, chunk in enumerate(tqdm(batches, desc="on-policy trajectories", disable=not progress)):
         kwargs: dict[str, Any] = dict(num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
                                       cfg_mode=cfg_mode)
-        with TrajectoryRecorder(model, paths) as recorder:
+        with TrajectoryRecorder(model, targets) as recorder:
             sampler(model, chunk, listener=recorder, **kwargs)
             reference = recorder.take()
         # The recorder's hooks go on after apply: they see what the cached run's targets return at its full steps.
-        with apply(model, config) as handle, TrajectoryRecorder(model, paths, steps=full) as recorder:
+        with apply(model, config) as handle, TrajectoryRecorder(model, targets, steps=full) as recorder:
             listener = _Listeners(handle, recorder)
             sampler(model, chunk, listener=listener, **kwargs)
             cached = recorder.take()
@@ -302,7 +357,7 @@ def record_on_policy(
     pairs.seconds = time.perf_counter() - start
     pairs.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
                       "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups,
-                      "full_steps": list(full)}
+                      "full_steps": list(full), "granularity": granularity}
     return OnPolicyStats(full, num_steps, pairs)
 
 

@@ -155,15 +155,17 @@ class SampledObjective(Objective):
 
     def config_for(self, full_steps: Schedule) -> Any:
         """The ``CacheConfig`` a candidate is sampled with (weights written to a temporary calibration file)."""
-        from ..parts import CacheConfig
+        from ..parts import CacheConfig, Targets
         from .io import new_header, save_calibration
 
         schedule = FixedSchedule(full_steps, self.stats.num_steps, name="candidate")
         if self.forecaster is not None:
-            return CacheConfig(schedule, self.forecaster, abscissa="step", name="candidate")
+            return CacheConfig(schedule, self.forecaster, Targets(granularity=self.stats.granularity),
+                               abscissa="step", name="candidate")
         table, _ = fit_linear(self.stats, full_steps, self.options)
         path = Path(self._tmp.name) / "candidate.safetensors"
-        return save_calibration(path, new_header("linear", "candidate", self.model, schedule), table).cache_config()
+        header = new_header("linear", "candidate", self.model, schedule, granularity=self.stats.granularity)
+        return save_calibration(path, header, table).cache_config()
 
     def evaluate(self, full_steps: Schedule) -> float:
         from ..api import apply
