@@ -440,3 +440,27 @@ def test_corrector_with_two_computed_steps_is_linear_extrapolation(calibrate):
     # t**2 at 0, 1: slope 1; target 3: 1 + 1 * 2 = 3 (true 9), calibrated or not.
     f, s = feed(CorrectorForecast(calibrate), [0.0, 1.0], [0.0, 1.0])
     assert_forecast(f, s, 3.0, 3.0, tol=1e-12)
+
+
+@pytest.mark.parametrize("factor_dtype", [None, torch.float16])
+def test_store_finite_check_is_exact_when_the_sum_overflows(factor_dtype):
+    # finite() takes a float32 sum first; finite elements whose sum overflows must still count as finite, and a
+    # single NaN or infinity anywhere must not.
+    from taylorseer.forecast import TaylorForecast, build_forecaster
+    from taylorseer.runtime.state import FactorStore
+
+    def finite(values):
+        store = FactorStore(build_forecaster(TaylorForecast(max_order=0)), factor_dtype)
+        store.record((0, "t"), [values], None, point=0.0, keep_history=True, shape=(1,))
+        return store.finite((0, "t"))
+
+    big = 3e38 if factor_dtype is None else 6e4
+    assert finite(torch.full((64,), big))  # the float32 sum is inf (or fp16 values near their maximum)
+    assert finite(torch.linspace(-1, 1, 100))
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.full((64,), big)
+        x[17] = bad
+        assert not finite(x)
+    x = torch.zeros(10)
+    x[3] = math.nan
+    assert not finite(x)
