@@ -238,6 +238,23 @@ def test_block_recording_is_each_blocks_output_minus_its_input(tiny_dit):
     assert not torch.equal(r[paths[0]], o[paths[0]])
 
 
+def test_output_recording_takes_the_tensor_of_a_model_output(tiny_dit):
+    from taylorseer.calibration import TrajectoryRecorder, calibration_targets
+
+    (root,) = calibration_targets(tiny_dit, "output")
+    size = tiny_dit.config.sample_size
+    x = torch.randn(2, tiny_dit.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    with TrajectoryRecorder(tiny_dit, [root]) as recorder:
+        recorder.begin(2)
+        outs = []
+        for i, t in enumerate((900, 500)):
+            with recorder.step(i):
+                out = tiny_dit(x, torch.tensor([t, t]), class_labels=torch.tensor([1, 2]))  # a ModelOutput
+                outs.append(out.sample)
+        recorded = recorder.take()[root.path]
+    assert torch.equal(recorded, torch.stack(outs))
+
+
 def test_granularity_is_checked_before_any_work(tiny_dit, tmp_path):
     from taylorseer.calibration import calibrate
 

@@ -107,12 +107,12 @@ class TrajectoryStats:
 class TrajectoryRecorder:
     """A sampler listener (``begin``/``step``) that hooks the target modules and keeps what they return per step.
 
-    ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the
-    output (its one tensor: the root model's ``(sample,)`` counts as one), ``mode="residual"`` keeps output minus
-    the input it is the residual of (block granularity: what ``apply`` forecasts). Each call's tensor is kept
-    (detached); several calls in one step (CFG split) are concatenated along the first dimension. ``take()``
-    returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or leaving ``with``) takes the
-    hooks off.
+    ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the output
+    (its one tensor: a root model's ``(sample,)`` or ``ModelOutput`` counts as one), ``mode="residual"`` keeps
+    output minus the input it is the residual of (block granularity: what ``apply`` forecasts). Each call's tensor
+    is kept (detached); several calls in one step (CFG split) are concatenated along the first dimension. ``take()``
+    returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or leaving ``with``) takes the hooks
+    off.
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[Any], steps: Sequence[int] | None = None):
@@ -133,7 +133,7 @@ class TrajectoryRecorder:
             self._hooks.append(module.register_forward_hook(self._hook(t, module), with_kwargs=True))
 
     def _hook(self, target: Any, module: nn.Module) -> Callable[..., None]:
-        from ..runtime.state import residual_leaves
+        from ..runtime.state import flatten, residual_leaves
 
         # The class's forward names the arguments (an installed handle or an offload hook wraps the instance's).
         forward = type(module).forward.__get__(module)
@@ -142,7 +142,7 @@ class TrajectoryRecorder:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self.index is None or (self.steps is not None and self.index not in self.steps):
                 return
-            leaves = list(output) if isinstance(output, (tuple, list)) else [output]
+            leaves = flatten(output)[0]  # a tensor, or the leaves of a tuple or ModelOutput, as the runtime sees them
             tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
             if len(tensors) != 1:
                 raise TypeError(f"target {target.path!r} returns {type(output).__name__} with {len(tensors)} tensors: "
