@@ -294,6 +294,33 @@ def test_linear_forecast_at_other_steps_is_refused(tiny_dit, tmp_path):
         _images(tiny_dit, cal.cache_config(), num_steps=10)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_match_variance_gives_the_forecast_the_targets_mean_and_variance(bias):
+    # Targets = a combination of the anchors plus independent noise: the least-squares forecast has less variance
+    # than the target; variance matching restores it (measured on the raw features, not on the Gram).
+    g = torch.Generator().manual_seed(4)
+    rows, channels = 4000, 3
+    feats = torch.randn(NUM_STEPS, rows, channels, generator=g, dtype=torch.float64) + 0.7
+    s, anchors = 5, anchors_for(SCHEDULE, 5, 3)
+    feats[s] = 0.6 * feats[anchors[0]] - 0.2 * feats[anchors[1]] + 0.5 * torch.randn(rows, channels, generator=g,
+                                                                                     dtype=torch.float64)
+    stats = TrajectoryStats(NUM_STEPS, "target")
+    stats.add("blocks.0.attn", feats[:, :, None, :])
+    plain, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=bias, ridge=0.0))
+    matched, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=bias, ridge=0.0, match_variance=True))
+
+    def forecast(table):
+        sw = table.steps["blocks.0.attn"][s]
+        out = sum(sw.weights[j, 0].double() * feats[a] for j, a in enumerate(sw.anchors))
+        return out + (sw.bias[0].double() if sw.bias is not None else 0)
+
+    target, before, after = feats[s], forecast(plain), forecast(matched)
+    assert (before.var(0, unbiased=False) < 0.9 * target.var(0, unbiased=False)).all()
+    torch.testing.assert_close(after.var(0, unbiased=False), target.var(0, unbiased=False), rtol=1e-6, atol=0)
+    torch.testing.assert_close(after.mean(0), before.mean(0), rtol=1e-6, atol=1e-6)  # kept (float32 weights)
+    assert ((after - target) ** 2).mean() > ((before - target) ** 2).mean()  # at some cost in MSE
+
+
 #################################################################################
 #                                    Search                                     #
 #################################################################################

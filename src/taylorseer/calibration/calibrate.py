@@ -126,7 +126,8 @@ def calibrate(
     label = name or f"cal-b{len(full_steps)}-s{num_steps}"
     schedule_cfg = FixedSchedule(full_steps, num_steps, name=label)
     forecaster = {"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
-                  "ridge": options.ridge, "fit": "on-policy" if on_policy else "teacher-forced"}
+                  "match_variance": options.match_variance, "ridge": options.ridge,
+                  "fit": "on-policy" if on_policy else "teacher-forced"}
     start = time.perf_counter()
     table, error = fit_linear(stats, full_steps, options)
     fit: dict[str, Any] = {**error, "seconds": time.perf_counter() - start}
