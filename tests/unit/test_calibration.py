@@ -6,6 +6,7 @@ fit must recover those weights. Files are checked byte-level: a flipped byte, a 
 mismatch must raise ``CalibrationError`` naming what is wrong.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def synthetic(schedule=SCHEDULE, num_steps=NUM_STEPS, history=3, bias=True, chan
 @pytest.mark.parametrize("bias", [False, True])
 def test_fit_recovers_known_channel_weights(history, bias):
     stats, truth = synthetic(history=history, bias=bias)
-    options = FitOptions(history=history, bias=bias, channelwise=True, ridge=0.0)
+    options = FitOptions(history=history, bias=bias, channelwise=True, ridge=0.0, match_variance=False)
     table, error = fit_linear(stats, SCHEDULE, options)
     assert set(table.steps["blocks.0.attn"]) == set(forecast_steps(SCHEDULE, NUM_STEPS))
     for s, (w, b) in truth.items():
@@ -94,7 +95,8 @@ def test_fit_recovers_known_channel_weights(history, bias):
 
 def test_fit_recovers_known_scalar_weights():
     stats, truth = synthetic(channelwise=False)
-    table, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=True, channelwise=False, ridge=0.0))
+    options = FitOptions(history=3, bias=True, channelwise=False, ridge=0.0, match_variance=False)
+    table, _ = fit_linear(stats, SCHEDULE, options)
     for s, (w, b) in truth.items():
         sw = table.steps["blocks.0.attn"][s]
         assert sw.weights.shape == (len(sw.anchors), 1, 1)
@@ -110,7 +112,7 @@ def test_fit_is_never_worse_than_newton_on_its_trajectories():
         NUM_STEPS, 50, 4, generator=g, dtype=torch.float64)
     stats = TrajectoryStats(NUM_STEPS, "target")
     stats.add("x", feats)
-    options = FitOptions(history=3, bias=False, ridge=0.0)
+    options = FitOptions(history=3, bias=False, ridge=0.0, match_variance=False)
     gram = stats.gram["x"]
     for s in forecast_steps(SCHEDULE, NUM_STEPS):
         anchors = anchors_for(SCHEDULE, s, 3)
@@ -124,8 +126,9 @@ def test_ridge_shrinks_the_weights():
     stats, _ = synthetic(bias=False)
     s = 6
     anchors = anchors_for(SCHEDULE, s, 3)
-    free = solve_step(stats.gram["blocks.0.attn"], s, anchors, FitOptions(ridge=0.0, bias=False))[0]
-    ridged = solve_step(stats.gram["blocks.0.attn"], s, anchors, FitOptions(ridge=10.0, bias=False))[0]
+    plain = FitOptions(ridge=0.0, bias=False, match_variance=False)
+    free = solve_step(stats.gram["blocks.0.attn"], s, anchors, plain)[0]
+    ridged = solve_step(stats.gram["blocks.0.attn"], s, anchors, dataclasses.replace(plain, ridge=10.0))[0]
     assert ridged.norm() < free.norm()
 
 
@@ -306,7 +309,7 @@ def test_match_variance_gives_the_forecast_the_targets_mean_and_variance(bias):
                                                                                      dtype=torch.float64)
     stats = TrajectoryStats(NUM_STEPS, "target")
     stats.add("blocks.0.attn", feats[:, :, None, :])
-    plain, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=bias, ridge=0.0))
+    plain, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=bias, ridge=0.0, match_variance=False))
     matched, _ = fit_linear(stats, SCHEDULE, FitOptions(history=3, bias=bias, ridge=0.0, match_variance=True))
 
     def forecast(table):
@@ -385,7 +388,8 @@ def test_file_round_trips(saved, tiny_dit):
         for s, sw in steps.items():
             other = loaded.table.steps[group][s]
             assert other.anchors == sw.anchors
-            assert torch.equal(other.weights, sw.weights) and other.bias is sw.bias is None
+            assert torch.equal(other.weights, sw.weights)
+            assert sw.bias is not None and torch.equal(other.bias, sw.bias)  # the variance-matching bias
     config = loaded.cache_config()
     assert config.forecaster == LinearForecast(cal.path, cal.sha256) and config.abscissa == "step"
     assert CacheConfig.from_json(config.to_json()) == config
@@ -481,7 +485,7 @@ def test_row_groups_get_their_own_weights():
         rules[s] = w
     stats = TrajectoryStats(NUM_STEPS, "target", row_groups=2)
     stats.add("t", feats)
-    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=2, bias=False, ridge=0.0))
+    table, error = fit_linear(stats, SCHEDULE, FitOptions(history=2, bias=False, ridge=0.0, match_variance=False))
     assert error["rel_error"] < 1e-6
     f = LinearForecaster(table)
     for s, w in rules.items():
@@ -610,7 +614,7 @@ def test_on_policy_fit_recovers_known_weights_from_its_own_anchors():
     pairs = TrajectoryStats(len(SCHEDULE) + NUM_STEPS, "target")
     pairs.add("blocks.0.attn", torch.cat([on_policy, reference]))
     table, error = fit_on_policy(OnPolicyStats(SCHEDULE, NUM_STEPS, pairs),
-                                 FitOptions(history=history, ridge=0.0))
+                                 FitOptions(history=history, ridge=0.0, match_variance=False))
     assert error["rel_error"] < 1e-6
     for s, w in truth.items():
         sw = table.steps["blocks.0.attn"][s]
@@ -619,7 +623,7 @@ def test_on_policy_fit_recovers_known_weights_from_its_own_anchors():
     # The teacher-forced fit of the same reference trajectory cannot find them (its anchors are other features).
     stats = TrajectoryStats(NUM_STEPS, "target")
     stats.add("blocks.0.attn", reference)
-    _, teacher = fit_linear(stats, SCHEDULE, FitOptions(history=history, ridge=0.0))
+    _, teacher = fit_linear(stats, SCHEDULE, FitOptions(history=history, ridge=0.0, match_variance=False))
     assert teacher["rel_error"] > 0.1
 
 

@@ -62,11 +62,13 @@ class FitOptions:
     fits the calibration images' mean trajectory: -0.15 dB on held-out images), ridge 1e-6 (1e-3 already costs
     1.4 dB: extrapolation weights are large and must not be shrunk).
 
-    ``match_variance``: a least-squares forecast has less variance than its target (its error is uncorrelated
-    with it), so forecast images come out slightly smoother than full compute's. With this option each fitted
-    forecast ``f`` (per step, row group and channel) becomes ``m + rho (f - m)``, ``m`` its calibration mean and
+    ``match_variance`` (default): a least-squares forecast has less variance than its target (its error is
+    uncorrelated with it), so forecast images come out slightly smoother than full compute's. Each fitted forecast
+    ``f`` (per step, row group and channel) becomes ``m + rho (f - m)``, ``m`` its calibration mean and
     ``rho = sqrt(var(target) / var(f))`` (clamped to [1, 2]), i.e. weights ``rho w`` and a bias: the forecast's
-    variance over the calibration rows is the target's. It costs a little MSE.
+    variance over the calibration rows is the target's. It costs a little MSE on the calibration features and
+    gains on held-out images, where the drift of a smoothed forecast compounds: +0.20 dB at 6 and at 8 of 50 full
+    steps (200 development images, seed 7), +0.20 dB without guidance (1,000 images).
 
     Example:
         >>> FitOptions().history, FitOptions().bias
@@ -77,7 +79,7 @@ class FitOptions:
     bias: bool = False
     channelwise: bool = True
     ridge: float = 1e-6
-    match_variance: bool = False
+    match_variance: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.history, bool) or not isinstance(self.history, int) or not 1 <= self.history <= MAX_HISTORY:
