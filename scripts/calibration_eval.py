@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--classes", default=None, help="evaluation classes, e.g. 5-9 (default: 0-9)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", type=Path, default=None)
+    parser.add_argument("--weights-only", action="store_true", help="skip each file's '-taylor2' method (its schedule "
+                        "with Taylor O=2 instead of the fitted weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_reference()
@@ -71,7 +73,8 @@ def main() -> None:
     refused: list[tuple[str, str]] = []
     for path in args.calibration:
         try:
-            methods += calibrated_methods(path, model, args.steps, guidance_scale=args.cfg_scale)
+            methods += [m for m in calibrated_methods(path, model, args.steps, guidance_scale=args.cfg_scale)
+                        if not (args.weights_only and m.name.endswith("-taylor2"))]
         except CalibrationError as err:
             refused.append((Path(path).name, str(err)))
     suffix = f"-c{args.classes}" if args.classes else ""
