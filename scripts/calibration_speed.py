@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--baselines", default="ts-O2-N7-divided", help="comma-separated bench grid method names")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--with-taylor2", action="store_true", help="also each file's '-taylor2' method (its schedule with "
+                   "Taylor O=2 instead of the fitted weights)")
     args = p.parse_args()
     torch.set_num_threads(1)
     taylorseer.tune_cpu_allocator()
@@ -42,7 +44,8 @@ def main() -> None:
     grid = {m.name: m for m in default_grid(num_steps=50)}
     methods: list[Method] = [grid["full"]] + [grid[n] for n in args.baselines.split(",") if n]
     for path in args.calibration:
-        methods += [m for m in calibrated_methods(path, model, 50) if not m.name.endswith("-taylor2")]
+        methods += [m for m in calibrated_methods(path, model, 50)
+                    if args.with_taylor2 or not m.name.endswith("-taylor2")]
 
     calls: dict[str, list[float]] = {m.name: [] for m in methods}
     started: list[float] = []
