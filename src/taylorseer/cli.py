@@ -438,6 +438,26 @@ def _check_calibrate(args: argparse.Namespace) -> None:
             raise ValueError(f"argument --schedule: {err}") from None
         if len(steps) > args.budget:
             raise ValueError(f"argument --schedule: {len(steps)} full steps exceed --budget {args.budget}")
+        if args.forecaster != "linear":
+            raise ValueError(f"argument --forecaster: {args.forecaster} searches a schedule for that forecaster; "
+                             f"with --schedule there is nothing to search (omit one of them)")
+    if args.forecaster != "linear" and args.search_images == 0:
+        raise ValueError(f"argument --search-images: --forecaster {args.forecaster} searches on sampled images, "
+                         f"give at least 1")
+
+
+def _taylor(order: int) -> Callable[[], Any]:
+    def make() -> Any:
+        from .forecast import TaylorForecast
+
+        return TaylorForecast(max_order=order)
+
+    return make
+
+
+# calibrate --forecaster: what the schedule is searched for (None: fitted linear weights, searched with them).
+_SEARCH_FORECASTERS: dict[str, Callable[[], Any]] = {"linear": lambda: None, "taylor1": _taylor(1),
+                                                      "taylor2": _taylor(2), "taylor3": _taylor(3)}
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -450,12 +470,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     options = FitOptions(history=args.history, bias=args.bias, match_variance=not args.no_match_variance)
     search_images = args.search_images if args.search_images is not None else (30 if args.model is None else 10)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
-              "radius": args.radius, "search_seed": args.search_seed, "name": args.name}
+              "radius": args.radius, "search_seed": args.search_seed, "name": args.name,
+              "granularity": args.granularity, "forecaster": _SEARCH_FORECASTERS[args.forecaster]()}
     if args.model is None:
         guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
         cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
                         classes=args.class_ids, seed=args.seed, guidance_scale=guidance, options=options,
-                        on_policy=not args.teacher_forced, granularity=args.granularity, **search)
+                        on_policy=not args.teacher_forced, **search)
     else:
         from .calibration.pipeline import calibrate_pipeline
         from .generate import load_pipeline
@@ -463,7 +484,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args.model, args.device, args.dtype)
         cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,
                                  images=args.images, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
-                                 on_policy=not args.teacher_forced, granularity=args.granularity, **search)
+                                 on_policy=not args.teacher_forced, **search)
     header = cal.header
     print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
     print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
@@ -478,7 +499,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"search: {search['evaluations']} candidates, {search['model_calls']} model calls "
               f"({search['full_calls']} full), {search['seconds']:.1f} s{psnr}")
     fit = header["fit"]
-    if "teacher_forced" in fit:
+    if fit is None:
+        used = header["forecaster"]["searched_with"]
+        print(f"schedule only (no weights), searched for {used['type']} {used}")
+    elif "teacher_forced" in fit:
         on = data["on_policy"]
         print(f"fit: relative L2 error {fit['teacher_forced']['rel_error']:.4f} teacher-forced, then refitted "
               f"on-policy ({on['images']} images, {on['model_calls']} model calls, {on['seconds']:.1f} s): "
@@ -763,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-forced", action="store_true", help="skip the on-policy refit: keep the weights fitted "
                    "on full-compute features only (cheaper by one full and one cached pass over the images; 1.7 dB "
                    "worse held-out at 8 of 50 full steps on the embedded model)")
+    p.add_argument("--forecaster", choices=sorted(_SEARCH_FORECASTERS), default="linear", help="linear: fit "
+                   "per-step weights and search the schedule with them; taylorN: search a schedule for TaylorSeer of "
+                   "order N (divided differences) and write a schedule-only file, no weights (default: linear)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="module", help="what is "
                    "recorded and forecast: the attention/MLP module outputs (the paper's), each block's residual, or "
                    "the model output (default: module)")

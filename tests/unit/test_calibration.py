@@ -543,6 +543,10 @@ def test_bench_builds_calibrated_methods_and_refuses_the_wrong_guidance_layout(s
      "4 full steps exceed --budget 3"),
     (["calibrate", "--budget", "3", "--out", "{tmp}/c.safetensors", "--schedule", "1,5"], "start with step 0"),
     (["bench", "--calibration", "{tmp}/missing.safetensors"], "no such file"),
+    (["calibrate", "--budget", "3", "--out", "{tmp}/c.safetensors", "--schedule", "0,5", "--forecaster", "taylor2"],
+     "--forecaster: taylor2 searches a schedule"),
+    (["calibrate", "--budget", "3", "--out", "{tmp}/c.safetensors", "--forecaster", "taylor2", "--search-images",
+      "0"], "--search-images"),
 ])
 def test_cli_refuses_bad_calibration_input_before_any_work(monkeypatch, capsys, tmp_path, argv, message):
     import taylorseer.calibration
@@ -590,6 +594,54 @@ def test_calibrate_at_block_granularity_records_and_forecasts_block_residuals(ti
         sample(tiny_dit, torch.tensor([0, 3]), num_steps=NUM_STEPS, seed=5, listener=handle)
         assert sorted({t.path for t in handle.targets}) == sorted(cal.header["targets"])
         assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
+
+
+def test_schedule_searched_for_a_formula_forecaster(tiny_dit, tmp_path):
+    from taylorseer.calibration import calibrate
+    from taylorseer.eval.bench import calibrated_methods
+
+    taylor = TaylorForecast(max_order=2)
+    cal = calibrate(tiny_dit, 4, tmp_path / "s.safetensors", num_steps=NUM_STEPS, images=2, search_images=2,
+                    max_evaluations=6, forecaster=taylor, granularity="output", progress=False, name="tiny-ts")
+    loaded = load_calibration(cal.path, model=tiny_dit, num_steps=NUM_STEPS, kind="schedule")
+    assert loaded.table is None and loaded.searched_with == taylor and loaded.header["fit"] is None
+    assert len(loaded.schedule.full_steps) <= 4 and loaded.schedule.full_steps[0] == 0
+    config = loaded.cache_config()
+    assert config.forecaster == taylor and config.targets.granularity == "output"
+    assert config.policy.full_steps == tuple(loaded.header["search"]["full_steps"])
+    (method,) = calibrated_methods(cal.path, tiny_dit, NUM_STEPS)
+    assert method.name == "tiny-ts" and method.cache_config().forecaster == taylor
+    # The search evaluated candidates with that forecaster: the chosen schedule's error is what it gives.
+    with apply(tiny_dit, config) as handle:
+        images = sample(tiny_dit, torch.tensor([0, 1]), num_steps=NUM_STEPS, seed=loaded.header["calibration_data"][
+            "seed"], listener=handle)
+    full = sample(tiny_dit, torch.tensor([0, 1]), num_steps=NUM_STEPS, seed=loaded.header["calibration_data"]["seed"])
+    mse = float(((images.double() - full.double()) ** 2).mean())
+    assert mse == pytest.approx(loaded.header["search"]["error"], rel=1e-6)
+
+
+def test_formula_schedule_search_refusals_come_before_any_work(tiny_dit, tmp_path, monkeypatch):
+    import importlib
+
+    from taylorseer.calibration import calibrate
+
+    module = importlib.import_module("taylorseer.calibration.calibrate")
+
+    def reached(*args, **kwargs):
+        raise AssertionError("work started on refused input")
+
+    monkeypatch.setattr(module, "record_trajectories", reached)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match="formula forecaster config"):
+        calibrate(tiny_dit, 4, out, num_steps=NUM_STEPS, forecaster=LinearForecast("f.safetensors", ""))
+    with pytest.raises(ValueError, match="needs schedule=None"):
+        calibrate(tiny_dit, 4, out, num_steps=NUM_STEPS, forecaster=TaylorForecast(max_order=1),
+                  schedule=FixedSchedule(SCHEDULE, NUM_STEPS))
+    with pytest.raises(ValueError, match="search_images must be > 0"):
+        calibrate(tiny_dit, 4, out, num_steps=NUM_STEPS, forecaster=TaylorForecast(max_order=1), search_images=0)
+    with pytest.raises(TypeError, match="forecaster must be one of"):
+        calibrate(tiny_dit, 4, out, num_steps=NUM_STEPS, forecaster="taylor2")
+    assert not out.exists()
 
 
 #################################################################################

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import GRANULARITIES
+from ..forecast.linear import LinearForecast
 from ..policy.schedule import FixedSchedule
 from .fit import FitOptions, fit_linear, fit_on_policy
 from .io import Calibration, new_header, save_calibration
@@ -65,6 +66,7 @@ def calibrate(
     stats: TrajectoryStats | None = None,
     on_policy: bool = True,
     granularity: str | None = None,
+    forecaster: Any = None,
 ) -> Calibration:
     """Calibrate ``model`` for ``num_steps``-step generations with ``budget`` full steps; write ``out``.
 
@@ -82,6 +84,10 @@ def calibrate(
        docs/design.md "Calibrated forecasting").
     5. Save the file (``io.py`` format) with the search and fit records and return it loaded.
 
+    ``forecaster``: a formula forecaster config (e.g. ``TaylorForecast(max_order=2)``) to search the schedule for
+    instead of fitting weights: steps 3-4 are skipped and ``out`` holds the schedule only (kind ``"schedule"``, the
+    forecaster named in its header), used with ``cache_config(forecaster=...)`` or by ``bench --calibration``.
+
     ``granularity``: what is forecast (``module`` outputs by default, ``block`` residuals or the model ``output``;
     ``calibration_targets``); with ``stats``, theirs. ``stats``: reuse trajectories recorded before (step 1 is
     skipped). ``sampler``: the embedded DDIM sampler by
@@ -95,6 +101,18 @@ def calibrate(
     """
     check_budget(budget, num_steps)
     options = options or FitOptions()
+    searched_with = None
+    if forecaster is not None:
+        from ..parts import CacheConfig
+
+        if isinstance(forecaster, LinearForecast):
+            raise ValueError("forecaster: give a formula forecaster config (e.g. TaylorForecast(max_order=2)) to "
+                             "search a schedule for; fitted weights are calibrate's default (forecaster=None)")
+        searched_with = CacheConfig(FixedSchedule((0,), 1), forecaster).to_dict()["forecaster"]  # validates it
+        if schedule is not None:
+            raise ValueError("forecaster: a schedule search for a formula forecaster needs schedule=None")
+        if search_images <= 0:
+            raise ValueError("forecaster: the schedule is searched on sampled images: search_images must be > 0")
     if granularity is not None and granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
     if stats is None:
@@ -111,7 +129,8 @@ def calibrate(
                          "record_trajectories (its sampling record), or pass on_policy=False")
     result: SearchResult | None = None
     if schedule is None:
-        refine = (SampledObjective(model, stats, images=search_images, options=options, sampler=sampler)
+        refine = (SampledObjective(model, stats, images=search_images, options=options, sampler=sampler,
+                                   forecaster=forecaster)
                   if search_images > 0 else None)
         # The greedy proxy with one weight per anchor: the same greedy schedule here, ten times faster.
         greedy = ProxyObjective(stats, dataclasses.replace(options, channelwise=False))
@@ -125,15 +144,20 @@ def calibrate(
         full_steps = schedule.full_steps
     label = name or f"cal-b{len(full_steps)}-s{num_steps}"
     schedule_cfg = FixedSchedule(full_steps, num_steps, name=label)
+    data: dict[str, Any] = {**stats.sampling, "images": stats.images, "model_calls": stats.model_calls,
+                            "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
+    data.pop("labels", None)
+    if searched_with is not None:
+        header = new_header("schedule", label, model, schedule_cfg, granularity=stats.granularity,
+                            forecaster={"searched_with": searched_with},
+                            search=None if result is None else result.to_dict(), calibration_data=data)
+        return save_calibration(out, header)
     forecaster = {"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
                   "match_variance": options.match_variance, "ridge": options.ridge,
                   "fit": "on-policy" if on_policy else "teacher-forced"}
     start = time.perf_counter()
     table, error = fit_linear(stats, full_steps, options)
     fit: dict[str, Any] = {**error, "seconds": time.perf_counter() - start}
-    data: dict[str, Any] = {**stats.sampling, "images": stats.images, "model_calls": stats.model_calls,
-                            "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
-    data.pop("labels", None)
     if on_policy:
         with tempfile.TemporaryDirectory(prefix="taylorseer-calibrate-") as tmp:
             first = save_calibration(Path(tmp) / "teacher-forced.safetensors",

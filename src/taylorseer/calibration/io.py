@@ -117,6 +117,22 @@ class Calibration:
         return int(self.header["num_steps"])
 
     @property
+    def searched_with(self) -> Any:
+        """For a schedule searched for a formula forecaster (``calibrate(..., forecaster=...)``), that forecaster's
+        config; else None."""
+        spec = (self.header.get("forecaster") or {}).get("searched_with")
+        if spec is None:
+            return None
+        from ..parts import CacheConfig
+
+        try:
+            return CacheConfig.from_dict({"policy": {"type": "FixedSchedule", **self.header["schedule"]},
+                                          "forecaster": spec}).forecaster
+        except (TypeError, ValueError) as err:
+            raise CalibrationError(f"{self.path or 'the calibration'}: its header names an unknown forecaster "
+                                   f"{spec!r}: {err}") from err
+
+    @property
     def granularity(self) -> str:
         """What the weights forecast (``Targets.granularity``): ``module``, ``block`` or ``output``."""
         return str(self.header.get("granularity", "module"))
@@ -153,10 +169,12 @@ class Calibration:
 
     def cache_config(self, forecaster: Any = None, name: str | None = None) -> Any:
         """A ``CacheConfig``: the file's ``FixedSchedule`` with its ``LinearForecast`` (the file must have been
-        saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config), at the
-        file's ``granularity``."""
+        saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config; for a
+        schedule searched for a formula forecaster, that one by default), at the file's ``granularity``."""
         from ..parts import CacheConfig, Targets
 
+        if forecaster is None and self.table is None and self.searched_with is not None:
+            forecaster = self.searched_with
         if forecaster is None:
             self.table_required()
             if self.path is None:

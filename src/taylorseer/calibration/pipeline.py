@@ -350,6 +350,7 @@ def calibrate_pipeline(
     progress: bool = True,
     on_policy: bool = True,
     granularity: str = "module",
+    forecaster: Any = None,
 ) -> Calibration:
     """Calibrate ``pipe.transformer`` for ``num_steps``-step generations of ``pipe`` with ``budget`` full steps;
     write ``out`` (the ``taylorseer.calibration.calibrate`` steps, with ``PipelineSampler`` as the sampler).
@@ -390,4 +391,4 @@ def calibrate_pipeline(
                      classes=range(len(sampler.items)), seed=seed, guidance_scale=guidance, cfg_mode=cfg_mode,
                      options=options, grouping=grouping, schedule=schedule, search_images=search_images,
                      max_evaluations=max_evaluations, radius=radius, search_seed=search_seed, name=name,
-                     sampler=sampler, progress=progress, stats=stats, on_policy=on_policy)
+                     sampler=sampler, progress=progress, stats=stats, on_policy=on_policy, forecaster=forecaster)

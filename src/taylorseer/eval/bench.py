@@ -244,7 +244,9 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
                        guidance_scale: float = 1.5, cfg_mode: str = "batch") -> list[Method]:
     """The methods of a calibration file (``taylorseer calibrate``), family ``calibrated``: its searched schedule
     with its fitted weights (named as the file, e.g. ``cal-b8-s50``; files with weights only) and the same
-    schedule with Taylor O2 (``<name>-taylor2``: what the schedule alone gives with a formula forecaster).
+    schedule with Taylor O2 (``<name>-taylor2``: what the schedule alone gives with a formula forecaster); for a
+    schedule searched for a formula forecaster (``calibrate --forecaster``), that schedule with that forecaster
+    (named as the file).
 
     The file is validated against ``model`` (when given) and ``num_steps``; weights fitted on a guided CFG batch
     (two row groups) are refused for unguided sampling or ``cfg_mode="split"`` (their rows would be misread), and
@@ -269,6 +271,8 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
                                    f"but this bench samples with guidance_scale={guidance_scale}, "
                                    f"cfg_mode={cfg_mode!r}; calibrate with the same guidance layout")
         methods.append(Method(name, "calibrated", cal.cache_config(name=name), num_steps))
+    elif cal.searched_with is not None:  # a schedule searched for a formula forecaster: the two belong together
+        return [Method(name, "calibrated", cal.cache_config(name=name), num_steps)]
     taylor = f"{name}-taylor2"
     methods.append(Method(taylor, "calibrated", cal.cache_config(forecaster=TaylorForecast(max_order=2), name=taylor),
                           num_steps))
