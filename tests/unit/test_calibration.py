@@ -596,6 +596,22 @@ def test_calibrate_at_block_granularity_records_and_forecasts_block_residuals(ti
         assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
 
 
+def test_on_policy_refit_is_on_for_modules_and_blocks_and_off_for_the_output(tiny_dit, tmp_path):
+    from taylorseer.calibration import calibrate
+
+    schedule = FixedSchedule(SCHEDULE, NUM_STEPS)
+    fits = {}
+    for granularity in ("module", "block", "output"):
+        cal = calibrate(tiny_dit, 4, tmp_path / f"{granularity}.safetensors", num_steps=NUM_STEPS, images=2,
+                        schedule=schedule, granularity=granularity, progress=False)
+        fits[granularity] = cal.header["forecaster"]["fit"]
+        assert ("on_policy" in cal.header["calibration_data"]) == (fits[granularity] == "on-policy")
+    assert fits == {"module": "on-policy", "block": "on-policy", "output": "teacher-forced"}
+    forced = calibrate(tiny_dit, 4, tmp_path / "forced.safetensors", num_steps=NUM_STEPS, images=2, schedule=schedule,
+                       granularity="output", on_policy=True, progress=False)
+    assert forced.header["forecaster"]["fit"] == "on-policy"
+
+
 def test_schedule_searched_for_a_formula_forecaster(tiny_dit, tmp_path):
     from taylorseer.calibration import calibrate
     from taylorseer.eval.bench import calibrated_methods

@@ -64,7 +64,7 @@ def calibrate(
     sampler: Callable[..., torch.Tensor] | None = None,
     progress: bool = True,
     stats: TrajectoryStats | None = None,
-    on_policy: bool = True,
+    on_policy: bool | None = None,
     granularity: str | None = None,
     forecaster: Any = None,
 ) -> Calibration:
@@ -78,9 +78,10 @@ def calibrate(
        calibration images (``max_evaluations`` candidates, moves of up to ``radius`` steps, order from
        ``search_seed``); ``search_images=0`` refines on the proxy.
     3. Fit the weights for that schedule (``options``: history K, bias, per channel, ridge) in closed form.
-    4. ``on_policy`` (default): sample the calibration images again with those weights and refit the weights from
-       the cached run's own features at its full steps to the full-compute features (``fit_on_policy``): the
-       forecasts then correct the drift they cause (+1.7 dB on 200 held-out images at 8 of 50 full steps,
+    4. ``on_policy`` (None: on for module and block granularity, off for ``output``): sample the calibration
+       images again with those weights and refit the weights from the cached run's own features at its full steps
+       to the full-compute features (``fit_on_policy``): the forecasts then correct the drift they cause (+1.7 dB
+       on 200 held-out images at 8 of 50 full steps at module granularity; at output granularity it costs 5.4 dB,
        docs/design.md "Calibrated forecasting").
     5. Save the file (``io.py`` format) with the search and fit records and return it loaded.
 
@@ -123,6 +124,8 @@ def calibrate(
         raise ValueError(f"stats hold {stats.num_steps}-step trajectories, num_steps is {num_steps}")
     elif granularity is not None and granularity != stats.granularity:
         raise ValueError(f"stats hold {stats.granularity!r}-granularity trajectories, granularity is {granularity!r}")
+    if on_policy is None:
+        on_policy = stats.granularity != "output"
     if on_policy and not {"labels", "seed", "guidance_scale", "cfg_mode", "row_groups", "batch_size"} <= set(
             stats.sampling):
         raise ValueError("on_policy=True samples the calibration images again: stats must come from "

@@ -348,7 +348,7 @@ def calibrate_pipeline(
     name: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    on_policy: bool = True,
+    on_policy: bool | None = None,
     granularity: str = "module",
     forecaster: Any = None,
 ) -> Calibration:
