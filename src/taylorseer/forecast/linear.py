@@ -224,14 +224,17 @@ class LinearForecaster:
         if placed.channels not in (1, shape[-1]):
             raise ValueError(f"LinearForecast: target {target!r} has {shape[-1]} channels, its weights "
                              f"{placed.channels}: the calibration is for another model")
-        # [R, rows/R * ..., C] views: one multiply, then one fused multiply-add per further anchor, one bias add.
+        # [R, rows/R * ..., C] views: one multiply (with the bias added in the same pass), then one fused
+        # multiply-add per further anchor: k passes over the features, bias or not.
         view = (rows, -1, shape[-1])
         factors = state.factors
-        output = torch.mul(_as(factors[0], dtype).reshape(view), placed.weights[0])
+        first = _as(factors[0], dtype).reshape(view)
+        if placed.bias is None:
+            output = torch.mul(first, placed.weights[0])
+        else:
+            output = torch.addcmul(placed.bias, first, placed.weights[0])
         for j in range(1, k):
             output.addcmul_(_as(factors[j], dtype).reshape(view), placed.weights[j])
-        if placed.bias is not None:
-            output.add_(placed.bias)
         return output.view(shape)
 
 
