@@ -183,7 +183,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     at N = 2..10 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
     timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
     abscissa at N = 5 (docs/design.md, "Abscissa on the embedded model"); block-residual
-    and model-output ("lite") granularity at N = 5, O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last
+    and model-output ("lite") granularity at N = 5, 7, 10 (11, 8 and 6 full steps), O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last
     step computed in full (``tail_steps=1``, docs/design.md, "FID-FMNIST at scale"); the paper presets
     (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
     diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
@@ -199,7 +199,8 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     cached += [_taylorseer(o, n, num_steps) for o in (1, 2, 3) for n in GRID_INTERVALS]
     cached += [_taylorseer(o, n, num_steps, scheme="reference") for o in (2, 3) for n in GRID_INTERVALS]
     cached += [_taylorseer(o, 5, num_steps, abscissa=a) for a in ("timestep", "sigma") for o in (1, 2, 3)]
-    cached += [_taylorseer(o, 5, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)]
+    cached += [_taylorseer(o, n, num_steps, granularity=g) for g in ("block", "output") for o in (1, 2)
+               for n in PART_INTERVALS]
     cached += [_fora(5, num_steps, tail=1), *(_taylorseer(o, 5, num_steps, tail=1) for o in (1, 2))]
     cached += [Method(p, "preset", preset(p), num_steps) for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
     cached += part_methods(num_steps)
