@@ -193,6 +193,34 @@ def test_each_layout_is_recorded_and_beats_reuse_on_the_same_schedule(layout, tm
     assert calibrated > reuse + 2.0, (calibrated, reuse)
 
 
+def test_pipeline_calibration_at_output_granularity_forecasts_the_transformer_output(tmp_path):
+    pipe = LayoutPipeline(tiny_transformer(), DDIMScheduler(), "uncond-first")
+    schedule = FixedSchedule((0, 1, 2, 5), STEPS)
+    cal = calibrate_pipeline(pipe, BUDGET, tmp_path / "cal.safetensors", prompts=["0", "1", "2"], num_steps=STEPS,
+                             images=16, schedule=schedule, granularity="output", progress=False)
+    assert cal.granularity == "output" and cal.header["forecaster"]["fit"] == "teacher-forced"
+    assert list(cal.header["targets"]) == [""]  # the transformer's root
+
+    def run(config):
+        generator = torch.Generator().manual_seed(0)
+        if config is None:
+            return pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
+        with taylorseer.apply(pipe, config) as handle:
+            images = pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
+            assert handle.stats.steps_full == len(schedule.full_steps)
+            assert [t.path for t in handle.targets] == [""]
+        return images
+
+    full = run(None)
+    calibrated = psnr(run(cal.cache_config()), full)
+    reuse = psnr(run(cal.cache_config(forecaster=TaylorForecast(max_order=0))), full)
+    assert calibrated > reuse + 2.0, (calibrated, reuse)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        calibrate_pipeline(pipe, BUDGET, tmp_path / "x.safetensors", prompts=["0"], num_steps=STEPS,
+                           granularity="blocks", progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 #################################################################################
 #            taylorseer calibrate --model, taylorseer generate --calibration    #
 #################################################################################
