@@ -91,10 +91,9 @@ def calibrate(
 
     ``granularity``: what is forecast (``module`` outputs by default, ``block`` residuals or the model ``output``;
     ``calibration_targets``); with ``stats``, theirs. ``stats``: reuse trajectories recorded before (step 1 is
-    skipped). ``sampler``: the embedded DDIM sampler by
-    default. Cost: step 1 is ``images`` full-compute generations; step 2 about ``max_evaluations`` cached
-    generations of ``search_images`` images; step 3 well under a second per schedule on the embedded model;
-    step 4 ``images`` full-compute and ``images`` cached generations.
+    skipped). ``sampler``: the embedded DDIM sampler by default. Cost: step 1 is ``images`` full-compute
+    generations; step 2 about ``max_evaluations`` cached generations of ``search_images`` images; step 3 well under
+    a second per schedule on the embedded model; step 4 ``images`` full-compute and ``images`` cached generations.
 
     Example:
         >>> cal = calibrate(load_reference(), budget=8, out="b8.safetensors", images=16)   # doctest: +SKIP
@@ -155,7 +154,7 @@ def calibrate(
                             forecaster={"searched_with": searched_with},
                             search=None if result is None else result.to_dict(), calibration_data=data)
         return save_calibration(out, header)
-    forecaster = {"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
+    fit_record = {"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
                   "match_variance": options.match_variance, "ridge": options.ridge,
                   "fit": "on-policy" if on_policy else "teacher-forced"}
     start = time.perf_counter()
@@ -177,7 +176,7 @@ def calibrate(
         fit = {"teacher_forced": fit, **on_error, "seconds": time.perf_counter() - start}
         data["on_policy"] = {"images": on.pairs.images, "model_calls": on.pairs.model_calls,
                              "seconds": on.pairs.seconds}
-    header = new_header("linear", label, model, schedule_cfg, granularity=stats.granularity, forecaster=forecaster,
+    header = new_header("linear", label, model, schedule_cfg, granularity=stats.granularity, forecaster=fit_record,
                         fit=fit, search=None if result is None else result.to_dict(), calibration_data=data,
                         targets=dict(sorted(stats.targets.items())))
     return save_calibration(out, header, table)

@@ -179,15 +179,15 @@ def _fewer_steps(cached: list[Method], num_steps: int) -> list[Method]:
 def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     """The benchmark grid for ``num_steps``-step sampling (the paper's DiT setting is 50).
 
-    Full grid: full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa)
-    at N = 2..10 with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the
-    timestep abscissa at N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma
-    abscissa at N = 5 (docs/design.md, "Abscissa on the embedded model"); block-residual
-    and model-output ("lite") granularity at N = 5, 7, 10 (11, 8 and 6 full steps), O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last
-    step computed in full (``tail_steps=1``, docs/design.md, "FID-FMNIST at scale"); the paper presets
-    (``paper_wan`` equals ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the
-    diffusers peer at two schedules; and plain DDIM at every distinct number of full steps of the cached
-    methods. ``quick``: seven methods at one interval, for CI.
+    Full grid: full compute; FORA (order 0) and TaylorSeer O = 1, 2, 3 (``divided``, step abscissa) at N = 2..10
+    with warm-up 2; the ``reference`` scheme at O = 2, 3 (it equals ``divided`` at O <= 1); the timestep abscissa at
+    N = 5 (on DDIM's uniform spacing it should match the step abscissa) and the sigma abscissa at N = 5
+    (docs/design.md, "Abscissa on the embedded model"); block-residual and model-output ("lite") granularity at N =
+    5, 7, 10 (11, 8 and 6 full steps), O = 1, 2; FORA and TaylorSeer O = 1, 2 at N = 5 with the last step computed
+    in full (``tail_steps=1``, docs/design.md, "FID-FMNIST at scale"); the paper presets (``paper_wan`` equals
+    ``paper_hunyuan_video`` and ``fora`` equals FORA N=4, so they are not repeated); the diffusers peer at two
+    schedules; and plain DDIM at every distinct number of full steps of the cached methods. ``quick``: seven methods
+    at one interval, for CI.
 
     Example:
         >>> [m.name for m in default_grid(quick=True, num_steps=10)][:3]
