@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -129,3 +129,25 @@ def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
     """``ValueError`` naming ``owner.name`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_steps(owner: str, name: str, steps: Any, why_zero: str) -> tuple[int, ...]:
+    """``steps`` as a tuple of 0-based step indices, sorted, unique and starting with 0; else ``ValueError``
+    naming ``owner.name`` (``why_zero``: why step 0 must be in it, for the message).
+
+    Example:
+        >>> check_steps("FixedSchedule", "full_steps", [0, 3, 9], "the first step is always full")
+        (0, 3, 9)
+    """
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise ValueError(f"{owner}.{name} must be a tuple of ints, got {steps!r}")
+    steps = tuple(steps)
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"{owner}.{name} must hold ints, got {step!r} in {steps!r}")
+    if not steps or steps[0] != 0:
+        raise ValueError(f"{owner}.{name} must start with step 0 ({why_zero}), got {steps!r}")
+    for before, after in zip(steps, steps[1:]):
+        if after <= before:
+            raise ValueError(f"{owner}.{name} must be sorted and unique, got {steps!r} ({after} after {before})")
+    return steps

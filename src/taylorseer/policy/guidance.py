@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .base import check_int
+from .base import check_int, check_steps
 from .interval import IntervalPolicy, config_from_dict, config_to_dict
 
 ESTIMATES = ("reuse", "linear")
@@ -81,7 +81,9 @@ class GuidanceCache:
             raise ValueError(f"GuidanceCache.warmup_steps and tail_steps belong to interval; with both_steps list "
                              f"every both-branch step, got warmup_steps={self.warmup_steps!r}, "
                              f"tail_steps={self.tail_steps!r}")
-        object.__setattr__(self, "both_steps", _check_both_steps(self.both_steps))
+        object.__setattr__(self, "both_steps", check_steps("GuidanceCache", "both_steps", self.both_steps,
+                                                           "nothing to estimate the guidance difference from "
+                                                           "before it"))
 
     def plan(self, num_steps: int) -> list[bool]:
         """For each step ``0 .. num_steps - 1``: True to compute both branches, False for the conditional one only.
@@ -112,23 +114,6 @@ class GuidanceCache:
     def from_dict(cls, data: Mapping[str, Any]) -> GuidanceCache:
         """The config from ``to_dict``'s output; unknown or missing keys are an error."""
         return config_from_dict(cls, data)
-
-
-def _check_both_steps(steps: Any) -> tuple[int, ...]:
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-        raise ValueError(f"GuidanceCache.both_steps must be a tuple of ints, got {steps!r}")
-    steps = tuple(steps)
-    for step in steps:
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"GuidanceCache.both_steps must hold ints, got {step!r} in {steps!r}")
-    if not steps or steps[0] != 0:
-        raise ValueError(f"GuidanceCache.both_steps must start with step 0 (nothing to estimate the guidance "
-                         f"difference from before it), got {steps!r}")
-    for before, after in zip(steps, steps[1:]):
-        if after <= before:
-            raise ValueError(f"GuidanceCache.both_steps must be sorted and unique, got {steps!r} "
-                             f"({after} after {before})")
-    return steps
 
 
 #################################################################################

@@ -17,11 +17,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Decision, Policy, StepInfo, check_int, register_policy
+from .base import Decision, Policy, StepInfo, check_int, check_steps, register_policy
 from .interval import config_from_dict, config_to_dict
 
 
@@ -45,20 +45,7 @@ class FixedSchedule:
         check_int("FixedSchedule", "num_steps", self.num_steps, 1)
         if not isinstance(self.name, str):
             raise ValueError(f"FixedSchedule.name must be a str, got {self.name!r}")
-        steps = self.full_steps
-        if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-            raise ValueError(f"FixedSchedule.full_steps must be a tuple of ints, got {steps!r}")
-        steps = tuple(steps)
-        for step in steps:
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise ValueError(f"FixedSchedule.full_steps must hold ints, got {step!r} in {steps!r}")
-        if not steps or steps[0] != 0:
-            raise ValueError(f"FixedSchedule.full_steps must start with step 0 (the first step is always full), "
-                             f"got {steps!r}")
-        for before, after in zip(steps, steps[1:]):
-            if after <= before:
-                raise ValueError(f"FixedSchedule.full_steps must be sorted and unique, got {steps!r} "
-                                 f"({after} after {before})")
+        steps = check_steps("FixedSchedule", "full_steps", self.full_steps, "the first step is always full")
         if steps[-1] >= self.num_steps:
             raise ValueError(f"FixedSchedule.full_steps must lie in [0, num_steps - 1] = [0, {self.num_steps - 1}], "
                              f"got step {steps[-1]}")
