@@ -446,18 +446,15 @@ def _check_calibrate(args: argparse.Namespace) -> None:
                          f"give at least 1")
 
 
-def _taylor(order: int) -> Callable[[], Any]:
-    def make() -> Any:
-        from .forecast import TaylorForecast
-
-        return TaylorForecast(max_order=order)
-
-    return make
+# calibrate --forecaster: fitted linear weights (searched with them), or TaylorSeer of order N to search for.
+_SEARCH_FORECASTERS = ("linear", "taylor1", "taylor2", "taylor3")
 
 
-# calibrate --forecaster: what the schedule is searched for (None: fitted linear weights, searched with them).
-_SEARCH_FORECASTERS: dict[str, Callable[[], Any]] = {"linear": lambda: None, "taylor1": _taylor(1),
-                                                      "taylor2": _taylor(2), "taylor3": _taylor(3)}
+def _search_forecaster(name: str) -> Any:
+    """The forecaster config ``calibrate --forecaster NAME`` searches a schedule for (None: fitted weights)."""
+    from .forecast import TaylorForecast
+
+    return None if name == "linear" else TaylorForecast(max_order=int(name.removeprefix("taylor")))
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -471,7 +468,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     search_images = args.search_images if args.search_images is not None else (30 if args.model is None else 10)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
               "radius": args.radius, "search_seed": args.search_seed, "name": args.name,
-              "granularity": args.granularity, "forecaster": _SEARCH_FORECASTERS[args.forecaster]()}
+              "granularity": args.granularity, "forecaster": _search_forecaster(args.forecaster)}
     if args.model is None:
         guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
         cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
@@ -786,9 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "least-squares forecasts are smoother than full compute; +0.2 dB held-out on the embedded model)")
     p.add_argument("--teacher-forced", action="store_true", help="skip the on-policy refit: keep the weights fitted "
                    "on full-compute features only (cheaper by one full and one cached pass over the images; at module "
-                   "granularity 1.7 dB worse held-out at 8 of 50 full steps on the embedded model; --granularity "
-                   "output never refits, there the refit costs 5 dB)")
-    p.add_argument("--forecaster", choices=sorted(_SEARCH_FORECASTERS), default="linear", help="linear: fit "
+                   "granularity 1.7 dB worse held-out at 8 of 50 full steps on the embedded model; with --granularity "
+                   "output there is no refit by default, it costs 5 dB there)")
+    p.add_argument("--forecaster", choices=_SEARCH_FORECASTERS, default="linear", help="linear: fit "
                    "per-step weights and search the schedule with them; taylorN: search a schedule for TaylorSeer of "
                    "order N (divided differences) and write a schedule-only file, no weights (default: linear)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="module", help="what is "

@@ -227,14 +227,13 @@ class LinearForecaster:
         # [R, rows/R * ..., C] views: one multiply (with the bias added in the same pass), then one fused
         # multiply-add per further anchor: k passes over the features, bias or not.
         view = (rows, -1, shape[-1])
-        factors = state.factors
-        first = _as(factors[0], dtype).reshape(view)
+        factors = [_as(f, dtype).reshape(view) for f in state.factors[:k]]
         if placed.bias is None:
-            output = torch.mul(first, placed.weights[0])
+            output = torch.mul(factors[0], placed.weights[0])
         else:
-            output = torch.addcmul(placed.bias, first, placed.weights[0])
-        for j in range(1, k):
-            output.addcmul_(_as(factors[j], dtype).reshape(view), placed.weights[j])
+            output = torch.addcmul(placed.bias, factors[0], placed.weights[0])
+        for factor, weight in zip(factors[1:], placed.weights[1:]):
+            output.addcmul_(factor, weight)
         return output.view(shape)
 
 

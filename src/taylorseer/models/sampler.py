@@ -161,19 +161,15 @@ def _guidance_plan(model: torch.nn.Module, cache: GuidanceCache | None, guidance
     if guidance_scale == 1.0:
         raise ValueError("guidance_cache needs classifier-free guidance (guidance_scale != 1): without it there is "
                          "no unconditional branch to save, got guidance_scale=1.0")
-    if cfg_mode == "batch" and _has_taylorseer_handle(model):
+    from ..runtime.install import is_applied  # the runtime's own registry of installed handles
+
+    if cfg_mode == "batch" and is_applied(model):
         raise ValueError("guidance_cache with cfg_mode='batch' on a model with a taylorseer handle: the half steps "
                          "call the model on N rows instead of 2N, and each batch change re-anchors every cached "
                          "target (computed in full, factors restarted; docs/reliability.md #11.2), so the handle "
                          "would hardly forecast. Use cfg_mode='split' (each branch keeps its own factors), or "
                          "remove() the handle")
     return cache.plan(num_steps)
-
-
-def _has_taylorseer_handle(model: torch.nn.Module) -> bool:
-    from ..runtime.install import is_applied  # the runtime's own registry of installed handles
-
-    return is_applied(model)
 
 
 def _cached_guided_eps(model, x, t: int, labels, null, scale: float, cfg_mode: str, step: int, both: bool,

@@ -178,8 +178,7 @@ class FactorStore:
         # A NaN or an infinity anywhere makes the float32 sum non-finite, so a finite sum proves every element
         # finite: one reduction pass per factor instead of isfinite's four (|x|, two compares, all). Only a sum that
         # overflowed on finite elements takes the exact element check.
-        sums = torch.stack([f.sum(dtype=torch.float32) if f.is_floating_point() else f.sum().float()
-                            for f in factors])
+        sums = torch.stack([f.sum(dtype=torch.float32) for f in factors])  # factors are floating (describe_leaves)
         if bool(torch.isfinite(sums).all()):
             return True
         return bool(torch.stack([torch.isfinite(f).all() for f in factors]).all())
