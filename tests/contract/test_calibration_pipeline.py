@@ -166,6 +166,24 @@ def test_the_sampler_tells_each_step_once_for_every_guidance_layout(layout):
                 4.0, seed=0, cfg_mode="split" if layout != "split" else "batch", listener=None)
 
 
+def _calibrated_and_reuse_psnr(pipe, cal, schedule, targets=None):
+    """PSNR to full compute of two classes generated with the calibration and with its schedule under reuse (FORA);
+    each accelerated run must follow the schedule (and forecast exactly ``targets`` when given)."""
+    def run(config):
+        generator = torch.Generator().manual_seed(0)
+        if config is None:
+            return pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
+        with taylorseer.apply(pipe, config) as handle:
+            images = pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
+            assert handle.stats.steps_full == len(schedule.full_steps)
+            assert targets is None or [t.path for t in handle.targets] == targets
+        return images
+
+    full = run(None)
+    return (psnr(run(cal.cache_config()), full),
+            psnr(run(cal.cache_config(forecaster=TaylorForecast(max_order=0))), full))
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_each_layout_is_recorded_and_beats_reuse_on_the_same_schedule(layout, tmp_path):
     pipe = LayoutPipeline(tiny_transformer(), DDIMScheduler(), layout)
@@ -178,18 +196,7 @@ def test_each_layout_is_recorded_and_beats_reuse_on_the_same_schedule(layout, tm
     assert cal.header["forecaster"]["row_groups"] == row_groups
     assert data["model_calls"] == (2 * STEPS + 2) * calls_per_step  # two batches of 8 images, and the probe
 
-    def run(config):
-        generator = torch.Generator().manual_seed(0)
-        if config is None:
-            return pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
-        with taylorseer.apply(pipe, config) as handle:
-            images = pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
-            assert handle.stats.steps_full == len(schedule.full_steps)
-        return images
-
-    full = run(None)
-    calibrated = psnr(run(cal.cache_config()), full)
-    reuse = psnr(run(cal.cache_config(forecaster=TaylorForecast(max_order=0))), full)
+    calibrated, reuse = _calibrated_and_reuse_psnr(pipe, cal, schedule)
     assert calibrated > reuse + 2.0, (calibrated, reuse)
 
 
@@ -201,19 +208,7 @@ def test_pipeline_calibration_at_output_granularity_forecasts_the_transformer_ou
     assert cal.granularity == "output" and cal.header["forecaster"]["fit"] == "teacher-forced"
     assert list(cal.header["targets"]) == [""]  # the transformer's root
 
-    def run(config):
-        generator = torch.Generator().manual_seed(0)
-        if config is None:
-            return pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
-        with taylorseer.apply(pipe, config) as handle:
-            images = pipe(class_labels=[0, 1], num_inference_steps=STEPS, generator=generator).images
-            assert handle.stats.steps_full == len(schedule.full_steps)
-            assert [t.path for t in handle.targets] == [""]
-        return images
-
-    full = run(None)
-    calibrated = psnr(run(cal.cache_config()), full)
-    reuse = psnr(run(cal.cache_config(forecaster=TaylorForecast(max_order=0))), full)
+    calibrated, reuse = _calibrated_and_reuse_psnr(pipe, cal, schedule, targets=[""])
     assert calibrated > reuse + 2.0, (calibrated, reuse)
     with pytest.raises(ValueError, match="granularity must be one of"):
         calibrate_pipeline(pipe, BUDGET, tmp_path / "x.safetensors", prompts=["0"], num_steps=STEPS,
