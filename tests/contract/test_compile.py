@@ -36,21 +36,23 @@ def _compiled(model, mode):
 
 
 @pytest.mark.parametrize("mode", ["regional-after", "regional-before", "whole"])
-def test_compiled_forecasting_matches_eager_without_hitting_the_recompile_limit(tiny_dit, mode, monkeypatch):
+def test_compiled_forecasting_matches_eager_without_hitting_the_recompile_limit(tiny_dit, mode):
     with taylorseer.apply(tiny_dit, CFG) as handle:
         eager = _generations(tiny_dit, handle)
         eager_pattern = handle.stats.pattern()
     full_eager = sample(tiny_dit, torch.tensor([0, 3, 7]), num_steps=STEPS, seed=0)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # a hit raises, not falls back
-    model, handle = _compiled(tiny_dit, mode)
-    try:
-        compiled = _generations(model, handle)
-        assert handle.stats.pattern() == eager_pattern and "f" in eager_pattern
-        full_compiled = sample(model, torch.tensor([0, 3, 7]), num_steps=STEPS, seed=0)  # no step told: full
-    finally:
-        handle.remove()
-        torch._dynamo.reset()
+    # config.patch restores the setting as it found it (monkeypatch's undo deleted dynamo's config alias, so every
+    # later parametrization failed with "no attribute 'fail_on_recompile_limit_hit'").
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a hit raises, not falls back
+        model, handle = _compiled(tiny_dit, mode)
+        try:
+            compiled = _generations(model, handle)
+            assert handle.stats.pattern() == eager_pattern and "f" in eager_pattern
+            full_compiled = sample(model, torch.tensor([0, 3, 7]), num_steps=STEPS, seed=0)  # no step told: full
+        finally:
+            handle.remove()
+            torch._dynamo.reset()
     # Inductor reorders float32 operations; the same rounding, extrapolated, is what separates the two runs.
     rounding = float((full_compiled - full_eager).abs().max())
     for a, b in zip(compiled, eager):

@@ -101,8 +101,9 @@ def test_pyproject_splits_core_and_bench_and_ships_py_typed():
     assert "torch>=2.4" in project["dependencies"]  # no upper cap
     extras = project["optional-dependencies"]
     assert {r.split(">")[0] for r in extras["bench"]} >= {"matplotlib", "torchmetrics", "pillow"}
-    assert "taylorseer[bench]" in extras["dev"]
-    assert {r.split(">")[0] for r in extras["dev"]} >= {"pytest", "ruff", "hypothesis", "mypy", "peft"}
+    assert "taylorseer[bench]" in extras["test"] and "taylorseer[test]" in extras["dev"]
+    assert {r.split(">")[0] for r in extras["test"]} >= {"pytest", "hypothesis", "peft", "accelerate"}
+    assert {r.split(">")[0] for r in extras["dev"]} >= {"ruff", "mypy"}
     assert (ROOT / "src" / "taylorseer" / "py.typed").is_file()
     assert "py.typed" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
         "taylorseer"]
