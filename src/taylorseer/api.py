@@ -40,14 +40,17 @@ def default_config(model: nn.Module | Any) -> TaylorSeerConfig:
 
 
 @overload
-def apply(model: nn.Module, config: TaylorSeerConfig | CacheConfig | None = None) -> CacheHandle: ...
+def apply(model: nn.Module, config: TaylorSeerConfig | CacheConfig | None = None, *,
+          guidance_scale: float | None = None, cfg_mode: str | None = None) -> CacheHandle: ...
 
 
 @overload
-def apply(model: Any, config: TaylorSeerConfig | CacheConfig | None = None) -> PipelineHandle: ...
+def apply(model: Any, config: TaylorSeerConfig | CacheConfig | None = None, *,
+          guidance_scale: float | None = None, cfg_mode: str | None = None) -> PipelineHandle: ...
 
 
-def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None = None) -> CacheHandle | PipelineHandle:
+def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None = None, *,
+          guidance_scale: float | None = None, cfg_mode: str | None = None) -> CacheHandle | PipelineHandle:
     """Install forecasting on ``model`` (in place, reversibly) and return the handle that owns its state.
 
     ``model`` is a ``torch.nn.Module`` (a transformer, ``torch.compile``d or not; returns a ``CacheHandle``) or a
@@ -58,6 +61,12 @@ def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None 
     ``config.modules`` path patterns or the adapter registered for the model's class. Everything is validated
     before the model is touched: on any error the model is left unmodified.
 
+    A calibrated config (``load_calibration(path).cache_config()``: fitted weights) is refused for another model
+    class, config or weights, and, when given, for another ``guidance_scale`` or a ``cfg_mode`` (``"batch"``: one
+    doubled CFG batch per step, ``"split"``: a call per branch) its weights' row layout cannot serve
+    (``CalibrationError`` naming the mismatch). The guidance scale cannot be seen from the model's calls: pass it
+    here. The row layout is also checked at the first step of every generation, before any forecast.
+
     Example:
         >>> with taylorseer.apply(pipe.transformer) as handle:   # doctest: +SKIP
         ...     image = pipe("a cat", num_inference_steps=50).images[0]
@@ -66,6 +75,13 @@ def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None 
     if not isinstance(config, (TaylorSeerConfig, CacheConfig)):
         raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
                         f"got {type(config).__name__}")
+    from .calibration.io import calibration_of
+
+    calibration = calibration_of(config)
+    if calibration is not None:
+        calibration.check_sampling(guidance_scale, cfg_mode)
+    elif cfg_mode is not None and cfg_mode not in ("batch", "split"):
+        raise ValueError(f"cfg_mode must be one of ['batch', 'split'] or None, got {cfg_mode!r}")
     if isinstance(model, nn.Module):
         model = unwrap(model)  # a torch.compile'd module: install on the module it compiles
         return CacheHandle.install(model, config, resolve_targets(model, config))

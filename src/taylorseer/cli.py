@@ -399,6 +399,9 @@ def _check_pipeline_model(flag: str, model: str) -> None:
 
 def _check_calibrate(args: argparse.Namespace) -> None:
     _check_out_file("--out", args.out)
+    if Path(args.out).expanduser().exists() and not args.force:
+        raise ValueError(f"argument --out: {args.out!r} exists, and calibrate does not overwrite a file it did not "
+                         f"create: give another --out, or --force to replace it")
     if args.budget > args.steps:
         raise ValueError(f"argument --budget: {args.budget} full steps exceed --steps {args.steps}")
     if not 1 <= args.history <= 4:
@@ -446,6 +449,31 @@ def _check_calibrate(args: argparse.Namespace) -> None:
                          f"give at least 1")
 
 
+def _staging(out: str) -> str:
+    """Where ``calibrate`` writes before publishing to ``out``: a name of its own beside it (same file system)."""
+    path = Path(out).expanduser()
+    return str(path.with_name(f".{path.name}.{os.getpid()}.partial"))
+
+
+def _publish(staged: str, out: str, force: bool) -> Any:
+    """Move the finished calibration ``staged`` to ``out``: with ``force`` replacing whatever is there, else only
+    if ``out`` still does not exist (``os.link`` fails on an existing name: a file that appeared during the work is
+    kept, and the result stays at ``staged``, named in the error). Returns the file loaded from ``out``."""
+    from .calibration import load_calibration
+
+    target = Path(out).expanduser()
+    if force:
+        os.replace(staged, target)
+    else:
+        try:
+            os.link(staged, target)
+        except FileExistsError:
+            raise FileExistsError(f"argument --out: {out!r} was created while calibrating; it is left as it is and "
+                                  f"the calibration is at {staged!r} (move it, or rerun with --force)") from None
+        os.remove(staged)
+    return load_calibration(target)
+
+
 # calibrate --forecaster: fitted linear weights (searched with them), or TaylorSeer of order N to search for.
 _SEARCH_FORECASTERS = ("linear", "taylor1", "taylor2", "taylor3")
 
@@ -464,6 +492,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from .models.pretrained import load_reference
 
     torch.set_num_threads(args.threads)
+    final, args.out = args.out, _staging(args.out)  # written beside --out, published at the end (_publish)
     options = FitOptions(history=args.history, bias=args.bias, match_variance=not args.no_match_variance)
     search_images = args.search_images if args.search_images is not None else (30 if args.model is None else 10)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
@@ -482,6 +511,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,
                                  images=args.images, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
                                  on_policy=False if args.teacher_forced else None, **search)
+    cal = _publish(args.out, final, args.force)
     header = cal.header
     print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
     print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
@@ -598,6 +628,14 @@ def _check_sample(args: argparse.Namespace) -> None:
         raise ValueError(f"argument --device: {err}") from None
     if args.num_samples is None:
         raise ValueError("argument --num-samples is required (unless --merge)")
+    from .eval.sample import MAX_BATCHES, MAX_SAMPLES
+
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value > MAX_SAMPLES:
+            raise ValueError(f"argument {flag}: must be <= {MAX_SAMPLES}, got {value}")
+    if -(-args.num_samples // args.batch_size) > MAX_BATCHES:
+        raise ValueError(f"argument --batch-size: --num-samples {args.num_samples} in batches of {args.batch_size} "
+                         f"makes more than {MAX_BATCHES} shards; raise --batch-size")
     chosen = [flag for flag, on in (("--method", args.method is not None), ("--config", args.config_json is not None),
                                     ("--preset/field flags", bool(given_config))) if on]
     if len(chosen) != 1:
@@ -758,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the embedded model or a diffusers pipeline (--model); write a calibration file",
                     _cmd_calibrate, _check_calibrate)
     p.add_argument("--budget", type=positive_int, required=True, help="full steps of the schedule")
-    p.add_argument("--out", required=True, help="calibration file to write (safetensors)")
+    p.add_argument("--out", required=True, help="calibration file to write (safetensors); an existing file is "
+                   "refused unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
     p.add_argument("--images", type=positive_int, default=40, help="calibration images (full-compute trajectories)")
     p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "

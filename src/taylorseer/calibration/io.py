@@ -29,10 +29,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +61,22 @@ class CalibrationError(ValueError):
 #                                 Model identity                                #
 #################################################################################
 
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What ``model_identity`` depends on, cheaply: each parameter's storage, version counter (bumped by every
+    in-place write, ``load_state_dict`` and optimizer steps included), shape, dtype and device."""
+    return tuple((n, p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device)
+                 for n, p in model.named_parameters())
+
+
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """What a calibration is bound to: the model's class, the SHA-256 of its public config (diffusers' ``config``
     without ``_``-keys; without a config, the parameter names, shapes and dtypes) and a weights fingerprint
-    (parameter count and float64 sum of absolute values).
+    (parameter count and float64 sum of absolute values). The fingerprint is remembered per model until a parameter
+    is replaced or written in place (``_weights_key``), so checking it at every ``apply`` costs one pass over the
+    weights per change of weights, not per call.
 
     Example:
         >>> model_identity(torch.nn.Linear(2, 1))["class"]
@@ -73,11 +88,25 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
         text = json.dumps(public, sort_keys=True, default=str)
     else:
         text = json.dumps([(n, list(p.shape), str(p.dtype)) for n, p in model.named_parameters()])
+    return {"class": type(model).__name__, "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "params": dict(_weights_fingerprint(model))}
+
+
+def _weights_fingerprint(model: nn.Module) -> dict[str, Any]:
+    key = _weights_key(model)
+    try:
+        known = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        known = None
+    if known is not None and known[0] == key:
+        return known[1]
     with torch.no_grad():
         count = sum(p.numel() for p in model.parameters())
         abs_sum = float(sum(p.detach().double().abs().sum() for p in model.parameters())) if count else 0.0
-    return {"class": type(model).__name__, "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "params": {"count": int(count), "abs_sum": abs_sum}}
+    fingerprint = {"count": int(count), "abs_sum": abs_sum}
+    with contextlib.suppress(TypeError):
+        _FINGERPRINTS[model] = (key, fingerprint)
+    return fingerprint
 
 
 def _check_model(header: dict[str, Any], model: nn.Module, where: str) -> None:
@@ -166,6 +195,72 @@ class Calibration:
             if tuple(steps) != self.schedule.full_steps:
                 raise CalibrationError(f"{where} was fitted for the full steps {list(self.schedule.full_steps)}, "
                                        f"not {list(steps)}")
+
+    @property
+    def row_groups(self) -> int:
+        """``R``: 2 for weights fitted on a guided CFG batch ``[cond; uncond]`` (each half its own weights), else
+        1 (one branch per call, or a schedule-only file)."""
+        if self.table is None:
+            return 1
+        return int((self.header.get("forecaster") or {}).get("row_groups", 1))
+
+    def check_sampling(self, guidance_scale: float | None = None, cfg_mode: str | None = None) -> None:
+        """``CalibrationError`` naming the mismatch unless sampling at ``guidance_scale`` with ``cfg_mode``
+        (``"batch"``: one doubled CFG batch per step; ``"split"``: a call per branch; None: not known) fits the
+        calibration: the same guidance scale as its trajectories (files that record one), and for weights fitted on
+        a guided CFG batch (``row_groups`` 2) a guided batch layout. Unknown values are not checked.
+
+        Example:
+            >>> load_calibration("dit-b8.safetensors").check_sampling(4.0)   # doctest: +SKIP
+            Traceback (most recent call last):
+            CalibrationError: ... calibrated at guidance_scale 1.5, not 4 ...
+        """
+        where = self.path or "the calibration"
+        made = (self.header.get("calibration_data") or {}).get("guidance_scale")
+        if guidance_scale is not None:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                    or not math.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be a finite float or None, got {guidance_scale!r}")
+            if made is not None and float(made) != float(guidance_scale):
+                raise CalibrationError(f"{where} was calibrated at guidance_scale {float(made):g}, not "
+                                       f"{float(guidance_scale):g}: its schedule and weights are fitted to the "
+                                       f"trajectories of that scale; sample at guidance_scale {float(made):g} or "
+                                       f"calibrate again at {float(guidance_scale):g}")
+        if cfg_mode is not None and cfg_mode not in ("batch", "split"):
+            raise ValueError(f"cfg_mode must be one of ['batch', 'split'] or None, got {cfg_mode!r}")
+        if self.row_groups == 2:
+            unguided = guidance_scale is not None and float(guidance_scale) == 1.0
+            if unguided or cfg_mode == "split":
+                raise CalibrationError(f"{where}: its weights were fitted on a guided CFG batch [cond; uncond] (2 row "
+                                       f"groups), but this run samples with "
+                                       f"{'guidance_scale=1 (no CFG batch)' if unguided else 'cfg_mode=split'}: "
+                                       f"the rows would get the other half's weights; sample with guidance as one "
+                                       f"doubled batch, or calibrate with the same guidance layout")
+
+    def check_call(self, rows: int | None, halves_equal: bool | None, call: int) -> None:
+        """At the first step of a generation, before any forecast: ``CalibrationError`` unless model call number
+        ``call`` (0-based) of that step, whose first tensor argument has ``rows`` rows (None: no tensor), fits the
+        weights' row layout. Weights fitted on a guided CFG batch (``row_groups`` 2) need one call per step on a
+        batch ``[x; x]``: an even row count whose two halves are equal (``halves_equal``: the same latents, the
+        conditioning differs). Anything else (an unguided batch, two calls per step) would give each half of the
+        batch the other branch's weights, or fail only at the first forecast step."""
+        if self.row_groups != 2:
+            return
+        where = self.path or "the calibration"
+        fitted = f"{where}: its weights were fitted on a guided CFG batch [cond; uncond] (2 row groups)"
+        if call > 0:
+            raise CalibrationError(f"{fitted}, but step 0 calls the model more than once (cfg_mode='split', or "
+                                   f"several branches): sample with guidance as one doubled batch, or calibrate "
+                                   f"with the same guidance layout")
+        if rows is None or rows % 2:
+            raise CalibrationError(f"{fitted}, but the model's first tensor argument has "
+                                   f"{'no rows' if rows is None else f'{rows} rows, an odd count'}: not a CFG batch "
+                                   f"[x; x] (unguided sampling?)")
+        if not halves_equal:
+            raise CalibrationError(f"{fitted}, but the two halves of the model's first tensor argument ({rows} rows) "
+                                   f"differ, so it is not a CFG batch [x; x] (an unguided batch, or one call per "
+                                   f"CFG branch, cfg_mode='split'): the second half would get the unconditional "
+                                   f"weights; sample with the same guidance layout or calibrate again with yours")
 
     def cache_config(self, forecaster: Any = None, name: str | None = None) -> Any:
         """A ``CacheConfig``: the file's ``FixedSchedule`` with its ``LinearForecast`` (the file must have been
@@ -379,3 +474,43 @@ def load_calibration(path: str | os.PathLike, *, sha256: str | None = None, mode
         raise _fail(path, f"holds a {cal.kind!r} calibration, a {kind!r} one was asked for")
     cal.check(model=model, num_steps=num_steps, schedule=schedule)
     return cal
+
+
+#################################################################################
+#                         Configs that name a calibration                       #
+#################################################################################
+
+def calibration_of(config: Any) -> Calibration | None:
+    """The calibration a config's forecaster was built from (a ``CacheConfig`` with a ``LinearForecast``; read
+    and validated, content-checked against its ``sha256`` when the config names one), else None.
+
+    Example:
+        >>> calibration_of(load_calibration("b8.safetensors").cache_config()).num_steps   # doctest: +SKIP
+        50
+    """
+    from ..forecast.base import build_forecaster
+
+    forecaster = getattr(config, "forecaster", None)
+    if not isinstance(forecaster, LinearForecast):
+        return None
+    return getattr(build_forecaster(forecaster), "calibration", None)
+
+
+def pin_config(config: Any) -> Any:
+    """``config`` with its ``LinearForecast`` bound to the content of the file it names (``sha256`` set to the
+    file's SHA-256): a run identity that holds the config then changes with the file's content, and a file changed
+    later is refused by its digest instead of mixing two calibrations in one run. Other configs are returned as
+    they are; a config whose ``sha256`` disagrees with the file raises ``CalibrationError``.
+
+    Example:
+        >>> pin_config(CacheConfig(schedule, LinearForecast("b8.safetensors"))).forecaster.sha256   # doctest: +SKIP
+        '3f2a...'
+    """
+    import dataclasses
+
+    forecaster = getattr(config, "forecaster", None)
+    if not isinstance(forecaster, LinearForecast):
+        return config
+    calibration = calibration_of(config)
+    assert calibration is not None and calibration.sha256 is not None, "built from a file"
+    return dataclasses.replace(config, forecaster=LinearForecast(forecaster.calibration, calibration.sha256))

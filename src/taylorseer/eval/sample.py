@@ -75,6 +75,8 @@ FAULT_ENV = "TAYLORSEER_TEST_KILL_AFTER_SHARDS"
 DIST_TIMEOUT = _dt.timedelta(hours=4)  # the final barrier waits for the slowest rank (unequal work on resume)
 SHARD_NAME = re.compile(r"shard-(\d+)-(\d{6})\.npz")
 _KEY_BYTES = 64  # hex SHA-256
+MAX_SAMPLES = 10**7  # samples of one run (an FID needs 5e4); bounded so that a typo cannot exhaust memory
+MAX_BATCHES = 10**6  # batches (shards) of one run: their list is built up front
 
 
 class SampleDirError(ValueError):
@@ -179,6 +181,12 @@ class SampleSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"SampleSpec.{name} must be an int >= {minimum}, got {value!r}")
+        for name, maximum in (("num_samples", MAX_SAMPLES), ("batch_size", MAX_SAMPLES), ("seed", 2**63 - 1)):
+            if getattr(self, name) > maximum:
+                raise ValueError(f"SampleSpec.{name} must be an int <= {maximum}, got {getattr(self, name)!r}")
+        if -(-self.num_samples // self.batch_size) > MAX_BATCHES:
+            raise ValueError(f"SampleSpec: num_samples / batch_size must make at most {MAX_BATCHES} batches (shards), "
+                             f"got {self.num_samples} / {self.batch_size}; raise batch_size")
         if self.cfg_mode not in ("batch", "split"):
             raise ValueError(f"SampleSpec.cfg_mode must be 'batch' or 'split', got {self.cfg_mode!r}")
         if self.image_dtype is not None and self.image_dtype not in IMAGE_DTYPES:
@@ -193,6 +201,27 @@ class SampleSpec:
         if self.model is not None and self.method.family not in _PIPELINE_FAMILIES:
             raise ValueError(f"method {self.method.name!r} (family {self.method.family}) runs on the embedded model "
                              f"only; with a pipeline give full, ddim-K or a config (--preset / --config)")
+        self._bind_calibration()
+
+    def _bind_calibration(self) -> None:
+        """A config naming a calibration file: bound to the file's content (its SHA-256 joins the run identity, and
+        a file changed later is refused instead of mixing calibrations), checked against the sampling (guidance
+        scale, CFG layout); a pipeline run without a guidance scale takes the calibration's own."""
+        from ..calibration.io import calibration_of, pin_config
+
+        config = self.method.config
+        if not isinstance(config, CacheConfig) or calibration_of(config) is None:
+            return
+        import dataclasses
+
+        pinned = pin_config(config)
+        calibration = calibration_of(pinned)
+        assert calibration is not None, "pin_config keeps the calibration"
+        object.__setattr__(self, "method", dataclasses.replace(self.method, config=pinned))
+        made = (calibration.header.get("calibration_data") or {}).get("guidance_scale")
+        if self.resolved_guidance() is None and made is not None:
+            object.__setattr__(self, "guidance_scale", float(made))
+        calibration.check_sampling(self.resolved_guidance(), self.cfg_mode)
 
     @property
     def embedded(self) -> bool:

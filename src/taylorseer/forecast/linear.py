@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,13 +146,16 @@ class LinearForecast:
 
 class LinearForecaster:
     """Update/predict bound to one ``LinearTable`` (see the module docstring). ``per_target = True``: the runtime
-    passes the target path to ``predict``."""
+    passes the target path to ``predict``. ``calibration``: the file it was built from (None for a bare table)."""
 
     history_from_step = 0
     per_target = True
 
-    def __init__(self, table: LinearTable):
+    def __init__(self, table: LinearTable, calibration: Any = None):
         self.table = table
+        # The loaded file (``taylorseer.calibration.Calibration``) when built from one: its header says which
+        # model, guidance scale and row layout the weights are for (checked by the handle before any forecast).
+        self.calibration = calibration
         self._placed: dict[tuple[str, float, Any, Any], _Placed] = {}
 
     def empty(self) -> FactorState:
@@ -254,29 +256,33 @@ def _as(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return feature if feature.dtype == dtype else feature.to(dtype)
 
 
-_BUILT: dict[tuple[str, int, int, str], LinearForecaster] = {}
+_BUILT: dict[str, LinearForecaster] = {}  # content SHA-256 of a calibration file -> its forecaster
 
 
 @register_forecaster(LinearForecast)
 def _build_linear(config: LinearForecast) -> LinearForecaster:
     # The file is read by the calibration package (file IO and validation live there); imported here, when a
     # LinearForecast is built, because the calibration package itself builds on the runtime. The forecaster holds
-    # no generation state (that is in FactorState), only its weights placed on a device: one per unchanged file,
-    # so that an apply per generation does not read, validate and place the weights again.
-    from ..calibration.io import load_calibration
+    # no generation state (that is in FactorState), only its weights placed on a device: one per file *content*
+    # (its SHA-256, whatever its path, size or modification time), so that an apply per generation does not
+    # validate and place the weights again, and a file replaced in place (``cp -p``, ``rsync -t``, a restore) is
+    # never served from the old content.
+    from ..calibration.io import CalibrationError, load_calibration
+    from ..models.checkpoint import file_sha256
 
-    path = Path(config.calibration)
     try:
-        stat = path.stat()
-        key: tuple[str, int, int, str] | None = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.sha256)
+        digest: str | None = file_sha256(config.calibration)
     except OSError:
-        key = None  # load_calibration names the problem
-    if key is not None and key in _BUILT:
-        return _BUILT[key]
+        digest = None  # load_calibration names the problem
+    if digest is not None and digest in _BUILT and (not config.sha256 or config.sha256.lower() == digest):
+        return _BUILT[digest]
     calibration = load_calibration(config.calibration, sha256=config.sha256 or None)
-    forecaster = LinearForecaster(calibration.table_required())
-    if key is not None:
-        while len(_BUILT) >= 8:  # a few recent files (a calibration holds a few MB of weights)
-            _BUILT.pop(next(iter(_BUILT)))
-        _BUILT[key] = forecaster
+    if digest is not None and calibration.sha256 != digest:  # replaced between the two reads: read it again
+        raise CalibrationError(f"calibration file {config.calibration}: changed while it was being read; "
+                               f"try again once it is no longer being written")
+    forecaster = LinearForecaster(calibration.table_required(), calibration)
+    while len(_BUILT) >= 8:  # a few recent files (a calibration holds a few MB of weights)
+        _BUILT.pop(next(iter(_BUILT)))
+    if calibration.sha256 is not None:
+        _BUILT[calibration.sha256] = forecaster
     return forecaster

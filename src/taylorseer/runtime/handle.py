@@ -99,6 +99,9 @@ class CacheHandle:
         """Swap the forward of each target module (per instance) and return the handle owning them."""
         model = unwrap(model)
         handle = cls(model, config, targets)
+        calibration = getattr(handle.engine.forecaster, "calibration", None)
+        if calibration is not None:  # fitted weights: for this model's class, config and weights only
+            calibration.check(model=model)  # before the model is touched
         handle._install(targets)
         from ..adapters.registry import find_adapter
 
@@ -170,6 +173,17 @@ class CacheHandle:
         self._num_steps = num_steps
         self._told_last = None
         self.auto.restart()
+
+    def cancel(self) -> None:
+        """Abandon the generation under way (a front end's cancel): drop its factors and decisions, keep the
+        ``num_steps`` given to ``begin``; the next model call, told or read from its timestep, starts a new
+        generation at step 0. Call it whenever a generation is cut off: steps read from the call's timestep can only
+        infer a new generation from what the inputs show (docs/reliability.md, "Steps read from the call").
+
+        Example:
+            >>> handle.cancel()   # doctest: +SKIP
+        """
+        self.begin(self._num_steps)
 
     def plan(self, num_steps: int) -> list[bool]:
         """The compute (True) / forecast (False) list for a generation of ``num_steps`` steps (static policies;
