@@ -227,3 +227,100 @@ def test_bench_runs_the_peers_on_a_deep_copy_and_records_their_steps(tiny_dit, t
         assert 0 < record["steps_forecast"] and record["flops"] < by_name["full"]["flops"]
     assert _layout(tiny_dit) == layout
     assert torch.equal(_sample(tiny_dit), _sample(reference))
+
+
+#################################################################################
+#                 cache-dit (the peers extra): present and absent                #
+#################################################################################
+
+def _cache_dit_settings(**fields):
+    from taylorseer.integrations.cache_dit import CacheDitSettings
+
+    return CacheDitSettings(**fields)
+
+
+def test_cache_dit_step_mask_is_followed_and_every_step_full_is_plain_sampling(tiny_dit):
+    pytest.importorskip("cache_dit")
+    from taylorseer.integrations.cache_dit import apply_cache_dit
+
+    plain = _sample(tiny_dit)
+    masked = copy.deepcopy(tiny_dit)
+    peer = apply_cache_dit(masked, _cache_dit_settings(full_steps=(0, 3, 6), calibrator="taylorseer",
+                                                       warmup_steps=0), STEPS)
+    images = _sample(masked, peer)
+    stats = peer.stats()
+    peer.remove()
+    assert stats["pattern"] == "FffFffFfff" and stats["steps_full"] == 3 and stats["steps_forecast"] == 7
+    assert torch.isfinite(images).all() and not torch.equal(images, plain)
+    every = copy.deepcopy(tiny_dit)
+    peer = apply_cache_dit(every, _cache_dit_settings(full_steps=tuple(range(STEPS)), warmup_steps=0), STEPS)
+    images = _sample(every, peer)
+    assert peer.stats()["steps_full"] == STEPS
+    torch.testing.assert_close(images, plain, rtol=0, atol=1e-5)
+
+
+def test_cache_dit_refuses_two_calls_per_step_and_too_many_blocks(tiny_dit):
+    pytest.importorskip("cache_dit")
+    from taylorseer.integrations.cache_dit import apply_cache_dit
+
+    with pytest.raises(ValueError, match="fn_blocks \\+ bn_blocks = 3 exceeds the 2 blocks"):
+        apply_cache_dit(copy.deepcopy(tiny_dit), _cache_dit_settings(fn_blocks=2, bn_blocks=1), STEPS)
+    model = copy.deepcopy(tiny_dit)
+    peer = apply_cache_dit(model, _cache_dit_settings(), STEPS)
+    with pytest.raises(RuntimeError, match="step 0 made 2 model calls"):
+        _sample(model, peer, cfg_mode="split")
+
+
+@pytest.mark.parametrize("field, value", [("fn_blocks", 0), ("bn_blocks", -1), ("threshold", -0.1),
+                                          ("calibrator", "magic"), ("mask_policy", "sometimes"),
+                                          ("full_steps", (1, 2))])
+def test_cache_dit_settings_refuse_bad_fields_naming_them(field, value):
+    with pytest.raises(ValueError, match=f"CacheDitSettings.{field}"):
+        _cache_dit_settings(**{field: value})
+
+
+def test_bench_records_cache_dit_version_steps_and_block_call_fraction(tiny_dit, tmp_path):
+    pytest.importorskip("cache_dit")
+    from importlib.metadata import version
+
+    from taylorseer.integrations.cache_dit import PEER_FAMILY
+
+    before = copy.deepcopy(tiny_dit.state_dict())
+    settings = _cache_dit_settings(full_steps=(0, 3, 6), calibrator="taylorseer", warmup_steps=0)
+    methods = [Method("full", "full", None, STEPS), Method("cd", PEER_FAMILY, settings, STEPS)]
+    out = tmp_path / "records.jsonl"
+    records = run_bench(tiny_dit, methods, num_images=2, repeats=1, out_path=out, progress=False,
+                        save_samples=False, probe_images=1)
+    full, cd = records
+    assert cd["error"] is None and cd["peer_version"] == version("cache-dit")
+    assert cd["steps_full"] == 3 and full["block_calls"] == 2 * STEPS
+    # Fn=1 of 2 blocks: both blocks on the 3 full steps, the first block alone on the 7 others
+    assert cd["block_calls"] == 3 * 2 + 7 * 1 and cd["block_call_fraction"] == pytest.approx(13 / 20)
+    assert 0 < cd["flops_fraction"] < 1 and full["flops_fraction"] == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in tiny_dit.state_dict().items())  # ran on a copy
+
+
+def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, capsys):
+    import importlib
+
+    import taylorseer.integrations.cache_dit as cd
+    from taylorseer.eval.bench import default_grid
+
+    real = importlib.import_module
+
+    def no_cache_dit(name, *args, **kwargs):
+        if name == "cache_dit" or name.startswith("cache_dit."):
+            raise ImportError("No module named 'cache_dit' (simulated)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cd.importlib, "import_module", no_cache_dit)
+    assert cd.cache_dit_version() is None
+    assert cd.cache_dit_methods(50, {"cal": (0, 10)}) == []
+    capsys.readouterr()
+    grid = default_grid(num_steps=50)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "cache-dit" in line] == [
+        'bench: cache-dit is not installed (pip install "taylorseer[peers]"): its methods are skipped']
+    assert not [m for m in grid if m.family == cd.PEER_FAMILY]
+    with pytest.raises(ImportError, match="taylorseer\\[peers\\]"):
+        cd.apply_cache_dit(torch.nn.Linear(2, 2), _cache_dit_settings(), 10)

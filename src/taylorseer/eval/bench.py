@@ -50,6 +50,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -65,6 +66,8 @@ from .._extras import require
 from ..adapters import resolve_targets
 from ..api import apply
 from ..config import TaylorSeerConfig, preset
+from ..integrations.cache_dit import cache_dit_version
+from ..integrations.cache_dit import install_method as install_cache_dit
 from ..models.reference import GUIDANCE_INTERVAL, NUM_CLASSES
 from ..models.sampler import StepListener, sample
 from ..parts import CacheConfig
@@ -73,15 +76,17 @@ from ..runtime.measure import count_flops
 from .grid import image_grid
 
 if TYPE_CHECKING:
+    from ..integrations.cache_dit import CacheDitSettings
     from ..integrations.diffusers_caches import FirstBlockCacheSettings, MagCacheSettings
 
 require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
 
 SCHEMA = "taylorseer.bench/2"
 # Our forecasters and policies beyond fixed-interval Taylor (CacheConfig methods), and diffusers' own caches.
-PART_FAMILIES = ("adams", "hermite", "corrector", "gate", "budget")
+PART_FAMILIES = ("adams", "hermite", "corrector", "gate", "budget", "spectrum", "anchor")
 CALIBRATED_FAMILIES = ("calibrated",)  # fitted weights and searched schedules from a calibration file
-PEER_CACHE_FAMILIES = ("firstblockcache", "magcache")
+# diffusers-hook: eval.flux (enable_cache); cache-dit: integrations.cache_dit (the peers extra)
+PEER_CACHE_FAMILIES = ("firstblockcache", "magcache", "diffusers-hook", "cache-dit")
 FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES,
             *PEER_CACHE_FAMILIES, *CALIBRATED_FAMILIES)
 CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES, *PEER_CACHE_FAMILIES,
@@ -114,7 +119,7 @@ class Method:
 
     name: str
     family: str
-    config: TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | None = None
+    config: TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | CacheDitSettings | None = None
     num_steps: int = 50
     counterpart: str | None = None
 
@@ -238,6 +243,44 @@ def part_methods(num_steps: int = 50) -> list[Method]:
                                  ("budget", "budget-b0.15", ErrorBudget(budget=0.15, max_forecast=8)),
                                  ("budget", "budget-b0.4", ErrorBudget(budget=0.4, max_forecast=8))):
         out.append(Method(name, family, CacheConfig(policy, taylor, name=name), num_steps))
+    return out + spectrum_and_anchor_methods(num_steps)
+
+
+SPECTRUM_BUDGETS = (6, 8, 11)  # full steps of 50: about 12 %, 16 % and 22 % of full compute
+
+
+def spectrum_and_anchor_methods(num_steps: int = 50) -> list[Method]:
+    """Spectrum (its schedule: windows growing by 1.25 per full step, fitted to 6, 8 and 11 full steps; its
+    Chebyshev forecaster, degree 4, ridge 0.1, at module and block granularity) and the hybrid (the first block
+    computed on every step, the rest forecast by Taylor O=1 / O=2 at block granularity) on the fixed intervals of
+    ``PART_INTERVALS``.
+
+    Example:
+        >>> [m.name for m in spectrum_and_anchor_methods()][:2]
+        ['spectrum-b6', 'spectrum-b6-block']
+    """
+    from ..forecast import SpectrumForecast, TaylorForecast
+    from ..parts import Targets
+    from ..policy import AnchorSchedule
+    from ..policy.spectrum import spectrum_for_budget
+
+    out = []
+    for budget in SPECTRUM_BUDGETS:
+        try:
+            schedule = spectrum_for_budget(budget, num_steps, warmup_steps=GRID_WARMUP)
+        except ValueError:  # a short generation cannot hold this budget
+            continue
+        forecaster = SpectrumForecast(span=float(num_steps))
+        for granularity, suffix in (("module", ""), ("block", "-block")):
+            name = f"spectrum-b{budget}{suffix}"
+            out.append(Method(name, "spectrum", CacheConfig(schedule, forecaster, Targets(granularity), name=name),
+                              num_steps))
+    for n in PART_INTERVALS:
+        anchor = AnchorSchedule.from_interval(n, GRID_WARMUP, num_steps)
+        for order in (1, 2):
+            name = f"anchor1-ts{order}-N{n}-block"
+            out.append(Method(name, "anchor", CacheConfig(anchor, TaylorForecast(max_order=order), Targets("block"),
+                                                          name=name), num_steps))
     return out
 
 
@@ -281,12 +324,62 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
 
 
 def _peer_caches(num_steps: int) -> list[Method]:
-    """diffusers' FirstBlockCache / MagCache methods (integrations.diffusers_caches), when that module exists."""
+    """diffusers' FirstBlockCache / MagCache methods (integrations.diffusers_caches), when that module exists, and
+    cache-dit on its own threshold rule (the ``peers`` extra; without it one line says the methods are skipped)."""
+    from ..integrations.cache_dit import cache_dit_methods, cache_dit_version
+
+    if cache_dit_version() is None:
+        print("bench: cache-dit is not installed (pip install \"taylorseer[peers]\"): its methods are skipped",
+              file=sys.stderr)
     try:
         from ..integrations.diffusers_caches import peer_methods
     except ImportError:
-        return []
-    return list(peer_methods(num_steps))
+        return list(cache_dit_methods(num_steps))
+    return [*peer_methods(num_steps), *cache_dit_methods(num_steps)]
+
+
+def schedule_companions(methods: list[Method]) -> list[Method]:
+    """Methods derived from the searched schedule of each ``calibrated`` method in ``methods`` (its ``-taylor2``
+    twin excluded), named ``<what>@<calibration name>``: the hybrid (``AnchorSchedule``, the first block computed
+    on every step) with the method's own forecaster (``anchor1@NAME``) and with Taylor O=1 / O=2 at block
+    granularity (``anchor1-ts1-block@NAME``, ``anchor1-ts2-block@NAME``); Spectrum's forecaster on that schedule
+    (``spectrum-fc@NAME``); and cache-dit with the schedule as its step mask (``cachedit-...@NAME``, when
+    installed). ``select_methods`` offers them by name.
+
+    Example:
+        >>> schedule_companions(default_grid(quick=True, num_steps=10))
+        []
+    """
+    from dataclasses import replace
+
+    from ..forecast import SpectrumForecast, TaylorForecast
+    from ..integrations.cache_dit import cache_dit_methods
+    from ..parts import Targets
+    from ..policy import AnchorSchedule, FixedSchedule
+
+    out: list[Method] = []
+    schedules: dict[str, tuple[int, ...]] = {}
+    for method in methods:
+        config = method.config
+        if method.family != "calibrated" or not isinstance(config, CacheConfig) or method.name.endswith("-taylor2"):
+            continue
+        policy = config.policy
+        if not isinstance(policy, FixedSchedule):
+            continue
+        name, steps = method.name, policy.full_steps
+        schedules[name] = steps
+        anchor = AnchorSchedule(steps, policy.num_steps)
+        if config.targets.granularity != "output":
+            out.append(Method(f"anchor1@{name}", "anchor", replace(config, policy=anchor, name=f"anchor1@{name}"),
+                              method.num_steps))
+        for order in (1, 2):
+            label = f"anchor1-ts{order}-block@{name}"
+            out.append(Method(label, "anchor", CacheConfig(anchor, TaylorForecast(max_order=order), Targets("block"),
+                                                           name=label), method.num_steps))
+        label = f"spectrum-fc@{name}"
+        out.append(Method(label, "spectrum", CacheConfig(policy, SpectrumForecast(span=float(policy.num_steps)),
+                                                         name=label), method.num_steps))
+    return out + cache_dit_methods(methods[0].num_steps if methods else 50, schedules)
 
 
 def select_methods(methods: list[Method], names: list[str]) -> list[Method]:
@@ -296,6 +389,8 @@ def select_methods(methods: list[Method], names: list[str]) -> list[Method]:
         >>> [m.name for m in select_methods(default_grid(quick=True, num_steps=10), ["fora-N3"])]
         ['full', 'fora-N3']
     """
+    known = [m.name for m in methods]
+    methods = methods + [c for c in schedule_companions(methods) if c.name not in known]
     known = [m.name for m in methods]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -387,6 +482,7 @@ for _family in ("full", "fewer-steps"):
 for _family in ("fora", "taylorseer", "preset", *PART_FAMILIES, *CALIBRATED_FAMILIES):
     register_installer(_family, _install_taylorseer)
 register_installer("diffusers-peer", _install_peer)
+register_installer("cache-dit", install_cache_dit)
 
 
 #################################################################################
@@ -410,6 +506,52 @@ class _Run:
     stats: dict[str, Any]
     wall_s: float
     cpu_s: float
+    block_calls: int | None = None
+
+
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+
+
+def block_watchers(model: nn.Module) -> list[nn.Module]:
+    """One module per transformer block that runs exactly when the block's own work runs: the first ``nn.Linear``
+    of its attention (``attn*``) child, else its first ``nn.Linear`` outside norms. Counting their calls counts
+    block calls whatever skips the block (a cache that never calls it, a forecast module or block, a shortcut).
+
+    Example:
+        >>> len(block_watchers(load_reference()))    # doctest: +SKIP
+        6
+    """
+    from ..runtime.install import unwrap
+
+    watched: list[nn.Module] = []
+    for name, child in unwrap(model).named_children():
+        if name not in _BLOCK_LISTS or not isinstance(child, nn.ModuleList):
+            continue
+        for block in child:
+            linears = [(path, m) for path, m in block.named_modules() if isinstance(m, nn.Linear)]
+            attention = [m for path, m in linears if path.split(".")[0].startswith("attn")]
+            plain = [m for path, m in linears if "norm" not in path]
+            pick = attention or plain
+            if pick:
+                watched.append(pick[0])
+    return watched
+
+
+def _count_block_calls(model: nn.Module, call: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``call()`` with a counter on ``block_watchers(model)``: (its result, block calls; None without blocks)."""
+    watched = block_watchers(model)
+    count = [0]
+
+    def bump(module: nn.Module, args: tuple) -> None:
+        count[0] += 1
+
+    handles = [m.register_forward_pre_hook(bump) for m in watched]
+    try:
+        result = call()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, (count[0] if watched else None)
 
 
 def _run(ctx: _Context, method: Method, labels: torch.Tensor, count: bool = False, probe: str | None = None) -> _Run:
@@ -426,12 +568,16 @@ def _run(ctx: _Context, method: Method, labels: torch.Tensor, count: bool = Fals
                                seed=ctx.seed, cfg_mode=ctx.cfg_mode, listener=installed.listener)
 
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        images, flops = count_flops(call) if count else (call(), None)
+        blocks = None
+        if count:
+            (images, flops), blocks = _count_block_calls(installed.model, lambda: count_flops(call))
+        else:
+            images, flops = call(), None
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         stats = installed.stats()
     finally:
         installed.remove()
-    return _Run(images, flops, stats, wall, cpu)
+    return _Run(images, flops, stats, wall, cpu, blocks)
 
 
 def _probe_path(model: nn.Module, method: Method) -> str | None:
@@ -459,7 +605,8 @@ def machine_facts() -> dict[str, Any]:
     import diffusers
 
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "cache_dit": cache_dit_version(),
+            "threads": torch.get_num_threads(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "allocator": allocator_setting()}
@@ -524,6 +671,12 @@ def _measure(ctx: _Context, method: Method, reference: torch.Tensor | None, out_
     rec = _probe(ctx, method, probe_images)
     run = _run(ctx, method, ctx.labels, count=True)
     rec["flops"] = run.flops
+    rec["block_calls"] = run.block_calls
+    if run.block_calls is None:
+        rec["reasons"]["block_calls"] = "the model has no block list to watch"
+    rec["peer_version"] = run.stats.get("cache_dit")
+    if rec["peer_version"] is None:
+        rec["reasons"]["peer_version"] = "not a cache-dit method (diffusers' version: machine.diffusers)"
     rec["process_max_rss_mb"] = _max_rss_mb()
     for key in ("steps_full", "steps_forecast", "peak_cache_bytes"):
         rec[key] = run.stats.get(key)
@@ -570,13 +723,14 @@ def _wall_fields(samples: list[float], cpu: list[float], full: list[float]) -> d
 
 
 def _error_record(message: str) -> dict[str, Any]:
-    keys = ("flops", "steps_full", "steps_forecast", "peak_cache_bytes", "psnr", "ssim", "class_accuracy",
-            "fid_fmnist", "fid_to_full", "probe_path", "probe_images", "probe_errors", "samples_png",
+    keys = ("flops", "block_calls", "steps_full", "steps_forecast", "peak_cache_bytes", "psnr", "ssim",
+            "class_accuracy", "fid_fmnist", "fid_to_full", "probe_path", "probe_images", "probe_errors", "samples_png",
             "process_max_rss_mb")
     return {**dict.fromkeys(keys), "reasons": {k: "the method failed (see error)" for k in keys}, "error": message}
 
 
-def _finish(rec: dict[str, Any], timing: dict[str, Any] | None, full_flops: int | None) -> dict[str, Any]:
+def _finish(rec: dict[str, Any], timing: dict[str, Any] | None, full_flops: int | None,
+            full_blocks: int | None = None) -> dict[str, Any]:
     """Add timing and the ratios; nulls (with reasons) for what is missing."""
     rec.pop("_images", None)
     timed = ("wall_s", "wall_min_s", "wall_max_s", "wall_samples_s", "cpu_s", "wall_full_s", "wall_speedup")
@@ -585,9 +739,12 @@ def _finish(rec: dict[str, Any], timing: dict[str, Any] | None, full_flops: int 
         rec["reasons"].update({k: "not timed: the method failed" for k in timed})
     flops = rec.get("flops")
     rec["flops_speedup"] = full_flops / flops if flops and full_flops else None
+    rec["flops_fraction"] = flops / full_flops if flops and full_flops else None
+    blocks = rec.get("block_calls")
+    rec["block_call_fraction"] = blocks / full_blocks if blocks is not None and full_blocks else None
     rec["efficiency"] = (rec["wall_speedup"] / rec["flops_speedup"]
                          if rec["wall_speedup"] and rec["flops_speedup"] else None)
-    for key in ("flops_speedup", "efficiency"):
+    for key in ("flops_speedup", "efficiency", "flops_fraction", "block_call_fraction"):
         if rec[key] is None:
             rec["reasons"].setdefault(key, "an input of the ratio is missing")
     return rec
@@ -627,6 +784,7 @@ class _Bench:
         self.probe_images, self.save_samples = probe_images, save_samples
         self.reference: torch.Tensor | None = None
         self.full_flops: int | None = None
+        self.full_blocks: int | None = None
         self.started = time.perf_counter()
 
     def measure(self, method: Method) -> dict[str, Any]:
@@ -640,6 +798,7 @@ class _Bench:
         self.bar.update(2)
         if method.family == "full" and self.reference is None:
             self.reference, self.full_flops = rec.get("_images"), rec["flops"]
+            self.full_blocks = rec.get("block_calls")
         return rec
 
     def time_group(self, group: list[Method], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -655,7 +814,7 @@ class _Bench:
 
     def record(self, method: Method, rec: dict[str, Any], group: int, timing: dict[str, Any] | None) -> dict:
         out = {"kind": "method", **self.header, **method.to_dict(), "group": group,
-               **_finish(rec, timing, self.full_flops)}
+               **_finish(rec, timing, self.full_flops, self.full_blocks)}
         out["bench_elapsed_s"] = time.perf_counter() - self.started
         append_record(self.out_path, out)
         return out
