@@ -169,6 +169,7 @@ class CacheHandle:
                                       or num_steps < 1):
             raise ValueError(f"num_steps must be an int >= 1 or None, got {num_steps!r}")
         self._refresh()
+        self._pool_probes()
         self.engine.begin(num_steps)
         self._num_steps = num_steps
         self._told_last = None
@@ -303,6 +304,7 @@ class CacheHandle:
     def begin_auto(self, num_steps: int | None) -> None:
         self._check_alive()
         self._refresh()
+        self._pool_probes()
         self.engine.begin(num_steps)
         self._told_last = None
         self._auto_branches = 1
@@ -326,6 +328,13 @@ class CacheHandle:
     # ---------------------------------------------------------------------------------------------------
     # internals
     # ---------------------------------------------------------------------------------------------------
+    def _pool_probes(self) -> None:
+        """Under diffusers' context parallelism (``enable_parallelism``, before or after ``apply``) the ranks that
+        share a sample pool their probe sums, so they take the one-process decision (``distributed.vote``)."""
+        from ..distributed.vote import probes_for
+
+        self.engine.probes = probes_for(self.model, self.engine.probes)
+
     def _check_alive(self) -> None:
         if self._removed:
             raise RuntimeError("this taylorseer handle was removed; apply() again to get a new one")

@@ -1,0 +1,10 @@
+"""Beyond one device: taylorseer under diffusers' context parallelism (Ulysses, ring) and hybrid data x context
+parallel layouts (docs/parallel.md).
+
+- ``layout``: ``ContextParallel`` (degree, kind), ``make_layout`` (the DP x CP ``DeviceMesh``), ``enable``
+  (``enable_parallelism`` over this rank's replica, after checks that refuse what cannot run), ``fail_fast``;
+- ``vote``: the probe vote of gated policies, pooled over the ranks that share a sample (the handle uses it);
+- ``flux``: ``ClassFluxPipeline``, the class-conditional FLUX pipeline the commands run, and the models by name.
+
+This package imports nothing heavy itself; import the submodules.
+"""
