@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FactorState, ForecasterBase, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster, weighted_sum
 
 SLOPE_PLACEMENTS = ("midpoint", "newer")
 MAX_ORDER = 4
@@ -142,12 +142,10 @@ class AdamsForecaster(ForecasterBase):
         if not state.factors:
             raise ValueError("cannot forecast from an empty state: no step has been computed yet")
         factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
-        if len(factors) == 1:
-            return factors[0].clone()
+        return weighted_sum(factors, self.weights(state, point))
+
+    def weights(self, state: FactorState, point: float) -> list[float]:
+        """The scalar multiplying each factor in the forecast at ``point`` (1 for ``F_0``)."""
         points = state.points
-        nodes = [_node(points[j], points[j + 1], self.config.slope_at) for j in range(len(factors) - 1)]
-        weights = _integrals(nodes, points[0], point)
-        output = torch.add(factors[0], factors[1], alpha=weights[0])
-        for weight, factor in zip(weights[1:], factors[2:]):
-            output.add_(factor, alpha=weight)
-        return output
+        nodes = [_node(points[j], points[j + 1], self.config.slope_at) for j in range(len(state.factors) - 1)]
+        return [1.0] + (_integrals(nodes, points[0], point) if nodes else [])

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -125,6 +125,101 @@ def build_forecaster(config: Any) -> Forecaster:
 def registered_forecasters() -> dict[str, type]:
     """Name -> config type of every registered forecaster."""
     return {t.__name__: t for t in _FORECASTERS}
+
+
+#################################################################################
+#                 One pass per forecast step: the batched evaluation             #
+#################################################################################
+
+def weighted_sum(factors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``factors[0] + sum_i weights[i] * factors[i]`` as a new tensor (``weights[0]`` is 1 and unused), in the
+    order every weighted-sum forecaster evaluates: one fused ``add`` for the first two terms, then ``add_``.
+
+    Example:
+        >>> weighted_sum([torch.tensor([1.0]), torch.tensor([2.0])], [1.0, 0.5])
+        tensor([2.])
+    """
+    if len(factors) == 1:
+        return factors[0].clone()
+    output = torch.add(factors[0], factors[1], alpha=weights[1])
+    for factor, weight in zip(factors[2:], weights[2:]):
+        output.add_(factor, alpha=weight)
+    return output
+
+
+def weighted_sum_batch(factor_lists: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
+    """``weighted_sum`` of many factor lists of one length with one set of weights, as ``torch._foreach_*`` calls:
+    the same operations per tensor (bit-identical results), one call per term instead of one per term and list.
+
+    Example:
+        >>> weighted_sum_batch([[torch.tensor([1.0]), torch.tensor([2.0])]] * 2, [1.0, 0.5])
+        [tensor([2.]), tensor([2.])]
+    """
+    columns = list(zip(*factor_lists))
+    if len(columns) == 1:
+        return list(torch._foreach_mul(list(columns[0]), 1.0))  # a copy: x * 1.0 is x exactly
+    outputs = list(torch._foreach_add(list(columns[0]), list(columns[1]), alpha=weights[1]))
+    for column, weight in zip(columns[2:], weights[2:]):
+        torch._foreach_add_(outputs, list(column), alpha=weight)
+    return outputs
+
+
+def _cast(factors: Sequence[torch.Tensor], dtype: torch.dtype | None) -> Sequence[torch.Tensor]:
+    return factors if dtype is None else [f if f.dtype == dtype else f.to(dtype) for f in factors]
+
+
+def predict_batch(forecaster: Any, states: Sequence[FactorState], point: float, *,
+                  dtypes: Sequence[torch.dtype | None] | None = None,
+                  targets: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """The forecasts of many states at one abscissa ``point`` (one per state, in order): what the runtime calls once
+    per forecast step for all its targets. Results equal ``forecaster.predict`` state by state, to the bit.
+
+    A forecaster with its own ``predict_batch(states, point, dtypes=..., targets=...)`` is asked directly; one with
+    ``weights(state, point) -> list[float]`` (its forecast is ``weighted_sum(factors, weights)``) is evaluated with
+    one ``torch._foreach_*`` call per term for every group of states sharing weights and dtype, so the tensor ops
+    of a step grow with the order, not with the number of states; any other forecaster is asked state by state
+    (``targets`` passed to those with ``per_target = True``). ``dtypes``: each result's dtype (None: the factors').
+
+    Example:
+        >>> from taylorseer.forecast import TaylorForecast, build_forecaster
+        >>> f = build_forecaster(TaylorForecast(max_order=1))
+        >>> s = f.update(f.update(f.empty(), torch.tensor([1.0]), 0.0), torch.tensor([3.0]), 1.0)
+        >>> predict_batch(f, [s, s], 2.0)
+        [tensor([5.]), tensor([5.])]
+    """
+    dtypes = list(dtypes) if dtypes is not None else [None] * len(states)
+    own = getattr(forecaster, "predict_batch", None)
+    if own is not None:
+        return list(own(states, point, dtypes=dtypes, targets=targets))
+    weights_of = getattr(forecaster, "weights", None)
+    if weights_of is None:
+        extra = getattr(forecaster, "per_target", False)
+        return [forecaster.predict(s, point, dtype=d, **({"target": targets[i]} if extra and targets else {}))
+                for i, (s, d) in enumerate(zip(states, dtypes))]
+    return weighted_batch(weights_of, states, point, dtypes)
+
+
+def weighted_batch(weights_of: Callable[[FactorState, float], list[float]], states: Sequence[FactorState],
+                   point: float, dtypes: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
+    """``weighted_sum`` of every state at ``point`` with ``weights_of(state, point)``, one ``weighted_sum_batch``
+    per group of states that share abscissae, order and dtypes (one group on a plain schedule)."""
+    groups: dict[tuple, list[int]] = {}
+    weights: dict[tuple, list[float]] = {}
+    for i, state in enumerate(states):
+        if not state.factors:
+            raise ValueError("cannot forecast from an empty state: no step has been computed yet")
+        first = state.factors[0]
+        key = (state.points, len(state.factors), dtypes[i], first.dtype, first.device)
+        if key not in groups:
+            groups[key] = []
+            weights[key] = weights_of(state, point)
+        groups[key].append(i)
+    results: list[Any] = [None] * len(states)
+    for key, members in groups.items():
+        outputs = weighted_sum_batch([_cast(states[i].factors, dtypes[i]) for i in members], weights[key])
+        for i, output in zip(members, outputs):
+            results[i] = output
+    return results
 
 
 def check_point(state: FactorState, point: float) -> None:

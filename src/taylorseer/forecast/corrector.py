@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from . import taylor
-from .base import FactorState, ForecasterBase, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,15 @@ class CorrectorForecaster(ForecasterBase):
         if not state.factors:
             raise ValueError("cannot forecast from an empty state: no step has been computed yet")
         factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
-        if len(factors) == 1:
-            return factors[0].clone()
+        return weighted_sum(factors, self.weights(state, point))
+
+    def weights(self, state: FactorState, point: float) -> list[float]:
+        """The scalar multiplying each factor in the forecast at ``point``: 1, ``X`` and, with three factors,
+        ``X (h_0 + X/2)`` (calibrated) or ``X (h_0 + X)``."""
+        if len(state.factors) == 1:
+            return [1.0]
         distance = point - state.points[0]
-        output = torch.add(factors[0], factors[1], alpha=distance)
-        if len(factors) == 3:
-            spacing = state.points[0] - state.points[1]
-            curvature = distance * (spacing + (distance / 2 if self.config.calibrate else distance))
-            output.add_(factors[2], alpha=curvature)
-        return output
+        if len(state.factors) == 2:
+            return [1.0, distance]
+        spacing = state.points[0] - state.points[1]
+        return [1.0, distance, distance * (spacing + (distance / 2 if self.config.calibrate else distance))]

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from . import taylor
-from .base import FactorState, ForecasterBase, check_point, register_forecaster
+from .base import FactorState, ForecasterBase, check_point, register_forecaster, weighted_sum
 
 
 def physicists_hermite(order: int, y: float) -> float:
@@ -115,10 +115,4 @@ class HermiteForecaster(ForecasterBase):
         if not state.factors:
             raise ValueError("cannot forecast from an empty state: no step has been computed yet")
         factors = state.factors if dtype is None else [f.to(dtype) for f in state.factors]
-        if len(factors) == 1:
-            return factors[0].clone()
-        weights = self.weights(state, point)
-        output = torch.add(factors[0], factors[1], alpha=weights[1])
-        for weight, factor in zip(weights[2:], factors[2:]):
-            output.add_(factor, alpha=weight)
-        return output
+        return weighted_sum(factors, self.weights(state, point))

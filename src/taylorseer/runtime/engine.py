@@ -1,12 +1,18 @@
-"""The engine: what a wrapper calls. Host-side bookkeeping, kept out of compiled graphs.
+"""The engine: what a wrapper calls. Host-side bookkeeping, decisions taken at step and branch boundaries.
 
-A wrapper's hot path (``install.Forward``) reads one plain boolean, ``engine.forecasting``, and calls one of the
-entry points below. Each entry point is ``torch.compiler.disable``d: under ``torch.compile`` (regional or whole
-model) the graph breaks around it, the module's own computation stays compiled, and dynamo guards only on that
-boolean, so a compiled block has at most two variants (compute, forecast) whatever the step, branch or state.
+The hot path, per target call on a forecast step (``install.Forward``): read the plain flags, take the target's
+forecast from the step's batched pass, return it. The pass runs once per (step, branch), at the first forecast
+call: ``forecast.base.predict_batch`` evaluates every target's forecast with one ``torch._foreach_*`` call per
+term, so its tensor ops grow with the order, not with the number of targets. Under ``torch.compile`` the wrapper
+evaluates the forecast inside the graph instead (``targets.*.traced``) from factors and a weight tensor bound at the
+branch's start, so a compiled block takes no graph break on forecast steps and its math is fused with the block's.
 
-Branches are numbered where the targets see the calls: when the first target called in a step is called again,
-the next model call (CFG branch) has begun. So a model whose CFG wrapper calls ``self.forward`` directly (DiT's
+Nothing in a generation reads a device tensor on the host except where a decision needs the value: the factors'
+finiteness (``state.FiniteChecks``, one batched read per full step, at the next branch's start) and a probe
+policy's observation (one read per probe step). ``host_reads`` counts those reads.
+
+Branches are numbered where the targets see the calls: when the slot that opened the branch is called again, the
+next model call (CFG branch) has begun. So a model whose CFG wrapper calls ``self.forward`` directly (DiT's
 ``forward_with_cfg``) still gets one branch per call.
 
 Example:
@@ -23,28 +29,40 @@ import torch
 from torch import nn
 
 from ..adapters.registry import Target
-from ..forecast.base import build_forecaster
+from ..forecast.base import build_forecaster, predict_batch
 from .observers import FlopObserver, StatsObserver, relative_l2
 from .probe import Probes
-from .state import FactorStore, describe_leaves, flatten, input_shapes, residual_leaves, unflatten
+from .state import FactorStore, FiniteChecks, describe_leaves, flatten, input_shapes, read_host, residual_leaves
 from .step import StepController
+from .targets import KINDS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(eq=False)
 class Slot:
-    """One installed wrapper: its target, its block group, and whether it calls ``engine.enter`` first."""
+    """One installed wrapper: its target, kind, block group and the state bound for the open branch."""
 
     index: int
     target: Target
     block: int = -1  # index of the block group (probes compute the first groups), -1 for none
-    enters: bool = False  # calls engine.enter before reading the flag (first target, end of the probe group)
+    enters: bool = False  # opens branches or ends the probe group (set by build_slots)
     probe: bool = False  # in the probe group of an adaptive policy
     names: list[str] = field(default_factory=list)  # forward argument names (residual targets)
     module: nn.Module | None = None  # the block (shortcut targets)
     shortcut: Any = None
     saved_flops: Any = None  # the shortcut's own skipped matmul FLOPs (FLOP counting only)
+    kind: Any = None  # targets.KINDS[mode]
+    opens: bool = False  # the slot called first in a model call: calling it again starts the next branch
+    resolves: bool = False  # the first slot after the probe group: a probe decision resolves before it
+    children: list = field(default_factory=list)  # shortcut: the slots of the children it consumes
+    seen: int = -1  # the engine's call_id when this slot last ran (a target run twice in one model call)
+    entry: Any = None  # the factors of the open branch (bound at its start when it forecasts)
+    live: bool = False  # forecast inside a traced graph (bound factors, weights, nothing to check on the host)
+    weights: Any = None  # 1-D tensor: the forecast is sum_i weights[i] * factor_i (traced graphs)
+
+    def __post_init__(self) -> None:
+        self.kind = KINDS[self.target.mode]
 
     @property
     def path(self) -> str:
@@ -60,10 +78,10 @@ class Engine:
 
     def __init__(self, parts: Any, slots: list[Slot]):
         self.parts = parts
-        self.slots = slots
         self.forecaster = build_forecaster(parts.forecaster)
         dtype = parts.store.factor_dtype
         self.store = FactorStore(self.forecaster, _DTYPES[dtype] if dtype else None)
+        self.cast = dtype is not None  # forecasts are cast back to the dtypes the targets returned
         self.controller = StepController(parts.policy)
         self.observer = StatsObserver()
         self.flops: FlopObserver | None = None
@@ -71,17 +89,44 @@ class Engine:
         self.forecasting = False  # THE flag the wrappers read
         self.active = False  # inside a told step
         self.removed = False  # the handle was removed: any wrapper still called passes straight through
+        self.branch_open = False  # the opening slot of the current model call has run
+        self.compiled = False  # a wrapper ran inside a traced graph: bind weight tensors for traced forecasts
         self.measure: set[str] = set()  # target paths whose forecast error is measured (handle.probe)
         self.last_forecast: int | None = None  # no factor is read after this step: record nothing, free all
-        self._zeros: dict[tuple, tuple] = {}  # skip targets: (spec, shapes) of the last computed output
+        self.zeros: dict[tuple, tuple] = {}  # skip targets: (spec, shapes) of the last computed output
         self.probes = Probes()
-        self._seen: set[int] = set()
+        self.checks = FiniteChecks()
+        self.nonfinite: set[tuple] = set()
+        self.ready: dict[int, list] = {}  # slot index -> forecast tensors of the open branch (the batched pass)
+        self.forecast_hits: list[str] = []  # paths forecast in the open branch (observers fed at its close)
+        self.computed_hits: list[str] = []
+        self.call_id = 0  # one per (step, branch)
+        self.host_reads = 0  # device values read on the host (finiteness, probe observations)
+        self._prepared = -1  # the call_id whose batched pass ran
+        self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
+                                                                                      None)
         self._first: Slot | None = None
-        self._entered: Slot | None = None
         self._fallbacks = 0
         self._warned: set[str] = set()
-        self._nonfinite: set[tuple] = set()
         self._recorded: dict[tuple, int | None] = {}  # the step of each (branch, target)'s latest record
+        self._slots: list[Slot] = []
+        self.slots = slots
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: list[Slot]) -> None:
+        self._slots = slots
+        by_path = {s.path: s for s in slots}
+        for s in slots:
+            s.opens = s is slots[0]
+            s.resolves = s.enters and not s.opens
+            if s.mode == "shortcut":
+                s.children = [by_path[f"{s.path}.{child}"] for child in s.target.inputs
+                              if f"{s.path}.{child}" in by_path]
+        self._forecast_slots = [s for s in slots if s.kind.forecasts]
 
     # ---------------------------------------------------------------------------------------------------
     # host: generation and steps
@@ -97,9 +142,13 @@ class Engine:
 
     def clear(self) -> None:
         self.store.clear()
+        self.checks.clear()
         self._recorded.clear()
-        self._zeros.clear()
+        self.zeros.clear()
         self.probes.clear()
+        self.ready = {}
+        for slot in self._slots:
+            slot.entry, slot.live, slot.weights = None, False, None
         self.observer.on_bytes(0, 0)
 
     def open(self, index: int, point: float, branch: Any) -> None:
@@ -108,14 +157,23 @@ class Engine:
                              f"branches: put all model calls of a step in one handle.step context, where they are "
                              f"numbered as branches 0, 1, ..., or name each call's branch (handle.step(i, branch=...))")
         self.active = True
-        self._seen, self._first, self._entered = set(), None, None
+        self._first = None
         self.controller.open(index, point, branch)
         self._start()
 
     def _start(self) -> None:
+        """A branch starts: settle what its decisions need (one host read at most), bind its forecasts."""
         self.probes.reset()
         self._fallbacks = 0
+        self.call_id += 1
+        self.branch_open = False
+        self.ready = {}
+        self.forecast_hits, self.computed_hits = [], []
+        if self.checks.needed(self.controller.branch) and not self.controller.probing:
+            self._settle(self.checks.read(self)[0])
         self.forecasting = self.controller.forecasting
+        if self.forecasting:
+            self._bind()
 
     def close(self) -> None:
         """The open step ends (its last branch closes)."""
@@ -123,6 +181,8 @@ class Engine:
         index, num_steps, branch = self.controller.index, self.controller.num_steps, self.controller.branch
         self.controller.end_step()
         self.active = self.forecasting = False
+        self.ready = {}
+        self.checks.launch()  # the step's finiteness checks start their way to the host
         if num_steps is not None and index == num_steps - 1:
             if self.controller.auto_branch:
                 self.clear()  # the generation is over: nothing will read the factors again
@@ -131,7 +191,7 @@ class Engine:
 
     def free_branch(self, branch: Any) -> None:
         """Drop the factors, zeros and probe outputs of one branch."""
-        for table in (self.store.entries, self._zeros, self.probes.previous):
+        for table in (self.store.entries, self.zeros, self.probes.previous):
             for key in [k for k in table if k[0] == branch]:
                 if table is self.store.entries:
                     self.store.drop(key)
@@ -140,30 +200,156 @@ class Engine:
         self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
 
     def _close_branch(self) -> None:
+        if self.compiled and self.forecasting:  # forecasts inside a traced graph leave no trace on the host
+            self.forecast_hits.extend(s.path for s in self._forecast_slots if s.live and s.seen != self.call_id)
+        self.observer.on_calls(self.computed_hits, self.forecast_hits)  # observers fed once per branch
+        self.forecast_hits, self.computed_hits = [], []
+        self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
         record = self.controller.close(self._fallbacks > 0)
         if record is not None:
             first = not any(d["step"] == record["step"] for d in self.observer.stats.decisions)
             self.observer.on_decision(record, first_branch=first)
 
+    def _bind(self) -> None:
+        """A forecasting branch: bind each slot's factors (and, for traced graphs, its weight tensor)."""
+        branch, entries, weights_of = self.controller.branch, self.store.entries, self._weights_of
+        point = self.controller.point
+        cache: dict[tuple, torch.Tensor] = {}
+        measuring = bool(self.measure)
+        for slot in self._forecast_slots:
+            entry = entries.get((branch, slot.path))
+            slot.entry, slot.live = entry, False
+            if entry is None or not entry.states or not self.compiled or measuring or weights_of is None:
+                continue
+            state = entry.states[0]
+            if any(s.points != state.points or len(s.factors) != len(state.factors) for s in entry.states):
+                continue
+            device = state.factors[0].device
+            key = (state.points, len(state.factors), device)
+            if key not in cache:
+                weights = torch.tensor(weights_of(state, point), dtype=torch.float32)
+                if device.type == "cuda":  # a blocking copy would synchronize the stream
+                    weights = weights.pin_memory().to(device, non_blocking=True)
+                cache[key] = weights.to(device)
+            slot.weights, slot.live = cache[key], True
+        for slot in self._slots:
+            if slot.mode == "shortcut":
+                slot.live = bool(slot.children) and all(c.live for c in slot.children) and not measuring
+
     # ---------------------------------------------------------------------------------------------------
-    # entry points (eager even under torch.compile)
+    # the wrappers' entry points
     # ---------------------------------------------------------------------------------------------------
+    def call(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
+        """One target call inside a told step, eager: branch bookkeeping, then forecast or compute."""
+        if slot.opens:
+            if self.branch_open:
+                self._again(slot)
+            else:
+                self.branch_open = True
+                self._first = slot
+        elif not self.branch_open:
+            self._open_first(slot)
+        elif slot.seen == self.call_id and slot.mode != "shortcut":
+            self._twice(slot)
+        slot.seen = self.call_id
+        if self.controller.probing and not slot.probe:
+            self._resolve()
+        if self.forecasting:
+            return self.forecast_eager(slot, original, args, kwargs)
+        if slot.mode == "shortcut":
+            return original(*args, **kwargs)
+        if self.flops is not None:
+            self.flops.start(slot.path)
+        return self._computed(slot, args, kwargs, original(*args, **kwargs))
+
+    @torch.compiler.disable
+    def call_eager(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
+        """``call`` from inside a traced graph (a graph break): FLOP counting, fallbacks."""
+        return self.call(slot, original, args, kwargs)
+
     @torch.compiler.disable
     def enter(self, slot: Slot) -> None:
-        """Called by a slot with ``enters`` before it reads the flag: a new branch, or the end of the probe."""
-        if not self.active:
-            return
-        self._touch(slot, entering=True)
-        if self.controller.probing and not slot.probe:
+        """From a traced graph, where the opening slot runs again or a slot runs first out of model order."""
+        if slot.opens and self.branch_open:
+            self._again(slot)
+        elif not self.branch_open:
+            self._open_first(slot)
+
+    @torch.compiler.disable
+    def resolve(self) -> None:
+        """From a traced graph: the probe group has run; the policy decides the rest of the step."""
+        if self.controller.probing:
             self._resolve()
 
     @torch.compiler.disable
     def computed(self, slot: Slot, args: tuple, kwargs: dict, output: Any) -> Any:
-        """After a target ran its original forward: record what the forecaster needs. Returns ``output``."""
-        if not self.active or slot.mode == "shortcut":
+        """From a traced graph, after a target ran its original forward: record what the forecaster needs."""
+        slot.seen = self.call_id
+        if slot.mode == "shortcut":
             return output
-        self._touch(slot)
         return self._computed(slot, args, kwargs, output)
+
+    def forecast_eager(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
+        """A forecast step's target call, eager: the batched pass on the branch's first call, then this slot's."""
+        if self._prepared != self.call_id:
+            self._prepare(slot)
+        return slot.kind.forecast(self, slot, original, args, kwargs)
+
+    forecast_traced_fallback = torch.compiler.disable(forecast_eager)
+
+    def _prepare(self, current: Slot) -> None:
+        """The batched pass: every bound target's forecast at the branch's abscissa, one pass for all (targets
+        that already ran in this branch, e.g. a probe group, are left out)."""
+        self._prepared = self.call_id
+        slots = [s for s in self._forecast_slots
+                 if s.entry is not None and (s.seen != self.call_id or s is current)]
+        states, dtypes, targets, owners = [], [], [], []
+        for slot in slots:
+            for state, dtype in zip(slot.entry.states, slot.entry.dtypes):
+                states.append(state)
+                dtypes.append(dtype if self.cast else None)
+                targets.append(slot.path)
+                owners.append(slot.index)
+        if not states:
+            return
+        predicted = predict_batch(self.forecaster, states, self.controller.point, dtypes=dtypes, targets=targets)
+        ready: dict[int, list] = {}
+        for owner, tensor in zip(owners, predicted):
+            ready.setdefault(owner, []).append(tensor)
+        for slot in slots:
+            if not slot.entry.states:
+                ready[slot.index] = []
+        self.ready = ready
+
+    # ---------------------------------------------------------------------------------------------------
+    # internals
+    # ---------------------------------------------------------------------------------------------------
+    def _again(self, slot: Slot) -> None:
+        """The opening slot runs again: the next automatically numbered branch (a CFG call)."""
+        c = self.controller
+        if not c.auto_branch:
+            raise ValueError(f"target {slot.path!r} was computed twice in step {c.index} of branch {c.branch!r}: "
+                             f"each model call of a step needs its own branch (handle.step(..., branch=...)), or "
+                             f"leave branch=None to number the calls automatically")
+        self._close_branch()
+        c.next_branch()
+        self._start()
+        self.branch_open = True
+        self._first = slot
+
+    def _open_first(self, slot: Slot) -> None:
+        """A model that calls another target first: that slot opens the branches from now on."""
+        self.branch_open = True
+        self._first = slot
+        if not slot.opens:
+            for s in self._slots:
+                s.opens = s is slot
+
+    def _twice(self, slot: Slot) -> None:
+        c = self.controller
+        raise ValueError(f"target {slot.path!r} ran twice within one model call (step {c.index} of branch "
+                         f"{c.branch!r}) before the first target ran again: a module used several times per forward "
+                         f"cannot be forecast; leave it out of modules=...")
 
     def _computed(self, slot: Slot, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.controller.probing and not slot.probe:
@@ -171,16 +357,16 @@ class Engine:
         key = (self.controller.branch, slot.path)
         if self.flops is not None:
             self.flops.computed(slot.path)
-        self.observer.on_computed(slot.path)
+        self.computed_hits.append(slot.path)
         leaves, spec = flatten(output)
         if slot.mode == "skip":
-            self._zeros[key] = (spec, [(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x
-                                       for x in leaves], input_shapes(args, kwargs))
+            self.zeros[key] = (spec, [(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x
+                                      for x in leaves], input_shapes(args, kwargs))
             return output
         if key not in self.store:
             describe_leaves(slot.path, leaves)
         if slot.mode == "residual":
-            leaves = self._residuals(slot, args, kwargs, leaves, subtract=True)
+            leaves = residual_leaves(slot.path, slot.target.inputs, slot.names, args, kwargs, leaves, None)
         shape = input_shapes(args, kwargs)
         if self.controller.probing:
             self.probes.observe(self.store, self.controller.point, slot, key, leaves, spec, shape)
@@ -190,76 +376,6 @@ class Engine:
                 self.probes.remember(key, leaves)
         return output
 
-    @torch.compiler.disable
-    def forecast(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
-        """Instead of a target's forward on a forecast step (falls back to it where a forecast would be wrong)."""
-        if slot.mode == "shortcut":
-            return self._shortcut(slot, original, args, kwargs)
-        self._touch(slot)
-        key = (self.controller.branch, slot.path)
-        if slot.mode == "skip":
-            if key not in self._zeros or self.measure:
-                return self._fallback(slot, original, args, kwargs, "no-factors")
-            spec, shapes, inputs = self._zeros[key]
-            if inputs != input_shapes(args, kwargs):  # zeros shaped for other inputs: compute in full
-                return self._fallback(slot, original, args, kwargs, "shape")
-            self.observer.on_forecast(slot.path)
-            self._skipped(slot.path)
-            return unflatten([torch.zeros(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else x
-                              for x in shapes], spec)
-        entry = self.store.entries.get(key)
-        if entry is None:
-            reason = "non-finite" if key in self._nonfinite else "no-factors"
-            return self._fallback(slot, original, args, kwargs, reason)
-        if entry.shape != input_shapes(args, kwargs):
-            self.store.drop(key)  # re-anchor: compute in full and start the factors again
-            return self._fallback(slot, original, args, kwargs, "shape")
-        predicted = self.store.predict(key, self.controller.point)
-        if slot.mode == "residual":
-            predicted = self._residuals(slot, args, kwargs, predicted, subtract=False)
-        if slot.path in self.measure:
-            self._measure(slot, predicted, original(*args, **kwargs))
-        self.observer.on_forecast(slot.path)
-        self._skipped(slot.path)
-        return self.store.assemble(key, predicted)
-
-    @torch.compiler.disable
-    def flop_start(self, slot: Slot) -> None:
-        if self.flops is not None and self.active:
-            self.flops.start(slot.path)
-
-    # ---------------------------------------------------------------------------------------------------
-    # internals
-    # ---------------------------------------------------------------------------------------------------
-    def _touch(self, slot: Slot, entering: bool = False) -> None:
-        """Number branches where the targets see the calls; refuse a target run twice within one call."""
-        if not entering and self._entered is slot:  # the call that just entered: already counted
-            self._entered = None
-            return
-        self._entered = slot if entering else None
-        if slot.index in self._seen:
-            c = self.controller
-            if slot is not self._first or not c.auto_branch:
-                where = f"step {c.index} of branch {c.branch!r}"
-                if slot is self._first:
-                    raise ValueError(f"target {slot.path!r} was computed twice in {where}: each model call of a step "
-                                     f"needs its own branch (handle.step(..., branch=...)), or leave branch=None to "
-                                     f"number the calls automatically")
-                raise ValueError(f"target {slot.path!r} ran twice within one model call ({where}) before the first "
-                                 f"target ran again: a module used several times per forward cannot be forecast; "
-                                 f"leave it out of modules=...")
-            self._close_branch()
-            c.next_branch()
-            self._start()
-            self._seen = set()
-        if not self._seen:
-            # The slot called first opens every later branch: it must ask before reading the flag. The statically
-            # chosen one (first in model order) is right for every registered adapter; a model that calls its
-            # targets in another order gets this slot added (once; under compile, one recompile of it).
-            slot.enters = True
-            self._first = slot
-        self._seen.add(slot.index)
-
     def _record(self, slot: Slot, key: tuple, leaves: list, spec: Any, shape: tuple) -> None:
         c = self.controller
         if self.last_forecast is not None and c.index is not None and c.index >= self.last_forecast:
@@ -268,7 +384,7 @@ class Engine:
             return
         keep = c.index is None or c.index >= self.forecaster.history_from_step
         try:
-            self.store.record(key, leaves, spec, point=c.point, keep_history=keep, shape=shape)
+            entry = self.store.record(key, leaves, spec, point=c.point, keep_history=keep, shape=shape)
         except ValueError as error:
             if "repeats the latest computed abscissa" not in str(error):
                 raise
@@ -281,50 +397,37 @@ class Engine:
                              f"computed step of branch {c.branch!r}; the sampler evaluates the model twice at one "
                              f"{kind} (Heun or DPM2-type schedulers repeat timesteps): use abscissa='step'") from None
         self._recorded[key] = c.index
-        if not self.store.finite(key):
-            self.store.drop(key)
-            self._nonfinite.add(key)
-            self._warn_once("non-finite", f"target {slot.path!r} has non-finite factors at step {c.index} (a NaN or an "
-                                          f"overflow, e.g. features above 65504 with factor_dtype='float16'): its "
-                                          f"forecast steps are computed in full (stats.fallbacks['non-finite'])")
-        else:
-            self._nonfinite.discard(key)
-        self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
+        self.checks.add(key, entry, self.store.check_factors(entry))
 
-    def _fallback(self, slot: Slot, original: Any, args: tuple, kwargs: dict, reason: str) -> Any:
+    def _settle(self, bad: list[tuple]) -> None:
+        """Act on a finiteness read: drop the factors found non-finite (their forecast steps are computed)."""
+        for key in bad:
+            self.store.drop(key)
+            self.nonfinite.add(key)
+            self._warn_once("non-finite", f"target {key[1]!r} has non-finite factors (a NaN or an overflow, e.g. "
+                                          f"features above 65504 with factor_dtype='float16'): its forecast steps "
+                                          f"are computed in full (stats.fallbacks['non-finite'])")
+        for key in self.checks.settled:
+            if key not in bad:
+                self.nonfinite.discard(key)
+
+    def fallback(self, slot: Slot, original: Any, args: tuple, kwargs: dict, reason: str) -> Any:
         self.observer.on_fallback(reason)
         self._fallbacks += 1
         if self.flops is not None:
             self.flops.start(slot.path)
         return self._computed(slot, args, kwargs, original(*args, **kwargs))
 
-    def _skipped(self, path: str) -> None:
-        if self.flops is not None:
-            self.flops.skipped(path)
-
-    def _residuals(self, slot: Slot, args: tuple, kwargs: dict, leaves: list, subtract: bool) -> list:
-        constants = None if subtract else self.store.entries[(self.controller.branch, slot.path)].constants
-        return residual_leaves(slot.path, slot.target.inputs, slot.names, args, kwargs, leaves, constants)
-
-    def _shortcut(self, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
-        branch = self.controller.branch
-        keys = [(branch, f"{slot.path}.{child}") for child in slot.target.inputs]
-        entries = [self.store.entries.get(k) for k in keys]
-        first = input_shapes(args, kwargs)[:1]  # the block's hidden states: what its children take (see shortcuts)
-        if self.measure or any(e is None or e.shape[:1] != first for e in entries):
-            return original(*args, **kwargs)  # the children decide for themselves (fallbacks included)
-        forecasts = {}
-        for child, key in zip(slot.target.inputs, keys):
-            forecasts[child] = self.store.assemble(key, self.store.predict(key, self.controller.point))
-            self.observer.on_forecast(key[1])
-            self._skipped(key[1])
-        if self.flops is not None and slot.saved_flops is not None:
-            stats = self.observer.stats
-            stats.flops_skipped = (stats.flops_skipped or 0) + slot.saved_flops(slot.module, *args, **kwargs)
-        return slot.shortcut(slot.module, forecasts, *args, **kwargs)
-
     def _resolve(self) -> None:
+        pending = self.checks.needed(self.controller.branch)
+        extra = self.probes.device_sums()
+        bad, values = self.checks.read(self, extra) if pending else ([], read_host(self, extra))
+        self.probes.sums = values  # on the host now: the observation (pooled across ranks by a subclass) reads them
         error, change = self.probes.observation()
+        if pending:
+            self._settle(bad)
+            if any(key in bad for _, key, *_ in self.probes.pending):
+                self.probes.ready = False  # a probe target's factors were not finite: as if it had none
         if not self.probes.ready:
             decision = self.controller.decision
             assert decision is not None, "a probing step resolves after its branch opened with a decision"
@@ -338,8 +441,10 @@ class Engine:
                 self._record(slot, key, leaves, spec, shape)
         self.probes.pending = []
         self.forecasting = self.controller.forecasting
+        if self.forecasting:
+            self._bind()
 
-    def _measure(self, slot: Slot, predicted: list, true_output: Any) -> None:
+    def measure_error(self, slot: Slot, predicted: list, true_output: Any) -> None:
         true = [x for x in flatten(true_output)[0] if isinstance(x, torch.Tensor)]
         self.observer.on_probe(slot.path, self.controller.index, relative_l2(predicted, true))
 

@@ -17,6 +17,7 @@ import inspect
 import types
 from typing import Any
 
+import torch
 from torch import nn
 
 from .engine import Engine, Slot
@@ -32,8 +33,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Forward:
-    """A target's forward while installed. Hot path: one flag, one call; nothing for dynamo to guard on but
-    ``engine.forecasting`` (and ``slot.enters`` / ``engine.counting``, constant during sampling)."""
+    """A target's forward while installed. Eager: one call into the engine. Traced by ``torch.compile``: plain
+    flags and bound tensors only, so a forecast step adds no graph break; dynamo guards on ``engine.active``,
+    ``engine.forecasting``, ``engine.branch_open`` and the slot's ``live`` / ``opens`` (constant within a
+    generation) and on the bound factors' shapes."""
 
     __slots__ = ("engine", "slot", "original", "module")
 
@@ -42,14 +45,29 @@ class Forward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine, slot = self.engine, self.slot
-        if engine.removed:  # left inside another wrapper's chain (an offload hook attached after apply)
+        if engine.removed or not engine.active:  # removed but left in another wrapper's chain; or no told step
             return self.original(*args, **kwargs)
-        if slot.enters:
-            engine.enter(slot)
-        if engine.forecasting:
-            return engine.forecast(slot, self.original, args, kwargs)
+        if not torch.compiler.is_compiling():
+            return engine.call(slot, self.original, args, kwargs)
+        # Traced: what follows becomes part of the compiled graph; host work is behind disabled calls.
+        engine.compiled = True
         if engine.counting:
-            engine.flop_start(slot)
+            return engine.call_eager(slot, self.original, args, kwargs)
+        if slot.opens:
+            if engine.branch_open:
+                engine.enter(slot)  # the next model call of the step (a CFG branch): a graph break
+            else:
+                engine.branch_open = True
+        elif not engine.branch_open:
+            engine.enter(slot)  # a target called before the opening slot (another call order)
+        if slot.resolves and engine.controller.probing:
+            engine.resolve()  # the probe group has run: the decision of the step (a graph break)
+        if engine.forecasting:
+            if slot.live:
+                return slot.kind.traced(engine, slot, self.original, args, kwargs)
+            return engine.forecast_traced_fallback(slot, self.original, args, kwargs)
+        if slot.mode == "shortcut":
+            return self.original(*args, **kwargs)
         return engine.computed(slot, args, kwargs, self.original(*args, **kwargs))
 
     def __deepcopy__(self, memo: dict) -> Any:

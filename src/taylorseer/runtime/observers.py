@@ -26,6 +26,7 @@ class CacheStats:
     ``decisions``: one record per (step, branch): step, branch, compute, reason and any probe observation.
     ``fallbacks``: target calls the runtime computed in full although the step was forecast, by reason
     (``"no-factors"``, ``"shape"``, ``"non-finite"``).
+    ``switched_off``: why the whole generation ran at full compute (too few steps to forecast; runtime/switch.py).
     """
 
     steps_full: int = 0
@@ -39,6 +40,7 @@ class CacheStats:
     fallbacks: Counter = field(default_factory=Counter)
     flops_executed: int | None = None  # counted under handle.count_flops(); None when not measured
     flops_skipped: int | None = None  # FLOPs the forecast calls did not execute (each module's counted full cost)
+    switched_off: str | None = None  # why this generation ran at full compute (runtime/switch.py), None if not
 
     @property
     def flops_speedup(self) -> float | None:
@@ -64,6 +66,7 @@ class CacheStats:
             "flops_executed": self.flops_executed,
             "flops_skipped": self.flops_skipped,
             "flops_speedup": self.flops_speedup,
+            "switched_off": self.switched_off,
         }
 
 
@@ -81,6 +84,13 @@ class StatsObserver:
 
     def on_forecast(self, path: str) -> None:
         self.stats.module_forecast[path] += 1
+
+    def on_calls(self, computed: list[str], forecast: list[str]) -> None:
+        """The target calls of one branch (paths computed, paths forecast): counted once per branch."""
+        if computed:
+            self.stats.module_full.update(computed)
+        if forecast:
+            self.stats.module_forecast.update(forecast)
 
     def on_fallback(self, reason: str) -> None:
         self.stats.fallbacks[reason] += 1
@@ -140,4 +150,26 @@ def relative_l1_change(current: list[torch.Tensor], previous: list[torch.Tensor]
         return float("inf"), 1.0
     num = sum(float((c - p).double().abs().sum()) for c, p in zip(current, previous))
     den = sum(float(p.double().abs().sum()) for p in previous)
+    return num, den
+
+
+def squared_error_sums(predicted: list[torch.Tensor], true: list[torch.Tensor]) -> tuple[Any, Any]:
+    """``relative_l2``'s two sums as float64 tensors on the device (no host read; 0.0 for no tensors)."""
+    num: Any = 0.0
+    den: Any = 0.0
+    for p, t in zip(predicted, true):
+        num = num + (p - t).double().pow(2).sum()
+        den = den + t.double().pow(2).sum()
+    return num, den
+
+
+def l1_change_sums(current: list[torch.Tensor], previous: list[torch.Tensor] | None) -> tuple[Any, Any]:
+    """``relative_l1_change``'s two sums as float64 tensors on the device ((inf, 1) without a previous output)."""
+    if previous is None or any(c.shape != p.shape for c, p in zip(current, previous)):
+        return float("inf"), 1.0
+    num: Any = 0.0
+    den: Any = 0.0
+    for c, p in zip(current, previous):
+        num = num + (c - p).double().abs().sum()
+        den = den + p.double().abs().sum()
     return num, den

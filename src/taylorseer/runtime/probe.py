@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .observers import relative_l1_change, relative_l2
+from .observers import l1_change_sums, squared_error_sums
 from .state import FactorStore
 
 
@@ -27,7 +27,7 @@ class Probes:
     def reset(self) -> None:
         """A new branch: no sums, nothing pending."""
         self.pending: list[tuple] = []  # (slot, key, leaves, spec, shape), recorded if the step is computed
-        self.sums = [0.0, 0.0, 0.0, 0.0]  # forecast error num/den (L2), change num/den (L1)
+        self.sums: list[Any] = [0.0, 0.0, 0.0, 0.0]  # forecast error num/den (L2), change num/den (L1), on device
         self.ready = True  # every probe target had factors of the right shape to forecast from
 
     def clear(self) -> None:
@@ -46,15 +46,21 @@ class Probes:
         if entry is None or entry.shape != shape:
             self.ready = False
         else:
-            num, den = relative_l2(store.predict(key, point), tensors)
-            self.sums[0] += num
-            self.sums[1] += den
-        num, den = relative_l1_change(tensors, self.previous.get(key))
-        self.sums[2] += num
-        self.sums[3] += den
+            num, den = squared_error_sums(store.predict(key, point), tensors)
+            self.sums[0] = self.sums[0] + num
+            self.sums[1] = self.sums[1] + den
+        num, den = l1_change_sums(tensors, self.previous.get(key))
+        self.sums[2] = self.sums[2] + num
+        self.sums[3] = self.sums[3] + den
         self.remember(key, leaves)
         self.pending.append((slot, key, leaves, spec, shape))
 
+    def device_sums(self) -> list[Any]:
+        """The four sums (tensors on the device, or floats): read on the host once, by the engine."""
+        return list(self.sums)
+
     def observation(self) -> tuple[float, float]:
-        """(relative L2 forecast error, relative L1 change) over the probe targets of this branch."""
-        return (self.sums[0] / max(self.sums[1], 1e-30)) ** 0.5, self.sums[2] / max(self.sums[3], 1e-30)
+        """(relative L2 forecast error, relative L1 change) over the probe targets of this branch, from the sums
+        once the engine has read them on the host (``sums`` are then floats)."""
+        v = [float(x) for x in self.sums]
+        return (v[0] / max(v[1], 1e-30)) ** 0.5, v[2] / max(v[3], 1e-30)

@@ -140,8 +140,9 @@ class FactorStore:
         if entry is not None:
             self.nbytes -= entry.nbytes()
 
-    def record(self, key: Key, leaves: list, spec: Any, *, point: float, keep_history: bool, shape: tuple) -> None:
-        """Update the factors of ``key`` from the output ``leaves`` computed at abscissa ``point``.
+    def record(self, key: Key, leaves: list, spec: Any, *, point: float, keep_history: bool, shape: tuple) -> Entry:
+        """Update the factors of ``key`` from the output ``leaves`` computed at abscissa ``point``; returns the new
+        entry.
 
         A change of the input shapes (``shape``) starts the factors again (re-anchoring), so a forecast never mixes
         features of different shapes. With the same input shapes, the output's structure, tensor shapes and
@@ -163,25 +164,30 @@ class FactorStore:
         self.nbytes += entry.nbytes() - (old.nbytes() if old is not None else 0)
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
         self.entries[key] = entry
+        return entry
+
+    def check_factors(self, entry: Entry) -> list[torch.Tensor]:
+        """The factors whose finiteness proves the entry's: in the feature's own dtype a NaN or an overflow
+        anywhere in the differences reaches the newest highest-order factor, so only that one; with
+        ``factor_dtype`` each factor is cast on its own (a feature above 65504 overflows in float16 while its
+        differences may not), so all of them."""
+        return [f for s in entry.states for f in (s.factors if self.factor_dtype is not None else s.factors[-1:])]
 
     def finite(self, key: Key) -> bool:
-        """Whether every factor of every leaf is finite; taken on full steps only, one host sync per target.
+        """Whether every factor of every leaf of ``key`` is finite (a host read; the runtime batches these reads
+        in ``FiniteChecks`` instead).
 
-        In the feature's own dtype a NaN or an overflow anywhere in the differences reaches the newest
-        highest-order factor, so only that one is checked. With ``factor_dtype`` each factor is cast on its own
-        (a feature above 65504 overflows in float16 while its differences may not), so all are checked.
+        Example:
+            >>> store = FactorStore(build_forecaster(TaylorForecast(max_order=0)))
+            >>> store.record((0, "t"), [torch.ones(2)], None, point=0.0, keep_history=True, shape=(2,)).states[0].order
+            0
+            >>> store.finite((0, "t"))
+            True
         """
-        states = self.entries[key].states
-        factors = [f for s in states for f in (s.factors if self.factor_dtype is not None else s.factors[-1:])]
-        if not factors:
-            return True
-        # A NaN or an infinity anywhere makes the float32 sum non-finite, so a finite sum proves every element
-        # finite: one reduction pass per factor instead of isfinite's four (|x|, two compares, all). Only a sum that
-        # overflowed on finite elements takes the exact element check.
-        sums = torch.stack([f.sum(dtype=torch.float32) for f in factors])  # factors are floating (describe_leaves)
-        if bool(torch.isfinite(sums).all()):
-            return True
-        return bool(torch.stack([torch.isfinite(f).all() for f in factors]).all())
+        checks = FiniteChecks()
+        entry = self.entries[key]
+        checks.add(key, entry, self.check_factors(entry))
+        return not checks.read_store(self, [])[0]
 
     def predict(self, key: Key, point: float) -> list[torch.Tensor]:
         """The forecast tensors of ``key`` at abscissa ``point`` (in the dtypes the target returned)."""
@@ -199,3 +205,130 @@ class FactorStore:
             return predicted[0]
         it = iter(predicted)
         return pytree.tree_unflatten([next(it) if x is TENSOR else x for x in entry.constants], entry.spec)
+
+
+def read_host(counter: Any, tensors: list) -> list[float]:
+    """The values of ``tensors`` (0-d or 1-d, any device; floats pass through) on the host, in one transfer: the
+    runtime's one way of reading a device value, counted in ``counter.host_reads`` when a device is read.
+
+    Example:
+        >>> class Counter: host_reads = 0
+        >>> read_host(Counter, [torch.tensor(1.5), 2.0])
+        [1.5, 2.0]
+    """
+    if not tensors:
+        return []
+    if all(not isinstance(t, torch.Tensor) for t in tensors):
+        return [float(t) for t in tensors]
+    parts = [t.reshape(-1).to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor([float(t)],
+                                                                                              dtype=torch.float64)
+             for t in tensors]
+    device = next(t.device for t in tensors if isinstance(t, torch.Tensor))
+    joined = torch.cat([p.to(device) for p in parts])
+    counter.host_reads += 1
+    return joined.cpu().tolist()  # one device-to-host copy (none on the CPU)
+
+
+class FiniteChecks:
+    """The factors' finiteness, checked on the device in one batched pass and read on the host lazily: once, at
+    the start of the next branch whose decisions need it (or with a probe's observation), for every target at once.
+
+    ``add`` keeps the factors recorded on a full step; ``launch`` (at the step's end) reduces them all with one
+    ``torch._foreach_norm`` (L1, float32: a NaN or an infinity anywhere makes it non-finite) and, on CUDA, starts a
+    non-blocking copy of the flags to pinned host memory; ``read`` waits for that copy and returns the keys whose
+    factors are not finite. Only a norm that overflowed on finite elements takes the exact element check (a second
+    read, only then).
+
+    Example:
+        >>> checks = FiniteChecks()
+        >>> checks.needed(0)
+        False
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Key, Any, list[torch.Tensor]]] = []
+        self.launched: list[tuple[list, torch.Tensor, Any]] = []  # (items, flags on the host or device, event)
+        self.settled: list[Key] = []  # the keys of the last read
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.launched.clear()
+
+    def add(self, key: Key, entry: Any, factors: list[torch.Tensor]) -> None:
+        self.pending.append((key, entry, factors))
+
+    def needed(self, branch: Any) -> bool:
+        """Whether a check of ``branch``'s factors is unread."""
+        return any(k[0] == branch for k, _, _ in self.pending) or any(
+            k[0] == branch for items, _, _ in self.launched for k, _, _ in items)
+
+    def launch(self) -> None:
+        """Reduce the pending factors on their device, one pass for all; start the flags' way to the host."""
+        if not self.pending:
+            return
+        items, self.pending = self.pending, []
+        factors = [f for _, _, fs in items for f in fs]
+        if not factors:
+            self.launched.append((items, torch.ones(0, dtype=torch.bool), None))
+            return
+        by_device: dict[tuple, list[int]] = {}
+        for i, f in enumerate(factors):
+            wide = f.dtype in (torch.float64, torch.complex128)
+            by_device.setdefault((f.device, torch.float64 if wide else torch.float32), []).append(i)
+        flags: list[torch.Tensor] = []
+        order: list[int] = []
+        for (device, accumulate), members in by_device.items():
+            norms = torch._foreach_norm([factors[i] for i in members], 1, dtype=accumulate)
+            flags.append(torch.isfinite(torch.stack(list(norms))).cpu() if device.type != "cuda"
+                         else torch.isfinite(torch.stack(list(norms))))
+            order.extend(members)
+        event = None
+        if any(f.device.type == "cuda" for f in flags):
+            host = [torch.empty(f.shape, dtype=torch.bool, pin_memory=True) for f in flags]
+            for h, f in zip(host, flags):
+                h.copy_(f, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flags = host
+        joined = flags[0] if len(flags) == 1 else torch.cat(flags)
+        if len(by_device) > 1:
+            joined = joined[torch.tensor(order).argsort()]
+        self.launched.append((items, joined, event))
+
+    def read(self, counter: Any, extra: list | None = None) -> tuple[list[Key], list[float]]:
+        """Wait for the launched checks, read them (and ``extra`` tensors, in the same read), and return the keys
+        whose factors are not finite (stale entries, since replaced or dropped, are left out) and ``extra``'s
+        values. Counted in ``counter.host_reads``."""
+        return self.read_store(getattr(counter, "store", None), extra or [], counter)
+
+    def read_store(self, store: Any, extra: list, counter: Any = None) -> tuple[list[Key], list[float]]:
+        counter = counter if counter is not None else _Count()
+        self.launch()
+        batches, self.launched = self.launched, []
+        for _, _, event in batches:
+            if event is not None:
+                event.synchronize()  # the copy issued at the full step's end (the device runs ahead until here)
+        values = read_host(counter, extra)
+        if batches and not any(isinstance(t, torch.Tensor) for t in extra):
+            counter.host_reads += 1  # the flags' read (with a probe observation it is the same read)
+        bad: list[Key] = []
+        self.settled = []
+        for items, flags, _ in batches:
+            flat = flags.tolist()  # host memory: no device read here
+            i = 0
+            for key, entry, factors in items:
+                ok = all(flat[i:i + len(factors)])
+                i += len(factors)
+                if store is not None and store.entries.get(key) is not entry:
+                    continue  # replaced or dropped since: its check says nothing about the factors held now
+                self.settled.append(key)
+                if not ok:
+                    # Non-finite norm: exact only if an element is not finite (finite elements may overflow it).
+                    exact = read_host(counter, [torch.stack([torch.isfinite(f).all() for f in factors]).all()])
+                    if not exact[0]:
+                        bad.append(key)
+        return bad, values
+
+
+class _Count:
+    host_reads = 0
