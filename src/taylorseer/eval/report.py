@@ -465,6 +465,84 @@ def plot_pareto(records: list[Record], metric: str = "psnr") -> Figure:
     return fig
 
 
+_FRACTIONS = {"flops_fraction": "FLOPs / full compute", "block_call_fraction": "block calls / full compute"}
+
+
+def plot_compute_fronts(records: list[Record], metric: str = "psnr") -> Figure:
+    """Quality vs compute spent: FLOPs fraction (left) and block-call fraction (right) of full compute, each
+    family's Pareto front a line (fewer is better on x). The fractions differ where a method computes some blocks
+    on every step (cache-dit's Fn, FirstBlockCache, our hybrid) or spends FLOPs outside the blocks.
+
+    Example:
+        >>> fig = plot_compute_fronts(read_records("records.jsonl"))   # doctest: +SKIP
+        >>> fig.axes[1].get_xlabel()                                     # doctest: +SKIP
+        'block calls / full compute'
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {list(_METRICS)}, got {metric!r}")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True, layout="constrained")
+    legend = _Legend()
+    recs = sorted((r for r in _ok(records) if r.get(metric) is not None), key=_sort_key)
+    for ax, key in zip(axes, _FRACTIONS):
+        for family, members in _groups((r for r in recs if r.get(key)), lambda r: r.get("family")).items():
+            front = pareto_front(((1 / r[key], r[metric]) for r in members), _HIGHER_IS_BETTER[metric])
+            if len(front) > 1:
+                ax.plot([1 / x for x, _ in front], [y for _, y in front], color=family_colour(family), zorder=2,
+                        **_front_style())
+                legend.line(family, f"{family_label(family)}: Pareto front", **_front_style())
+            for variant in _groups(members, variant_label).values():
+                ax.plot([r[key] for r in variant], [r[metric] for r in variant], linestyle="none", zorder=3,
+                        **variant_marker(variant[0]))
+                legend.marker(variant[0])
+        ax.set_xlabel(_FRACTIONS[key])
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(_METRICS[metric])
+    if legend.entries:
+        legend.draw(fig)
+    fig.suptitle(_title(f"Compute spent vs quality: {_METRICS[metric]} (lines: each family's Pareto front)", 130),
+                 fontsize=11)
+    return fig
+
+
+# Who is who at a budget: our methods vs each peer group (families by name).
+BUDGET_GROUPS = {"ours": ("calibrated", "anchor", "taylorseer", "preset", "adams", "hermite", "corrector", "gate",
+                          "budget"),
+                 "cache-dit": ("cache-dit",), "Spectrum": ("spectrum",),
+                 "diffusers' hooks": ("firstblockcache", "magcache", "diffusers-peer", "diffusers-hook"),
+                 "FORA": ("fora",), "DDIM (fewer steps)": ("fewer-steps",)}
+BUDGETS = (0.12, 0.16, 0.22)
+BUDGET_SLACK = 0.01  # a method is "at" budget b when its fraction is <= b + this
+
+
+def budget_rows(records: list[Record], key: str = "flops_fraction", budgets: tuple[float, ...] = BUDGETS,
+                metric: str = "psnr") -> list[list[str]]:
+    """One row per budget: the best ``metric`` of each group of ``BUDGET_GROUPS`` among its methods whose ``key``
+    is at most the budget (plus ``BUDGET_SLACK``), with the method's name, and ours minus the best peer.
+
+    Example:
+        >>> budget_rows([{"name": "a", "family": "calibrated", "flops_fraction": 0.16, "psnr": 40.0,
+        ...               "error": None}], budgets=(0.16,))[0][:2]
+        ['0.16', '40.00 (a)']
+    """
+    rows = []
+    for budget in budgets:
+        best: dict[str, Record | None] = {}
+        for group, families in BUDGET_GROUPS.items():
+            fit = [r for r in _ok(records) if r.get("family") in families and r.get(metric) is not None
+                   and r.get(key) is not None and r[key] <= budget + BUDGET_SLACK]
+            best[group] = max(fit, key=lambda r: r[metric]) if fit else None
+        cells = [f"{budget:.2f}"] + [NA if r is None else f"{r[metric]:.2f} ({r['name']})" for r in best.values()]
+        ours = best["ours"]
+        peers = [r for g, r in best.items() if g != "ours" and r is not None]
+        top = max(peers, key=lambda r: r[metric]) if peers else None
+        cells.append(NA if ours is None or top is None else f"{ours[metric] - top[metric]:+.2f} vs {top['name']}")
+        rows.append(cells)
+    return rows
+
+
+BUDGET_HEADERS = ["budget", *BUDGET_GROUPS, "ours - best peer (dB)"]
+
+
 def _chosen_interval(records: list[Record], key: str) -> int | None:
     """The interval N shown in per-N plots: 5 (the targets' N) if present, else the most common one."""
     found = Counter(_cfg(r, "interval") for r in _ok(records)
@@ -740,12 +818,14 @@ def _main_row(r: Record) -> list[str]:
     steps = f"{_num(r.get('steps_full'), 'd')} / {r.get('num_steps')}"
     cache = None if r.get("peak_cache_bytes") is None else r["peak_cache_bytes"] / 1e6
     psnr = "ref" if r.get("family") == "full" else _num(r.get("psnr"), ".2f")
-    return [r["name"], r.get("family", ""), steps, _x(r.get("flops_speedup")), _x(r.get("wall_speedup")),
-            _num(r.get("efficiency"), ".2f"), psnr, _num(r.get("ssim"), ".4f"), _num(r.get("fid_fmnist"), ".2f"),
+    return [r["name"], r.get("family", ""), steps, _x(r.get("flops_speedup")), _num(r.get("flops_fraction"), ".3f"),
+            _num(r.get("block_call_fraction"), ".3f"), _x(r.get("wall_speedup")), _num(r.get("efficiency"), ".2f"),
+            psnr, _num(r.get("ssim"), ".4f"), _num(r.get("fid_fmnist"), ".2f"),
             _num(r.get("fid_to_full"), ".3f"), _num(r.get("class_accuracy"), ".3f"), _num(cache, ".1f")]
 
 
-MAIN_HEADERS = ["method", "family", "full steps / model calls", "FLOPs speedup", "wall speedup", "wall/FLOPs",
+MAIN_HEADERS = ["method", "family", "full steps / model calls", "FLOPs speedup", "FLOPs frac", "block-call frac",
+                "wall speedup", "wall/FLOPs",
                 "PSNR (dB)", "SSIM", "FID-FMNIST", "FID to full", "class acc", "cache MB"]
 TIMING_HEADERS = ["method", "group", "wall median (s)", "min (s)", "max (s)", "runs", "full in group (s)",
                   "CPU median (s)"]
@@ -812,6 +892,10 @@ def _document(run: BenchRun, images: dict[str, str], notes: str | None) -> list[
             ("p", "PSNR and SSIM compare with the full-compute images of the same seeds. FID-FMNIST is biased "
                   "upward at small image counts: compare rows of this run only. Cache MB is the peak size of the "
                   "cached factors for the whole CFG batch. wall/FLOPs = wall speedup / FLOPs speedup (1 = ideal).")]
+    if any(r.get("flops_fraction") is not None for r in recs):
+        for key in _FRACTIONS:
+            doc += [("h2", f"Equal compute: best PSNR at {_FRACTIONS[key]} <= budget + {BUDGET_SLACK}"),
+                    ("table", BUDGET_HEADERS, budget_rows(recs, key))]
     failed = [[r["name"], r.get("family", ""), r["error"]] for r in recs if r.get("error")]
     if failed:
         doc += [("h2", "Failed methods"), ("table", ["method", "family", "error"], failed)]
@@ -887,6 +971,7 @@ def write_report(records_path: str | os.PathLike, out_dir: str | os.PathLike, no
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {"speed vs PSNR": ("pareto_psnr.png", plot_pareto(records, "psnr")),
              "speed vs FID-FMNIST": ("pareto_fid.png", plot_pareto(records, "fid_fmnist")),
+             "compute fractions vs PSNR": ("pareto_compute.png", plot_compute_fronts(records, "psnr")),
              "forecast error per step": ("forecast_error.png", plot_probe_errors(records)),
              "cache memory vs order": ("memory.png", plot_memory(records)),
              "sample grids": ("samples.png", plot_samples(records, records_path.parent))}
