@@ -36,6 +36,8 @@ from .config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerC
 if TYPE_CHECKING:
     from .models.train import TrainConfig
 
+EMBEDDED_MODELS = ("dit", "flux")  # the shipped references, by name
+
 DESCRIPTION = """\
 Make diffusion transformers generate images and videos faster, without retraining: on skipped denoising steps
 taylorseer forecasts the features of the expensive blocks with a Taylor series instead of computing them
@@ -43,8 +45,9 @@ taylorseer forecasts the features of the expensive blocks with a Taylor series i
 and any PyTorch DiT.
 
 start here (CPU, no downloads):
-  taylorseer demo                      full compute vs TaylorSeer vs baselines on the small DiT shipped in the
-                                       package: speed, quality, and a side-by-side picture
+  taylorseer demo [--model flux]       full compute vs our best methods vs baselines on a small model shipped
+                                       in the package (a DiT, or a FLUX-architecture flow-matching model):
+                                       speed, quality, and a side-by-side picture
   taylorseer generate --model ID_OR_PATH --prompt "a red fox"
                                        run a diffusers pipeline (hub id or local folder) at full compute and
                                        accelerated: both images, wall times, speedup and PSNR
@@ -296,9 +299,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=args.steps, guidance_scale=args.cfg_scale,
-                    seed=args.seed, rounds=args.rounds)
-    print(f"\n{10 * args.per_class} images, {args.steps} DDIM steps, CFG {args.cfg_scale}, "
+    if args.model == "flux":
+        from .models.flux_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        steps, scale, sampler = args.steps or DEFAULT_STEPS, args.cfg_scale or DEFAULT_GUIDANCE, "Euler"
+    else:
+        steps, scale, sampler = args.steps or 50, args.cfg_scale or 1.5, "DDIM"
+    rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=steps, guidance_scale=scale,
+                    seed=args.seed, rounds=args.rounds, reference=args.model)
+    print(f"\n{10 * args.per_class} images, {steps} {sampler} steps, CFG {scale}, "
           f"{torch.get_num_threads()} CPU thread(s); PSNR/SSIM vs the full-compute images of the same seeds; "
           f"FID-FMNIST over {10 * args.per_class} images (compare rows, not with other sample counts)\n")
     print(format_table(rows))
@@ -329,6 +338,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    if args.model == "flux":
+        return _train_flux(args)
     from .models.train import train_reference
 
     cfg = train_config_from_args(args)
@@ -342,10 +353,28 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"exported: {export_reference(path, notes=notes)}")
 
 
+def _train_flux(args: argparse.Namespace) -> None:
+    """``train-reference --model flux``: the flow-matching reference (models.train_flux; defaults = shipped recipe)."""
+    from .models.flux_pipeline import export_flux_reference
+    from .models.train_flux import FluxTrainConfig, train_flux_reference
+
+    given = {k: getattr(args, k) for k in ("out_dir", "steps", "batch_size", "lr", "threads", "seed")}
+    if given["out_dir"] is None:
+        given["out_dir"] = "runs/flux"
+    cfg = FluxTrainConfig(**{k: v for k, v in given.items() if v is not None})
+    path = train_flux_reference(cfg)
+    print(f"training state: {path}")
+    if args.export:
+        notes = {k: getattr(cfg, k) for k in ("size", "batch_size", "lr", "ema_decay", "seed", "null_prob")}
+        print(f"exported: {export_flux_reference(path, notes=notes)}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .eval.bench import default_grid, run_bench, select_methods
     from .models.pretrained import load_reference
 
+    if args.model == "flux":
+        return _bench_flux(args)
     methods = default_grid(quick=args.quick, num_steps=args.steps)
     if args.calibration:
         from .eval.bench import calibrated_methods
@@ -358,6 +387,29 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
                         repeats=repeats, out_path=args.out, model_name="DiT-FM-B/2-16 (embedded, Fashion-MNIST 16x16)")
+    print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
+
+
+def _bench_flux(args: argparse.Namespace) -> None:
+    """``bench --model flux``: the flow-matching reference through diffusers' FluxPipeline (eval.flux)."""
+    import torch
+
+    from .eval.bench import calibrated_methods, select_methods
+    from .eval.flux import FluxSampler, flux_grid, mag_ratios, run_flux_bench
+    from .models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
+
+    torch.set_num_threads(args.threads)
+    ref = load_flux_reference()
+    scale = DEFAULT_GUIDANCE if args.cfg_scale is None else args.cfg_scale
+    methods = flux_grid(args.steps, ratios=mag_ratios(FluxSampler(ref), args.steps, scale))
+    for path in args.calibration or []:
+        methods += calibrated_methods(path, ref.transformer, args.steps, guidance_scale=scale, cfg_mode="split")
+    if args.methods is not None:
+        methods = select_methods(methods, _method_names(args.methods))
+    images = args.images if args.images is not None else (8 if args.quick else 50)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    records = run_flux_bench(ref, methods, num_images=images, seed=args.seed, repeats=repeats, guidance_scale=scale,
+                             out_path=args.out, threads=args.threads)
     print(f"{len(records)} records appended to {args.out}; next: taylorseer report {args.out}")
 
 
@@ -398,6 +450,10 @@ def _check_pipeline_model(flag: str, model: str) -> None:
 
 
 def _check_calibrate(args: argparse.Namespace) -> None:
+    if args.out is None:  # the per-user store, where apply(..., speedup=X) finds it (taylorseer.auto)
+        from .auto import default_calibration_path
+
+        args.out = str(default_calibration_path(args.name or f"cal-b{args.budget}-s{args.steps}"))
     _check_out_file("--out", args.out)
     if Path(args.out).expanduser().exists() and not args.force:
         raise ValueError(f"argument --out: {args.out!r} exists, and calibrate does not overwrite a file it did not "
@@ -407,7 +463,9 @@ def _check_calibrate(args: argparse.Namespace) -> None:
     if not 1 <= args.history <= 4:
         raise ValueError(f"argument --history: must be 1..4, got {args.history}")
     args.prompts = None
-    if args.model is None:
+    if args.model in EMBEDDED_MODELS:  # the shipped references are named, not paths
+        args.model = None if args.model == "dit" else args.model
+    if args.model is None or args.model in EMBEDDED_MODELS:
         for flag, value in (("--prompt", args.prompt), ("--device", args.device), ("--dtype", args.dtype)):
             if value is not None:
                 raise ValueError(f"argument {flag}: applies to a diffusers pipeline (--model PATH); the embedded "
@@ -503,6 +561,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
                         classes=args.class_ids, seed=args.seed, guidance_scale=guidance, options=options,
                         on_policy=False if args.teacher_forced else None, **search)
+    elif args.model == "flux":
+        from .eval.flux import FluxSampler
+        from .models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
+
+        ref = load_flux_reference()
+        guidance = DEFAULT_GUIDANCE if args.cfg_scale is None else args.cfg_scale
+        cal = calibrate(ref.transformer, args.budget, args.out, num_steps=args.steps, images=args.images,
+                        classes=args.class_ids, seed=args.seed, guidance_scale=guidance, options=options,
+                        cfg_mode="split", sampler=FluxSampler(ref),
+                        on_policy=False if args.teacher_forced else None, **search)
     else:
         from .calibration.pipeline import calibrate_pipeline
         from .generate import load_pipeline
@@ -536,8 +604,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
               f"{fit['rel_error']:.4f} from the cached run's own features")
     else:
         print(f"fit: relative L2 error {fit['rel_error']:.4f} (teacher-forced), {fit['seconds']:.2f} s")
-    if args.model is None:
-        print(f"next: taylorseer bench --calibration {cal.path} --methods {header['name']}")
+    if args.model is None or args.model == "flux":
+        model_flag = " --model flux" if args.model == "flux" else ""
+        print(f"next: taylorseer bench{model_flag} --steps {cal.num_steps} --calibration {cal.path} --methods "
+              f"{header['name']}")
     else:
         print(f"next: taylorseer generate --model {args.model} --steps {args.steps} --calibration {cal.path} "
               f"--prompt ...")
@@ -549,16 +619,44 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {write_report(args.records, args.out, notes=args.notes, allow_incomplete=args.allow_incomplete)}")
 
 
+def _context_parallel(args: argparse.Namespace) -> Any:
+    """The ``ContextParallel`` of --context-parallel/--cp-kind (None without them); ``ValueError`` naming the flag."""
+    if args.context_parallel is None:
+        if args.cp_kind is not None:
+            raise ValueError("argument --cp-kind: only with --context-parallel K")
+        return None
+    from .distributed.layout import ContextParallel
+
+    try:
+        return ContextParallel(args.context_parallel, args.cp_kind or "ulysses")
+    except ValueError as err:
+        raise ValueError(f"argument --context-parallel: {err}") from None
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    from .distributed.layout import CP_KINDS
+
+    p.add_argument("--context-parallel", type=positive_int, default=None, metavar="K", help="under torchrun: "
+                   "shard each sample's tokens over K ranks with diffusers' context parallelism (a job of W "
+                   "processes is W/K data-parallel replicas of K ranks; docs/parallel.md) (default: off)")
+    p.add_argument("--cp-kind", choices=CP_KINDS, default=None, help="with --context-parallel: ulysses (all-to-all "
+                   "over heads; K must divide them) or ring (needs an attention backend returning the log-sum-exp) "
+                   "(default: ulysses)")
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from . import generate as gen
 
+    context_parallel = _context_parallel(args)
     accelerated = args.config is not None or args.calibration is not None
     result = gen.generate(model=args.model, prompt=args.prompt, config=args.config, overrides=args.overrides,
                           baseline=accelerated and not args.no_baseline, num_inference_steps=args.steps,
                           seed=args.seed, out_dir=args.out, num_images=args.num_images,
                           guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype,
-                          measure_flops=args.measure_flops, progress=True, calibration=args.calibration)
-    print(format_generate(result))
+                          measure_flops=args.measure_flops, progress=True, calibration=args.calibration,
+                          context_parallel=context_parallel)
+    if "rank" not in result:  # rank 0 (or alone); the other ranks of a context-parallel job print nothing
+        print(format_generate(result))
 
 
 def format_generate(result: dict) -> str:
@@ -653,7 +751,8 @@ def _check_sample(args: argparse.Namespace) -> None:
         method = method_from_config(config, args.steps)
     args.spec = SampleSpec(method, args.num_samples, seed=args.seed, batch_size=args.batch_size,
                            guidance_scale=args.cfg_scale, image_dtype=args.image_dtype, model=args.model,
-                           prompt=args.prompt, weights_dtype=args.dtype, config_file=args.config_json)
+                           prompt=args.prompt, weights_dtype=args.dtype, config_file=args.config_json,
+                           context_parallel=_context_parallel(args))
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -744,12 +843,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_flags(parser, in_subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _subcommand(sub, "demo", "the shipped small DiT: full compute vs TaylorSeer vs baselines, measured, side by "
-                    "side", _cmd_demo, _check_demo)
+    p = _subcommand(sub, "demo", "a shipped reference (DiT or FLUX): full compute vs our best methods vs "
+                    "baselines, measured, side by side", _cmd_demo, _check_demo)
     p.add_argument("--out", default="out/demo", help="folder for demo.png")
-    p.add_argument("--per-class", type=positive_int, default=8, help="images per class, 10 classes")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of the full-compute run")
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--model", choices=("dit", "flux"), default="dit", help="the shipped reference: dit (DDIM, "
+                   "epsilon prediction) or flux (flow matching through diffusers' FluxPipeline)")
+    p.add_argument("--per-class", type=positive_int, default=4, help="images per class, 10 classes")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps of the full-compute run "
+                   "(default: 50 for dit, 28 for flux)")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale "
+                   "(default: 1.5 for dit, the model card's for flux)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds, methods interleaved (median)")
@@ -764,7 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "train-reference", "train (or resume) the shipped small DiT; unset flags take the shipped "
                     "model's recipe (TrainConfig defaults)", _cmd_train, _check_train)
-    p.add_argument("--out-dir", help="folder for the training state and log (default: runs/reference)")
+    p.add_argument("--model", choices=EMBEDDED_MODELS, default="dit", help="which shipped reference: dit "
+                   "(epsilon-prediction DiT) or flux (rectified-flow FluxTransformer2DModel)")
+    p.add_argument("--out-dir", help="folder for the training state and log (default: runs/reference; flux: "
+                   "runs/flux)")
     p.add_argument("--steps", type=positive_int, help="total optimiser steps, sets the lr schedule (default: the "
                    "shipped recipe's)")
     p.add_argument("--batch-size", type=positive_int, help="images per optimiser step (default: the shipped "
@@ -777,6 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "bench", "measure speed, memory and quality of many methods; write JSONL records",
                     _cmd_bench, _check_bench)
     p.add_argument("--quick", action="store_true", help="a handful of methods and images (CI)")
+    p.add_argument("--model", choices=EMBEDDED_MODELS, default="dit", help="the shipped reference: dit (DDIM-50 "
+                   "grid) or flux (flow matching through FluxPipeline; its grid at the --steps budgets)")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="flux: true CFG scale (default: the "
+                   "model card's); dit: 1.5")
     p.add_argument("--out", default="out/bench/records.jsonl", help="JSONL file, appended to; sample grids go beside "
                    "it)")
     p.add_argument("--images", type=positive_int, default=None, help="images per method (default: 50; --quick: 8)")
@@ -796,14 +906,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the embedded model or a diffusers pipeline (--model); write a calibration file",
                     _cmd_calibrate, _check_calibrate)
     p.add_argument("--budget", type=positive_int, required=True, help="full steps of the schedule")
-    p.add_argument("--out", required=True, help="calibration file to write (safetensors); an existing file is "
-                   "refused unless --force")
+    p.add_argument("--out", default=None, help="calibration file to write (safetensors); an existing file is "
+                   "refused unless --force (default: a new file in the per-user store "
+                   "$XDG_CACHE_HOME/taylorseer/calibrations, ~/.cache/... by default, where "
+                   "taylorseer.apply(model, speedup=X) finds it)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
     p.add_argument("--images", type=positive_int, default=40, help="calibration images (full-compute trajectories)")
     p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "
                    "(default: 0-9)")
-    p.add_argument("--model", default=None, help="hub id or local folder of a diffusers pipeline to calibrate "
+    p.add_argument("--model", default=None, help="dit or flux (the shipped references, by name), or the hub id or "
+                   "local folder of a diffusers pipeline to calibrate "
                    "(default: the embedded DiT)")
     p.add_argument("--prompt", action="append", default=None, help="with --model: a calibration prompt, "
                    "repeatable, several in one value separated by '|'; for class-conditional DiT pipelines class "
@@ -876,6 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="FILE", help="a file written by `taylorseer calibrate "
                    "--model` for this pipeline and --steps: the accelerated run uses its schedule and fitted weights "
                    "instead of a preset, and its guidance scale unless --guidance-scale is given (default: none)")
+    _add_parallel_args(p)
     _add_config_args(p, default_preset=None, unset="the preset recommended for the model's transformer family")
 
     p = _subcommand(sub, "sample", "generate N samples of one method into shards (alone or under torchrun, "
@@ -911,6 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(done anyway on rank 0 at the end of a run)")
     p.add_argument("--reference", default=None, help="another sample folder of the same seeds (e.g. full compute): "
                    "FID and PSNR to it (default: none)")
+    _add_parallel_args(p)
     _add_config_args(p, default_preset=None)
     return parser
 

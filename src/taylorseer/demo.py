@@ -44,6 +44,7 @@ from .api import apply
 from .config import TaylorSeerConfig, preset
 from .eval.grid import side_by_side
 from .models.sampler import StepListener, sample
+from .parts import CacheConfig
 from .runtime.measure import count_flops
 
 require("torchmetrics")  # the bench extra (eval.metrics): fail before sampling, with the pip command
@@ -58,27 +59,80 @@ class DemoMethod:
     the picture (``"\\n"`` breaks the line; empty: the label)."""
 
     label: str
-    config: TaylorSeerConfig | None
+    config: TaylorSeerConfig | CacheConfig | None
     num_steps: int
     title: str = ""
 
 
-def demo_methods(num_steps: int = 50) -> list[DemoMethod]:
-    """Full compute, the paper's DiT schedule, a faster schedule, and the baselines at the same model-call count."""
-    # The fast schedule: N = 5 with DiT's warm-up of 2 (11 full steps of 50), in the library's default step units;
-    # on the shipped model both orders beat reuse there (docs/design.md, "Abscissa on the embedded model").
+HEADLINE_CALIBRATION = "ts2-output-b8-s50"  # shipped: the schedule searched for TaylorSeer O=2 on the output
+
+
+def shipped_calibration(name: str) -> Path:
+    """The path of a calibration file shipped in the package (``assets/calibrations/NAME.safetensors``)."""
+    from .models.checkpoint import ASSETS_DIR
+
+    path = ASSETS_DIR / "calibrations" / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped calibration {name!r} ({path})")
+    return path
+
+
+def demo_methods(num_steps: int = 50, model: torch.nn.Module | None = None) -> list[DemoMethod]:
+    """Full compute; our best method on this model (the shipped calibration: a schedule searched for TaylorSeer
+    O=2 on the model output, 8 of 50 full steps; it needs ``num_steps`` = 50 and CFG 1.5, else the N=5 schedule
+    heads the list); TaylorSeer O=2 at N=5 on the modules (the paper's kind of schedule); reuse (FORA) and plain
+    DDIM at the headline's number of model evaluations."""
     fast = TaylorSeerConfig(interval=5, warmup_steps=2, max_order=2, name="taylorseer-n5-o2")
-    fast_o1 = fast.replace(max_order=1, name="taylorseer-n5-o1")
-    fora = fast.replace(max_order=0, name="fora-n5")
-    evals = fast.full_steps(num_steps)
-    return [
-        DemoMethod(f"full ({num_steps} steps)", None, num_steps, f"full\n{num_steps} steps"),
-        DemoMethod("TaylorSeer paper_dit (N=4, O=4)", preset("paper_dit"), num_steps, "TaylorSeer (paper)\nN=4, O=4"),
-        DemoMethod("TaylorSeer N=5, O=2", fast, num_steps, "TaylorSeer\nN=5, O=2"),
-        DemoMethod("TaylorSeer N=5, O=1", fast_o1, num_steps, "TaylorSeer\nN=5, O=1"),
-        DemoMethod("FORA reuse N=5 (O=0)", fora, num_steps, "FORA reuse\nN=5"),
+    methods = [DemoMethod(f"full ({num_steps} steps)", None, num_steps, f"full\n{num_steps} steps")]
+    headline: TaylorSeerConfig | Any = None
+    if num_steps == 50:
+        from .calibration import load_calibration
+
+        cal = load_calibration(shipped_calibration(HEADLINE_CALIBRATION), model=model, num_steps=num_steps)
+        headline = cal.cache_config()
+        evals = len(cal.schedule.full_steps)
+        methods.append(DemoMethod(f"TaylorSeer O=2, searched schedule, output ({evals} full)", headline, num_steps,
+                                  f"TaylorSeer searched\n{evals} of {num_steps}"))
+        fora: Any = cal.cache_config(forecaster=_reuse(), name="fora-searched")
+        fora_label = f"FORA reuse, same schedule ({evals} full)"
+    else:
+        evals = fast.full_steps(num_steps)
+        fora = fast.replace(max_order=0, name="fora-n5")
+        fora_label = f"FORA reuse N=5 ({evals} full)"
+    methods += [
+        DemoMethod(f"TaylorSeer N=5, O=2 ({fast.full_steps(num_steps)} full)", fast, num_steps,
+                   "TaylorSeer\nN=5, O=2"),
+        DemoMethod(fora_label, fora, num_steps, "FORA reuse\n" + ("same schedule" if headline else "N=5")),
         DemoMethod(f"DDIM {evals} steps (same model calls)", None, evals, f"DDIM\n{evals} steps"),
     ]
+    return methods
+
+
+def flux_demo_methods(num_steps: int = 28) -> list[DemoMethod]:
+    """The flow-matching reference: full compute, TaylorSeer O=2 on the model output at 6 full steps, the FLUX
+    preset (``paper_flux``) and its reuse (FORA), and plain Euler with 6 steps."""
+    from .eval.flux import interval_for
+
+    base = interval_for(6, num_steps) or TaylorSeerConfig(interval=max(2, num_steps // 6), warmup_steps=2)
+    evals = base.full_steps(num_steps)
+    out = base.replace(max_order=2, granularity="output", name="ts-o2-output")
+    flux = preset("paper_flux")
+    return [
+        DemoMethod(f"full ({num_steps} steps)", None, num_steps, f"full\n{num_steps} steps"),
+        DemoMethod(f"TaylorSeer O=2, output, N={base.interval} ({evals} full)", out, num_steps,
+                   f"TaylorSeer output\n{evals} of {num_steps}"),
+        DemoMethod(f"paper_flux (N=6, O=1; {flux.full_steps(num_steps)} full)", flux, num_steps,
+                   "TaylorSeer\npaper_flux"),
+        DemoMethod("FORA reuse, paper_flux schedule", flux.replace(max_order=0, name="fora-paper_flux"), num_steps,
+                   "FORA reuse\npaper_flux"),
+        DemoMethod(f"Euler {evals} steps (same model calls)", None, evals, f"Euler\n{evals} steps"),
+    ]
+
+
+def _reuse() -> Any:
+    from .forecast import TaylorForecast
+
+    return TaylorForecast(max_order=0)
 
 
 class _ProgressListener:
@@ -108,8 +162,11 @@ class _ProgressListener:
             self.bar = None
 
 
+Sampler = Any  # sampler(model, labels, *, num_steps, guidance_scale, seed, cfg_mode, listener) -> images
+
+
 def _generate(model: torch.nn.Module, method: DemoMethod, labels: torch.Tensor, seed: int, guidance_scale: float,
-              desc: str | None) -> tuple[torch.Tensor, Any]:
+              desc: str | None, sampler: Sampler = sample, cfg_mode: str = "batch") -> tuple[torch.Tensor, Any]:
     """One generation of ``method``: images [N, 1, S, S] and the handle's stats (None without a cache).
     ``desc``: the progress bar's text (None: no bar)."""
     with contextlib.ExitStack() as stack:
@@ -118,14 +175,14 @@ def _generate(model: torch.nn.Module, method: DemoMethod, labels: torch.Tensor, 
         if desc is not None:
             listener = _ProgressListener(handle, desc)
             stack.callback(listener.close)
-        images = sample(model, labels, num_steps=method.num_steps, guidance_scale=guidance_scale, seed=seed,
-                        listener=listener)
+        images = sampler(model, labels, num_steps=method.num_steps, guidance_scale=guidance_scale, seed=seed,
+                         cfg_mode=cfg_mode, listener=listener)
         return images, handle.stats if handle is not None else None
 
 
-def _flops(model: torch.nn.Module, method: DemoMethod, guidance_scale: float) -> int:
+def _flops(model: torch.nn.Module, method: DemoMethod, guidance_scale: float, sampler: Sampler, cfg_mode: str) -> int:
     labels = torch.tensor([0])  # FLOPs scale linearly with the batch: one image gives the exact ratio
-    return count_flops(lambda: _generate(model, method, labels, 0, guidance_scale, None))[1]
+    return count_flops(lambda: _generate(model, method, labels, 0, guidance_scale, None, sampler, cfg_mode))[1]
 
 
 def _load() -> float | None:
@@ -151,19 +208,23 @@ def rotated_order(methods: list[DemoMethod], rounds: int) -> list[list[DemoMetho
 
 def _time_rounds(model: torch.nn.Module, methods: list[DemoMethod], labels: torch.Tensor, seed: int,
                  guidance_scale: float, rounds: int, kept: dict[str, torch.Tensor],
-                 progress: bool) -> dict[str, list[float]]:
-    """Wall seconds of every method in every round (interleaved, rotated); each run must reproduce ``kept``."""
+                 progress: bool, sampler: Sampler = sample,
+                 cfg_mode: str = "batch") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds of every method in every round (interleaved, rotated); each run must
+    reproduce ``kept``."""
     times: dict[str, list[float]] = {m.label: [] for m in methods}
+    cpu: dict[str, list[float]] = {m.label: [] for m in methods}
     for r, order in enumerate(rotated_order(methods, rounds)):
         for method in order:
             desc = f"sampling {method.label} (round {r + 1}/{rounds})" if progress else None
-            start = time.perf_counter()
-            images, _ = _generate(model, method, labels, seed, guidance_scale, desc)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            images, _ = _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode)
             times[method.label].append(time.perf_counter() - start)
+            cpu[method.label].append(time.process_time() - cpu_start)
             if not torch.equal(images, kept[method.label]):
                 raise RuntimeError(f"{method.label}: a timed run's images differ from the warm-up's (same seed); "
                                    "the timings would compare different work")
-    return times
+    return times, cpu
 
 
 def _busy_reasons(load_before: float | None, load_after: float | None, threads: int,
@@ -190,33 +251,50 @@ def run_demo(
     methods: list[DemoMethod] | None = None,
     progress: bool = True,
     rounds: int = 3,
+    reference: str = "dit",
 ) -> list[dict]:
     """Generate ``per_class`` images of each class per method; return one row of measurements per method.
 
     The first method is the reference. Timing as in the module docstring: one untimed warm-up per method, then
     ``rounds`` interleaved, rotated timed rounds. Each row has ``seconds`` (median wall s, ``time.perf_counter``),
     ``wall_samples_s``, ``spread`` (relative range of the wall times), ``speedup`` (reference median / median),
-    ``speedup_spread`` (relative range of the per-round ratios), ``flops_speedup``, ``full_steps``, ``cache_mb``,
+    ``speedup_spread`` (relative range of the per-round ratios), ``cpu_seconds`` and ``cpu_speedup`` (the same
+    from process CPU time of the same rounds, steadier than wall time on a shared machine), ``flops_speedup``,
+    ``full_steps``, ``cache_mb``,
     the quality of the warm-up's images (``psnr`` dB and ``ssim`` versus the reference's images of the same seeds,
     ``class_acc``, ``fid_fmnist``, ``fid_to_full``), and the run's ``threads``, ``rounds``, ``load_before``,
     ``load_after`` (1-minute load averages, None where unavailable), ``busy`` and ``busy_reasons``.
     ``demo.png`` in ``out_dir`` shows the images side by side, each column captioned with speedup and PSNR.
+    ``reference``: ``"dit"`` (the shipped DiT, DDIM, CFG as one doubled batch) or ``"flux"`` (the shipped
+    flow-matching reference through diffusers' ``FluxPipeline``, Euler, true CFG as two calls per step).
     """
+    if reference not in ("dit", "flux"):
+        raise ValueError(f"reference must be one of ['dit', 'flux'], got {reference!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    if model is None:
+    sampler: Sampler = sample
+    cfg_mode = "batch"
+    if reference == "flux":
+        from .eval.flux import FluxSampler
+        from .models.flux_pipeline import load_flux_reference
+
+        ref = load_flux_reference()
+        model, sampler, cfg_mode = ref.transformer, FluxSampler(ref), "split"
+        methods = flux_demo_methods(num_steps) if methods is None else methods
+    elif model is None:
         from .models.pretrained import load_reference
 
         model = load_reference()
-    methods = demo_methods(num_steps) if methods is None else methods
+    methods = demo_methods(num_steps, model) if methods is None else methods
     if len({m.label for m in methods}) != len(methods):
         raise ValueError(f"method labels must be unique, got {[m.label for m in methods]}")
     labels = torch.arange(10).repeat_interleave(per_class)
     load_before = _load()
-    rows, kept = _warm_up(model, methods, labels, seed, guidance_scale, progress)
-    times = _time_rounds(model, methods, labels, seed, guidance_scale, rounds, kept, progress)
+    rows, kept = _warm_up(model, methods, labels, seed, guidance_scale, progress, sampler, cfg_mode)
+    times, cpu = _time_rounds(model, methods, labels, seed, guidance_scale, rounds, kept, progress, sampler,
+                              cfg_mode)
     load_after = _load()
-    _add_timing(rows, times, methods[0].label)
+    _add_timing(rows, times, cpu, methods[0].label)
     threads = torch.get_num_threads()
     reasons = _busy_reasons(load_before, load_after, threads, {r["method"]: r["spread"] for r in rows})
     _add_quality(rows, kept, labels, progress)
@@ -231,14 +309,16 @@ def run_demo(
 
 
 def _warm_up(model: torch.nn.Module, methods: list[DemoMethod], labels: torch.Tensor, seed: int,
-             guidance_scale: float, progress: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
+             guidance_scale: float, progress: bool, sampler: Sampler = sample,
+             cfg_mode: str = "batch") -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The untimed first generation of each method (its images are the ones measured and shown) and its FLOPs."""
     rows: list[dict] = []
     kept: dict[str, torch.Tensor] = {}
     for method in methods:
         desc = f"sampling {method.label} (warm-up)" if progress else None
-        kept[method.label], stats = _generate(model, method, labels, seed, guidance_scale, desc)
-        rows.append({"method": method.label, "stats": stats, "flops": _flops(model, method, guidance_scale),
+        kept[method.label], stats = _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode)
+        rows.append({"method": method.label, "stats": stats,
+                     "flops": _flops(model, method, guidance_scale, sampler, cfg_mode),
                      "full_steps": stats.steps_full if stats else method.num_steps})
     return rows, kept
 
@@ -262,14 +342,18 @@ def _add_quality(rows: list[dict], kept: dict[str, torch.Tensor], labels: torch.
         row["cache_mb"] = stats.peak_cache_bytes / 2**20 if stats is not None else 0.0
 
 
-def _add_timing(rows: list[dict], times: dict[str, list[float]], reference: str) -> None:
-    """Median, spread and speedup (ratio of medians, and the spread of the per-round ratios) into each row."""
-    ref = times[reference]
+def _add_timing(rows: list[dict], times: dict[str, list[float]], cpu: dict[str, list[float]],
+                reference: str) -> None:
+    """Median, spread and speedup (ratio of medians, and the spread of the per-round ratios) into each row, from
+    wall time and from process CPU time of the same rounds."""
+    ref, ref_cpu = times[reference], cpu[reference]
     for row in rows:
-        samples = times[row["method"]]
+        samples, cpu_samples = times[row["method"]], cpu[row["method"]]
         ratios = [a / b for a, b in zip(ref, samples, strict=True)]  # same round: measured back to back
         row.update(seconds=statistics.median(samples), wall_samples_s=samples, spread=_spread(samples),
-                   speedup=statistics.median(ref) / statistics.median(samples), speedup_spread=_spread(ratios))
+                   speedup=statistics.median(ref) / statistics.median(samples), speedup_spread=_spread(ratios),
+                   cpu_seconds=statistics.median(cpu_samples), cpu_samples_s=cpu_samples,
+                   cpu_speedup=statistics.median(ref_cpu) / statistics.median(cpu_samples))
 
 
 def _caption(row: dict) -> str:
@@ -280,14 +364,15 @@ def _caption(row: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The demo rows as a Markdown table, then a line on how they were timed and, for a busy run, a warning."""
-    columns = ("method", "full steps", "wall s", "wall spread", "speedup", "speedup spread", "FLOPs speedup", "PSNR dB",
-               "SSIM", "class acc", "FID-FMNIST", "FID to full", "cache MB")
+    columns = ("method", "full steps", "wall s", "wall spread", "speedup", "speedup spread", "CPU-time speedup",
+               "FLOPs speedup", "PSNR dB", "SSIM", "class acc", "FID-FMNIST", "FID to full", "cache MB")
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for i, r in enumerate(rows):
         psnr = "inf" if r["psnr"] == float("inf") else f"{r['psnr']:.2f}"
         speedup_spread = "-" if i == 0 else f"{r['speedup_spread']:.0%}"
         lines.append(f"| {r['method']} | {r['full_steps']} | {r['seconds']:.1f} | {r['spread']:.0%} | "
-                     f"{r['speedup']:.2f}x | {speedup_spread} | {r['flops_speedup']:.2f}x | {psnr} | "
+                     f"{r['speedup']:.2f}x | {speedup_spread} | {r['cpu_speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
+                     f"{psnr} | "
                      f"{r['ssim']:.4f} | {r['class_acc']:.1%} | {r['fid_fmnist']:.2f} | {r['fid_to_full']:.3f} | "
                      f"{r['cache_mb']:.1f} |")
     run = rows[0]
@@ -295,7 +380,8 @@ def format_table(rows: list[dict]) -> str:
              else f"{run['load_before']:.2f} before, {run['load_after']:.2f} after")
     lines.append(f"\ntiming: median of {run['rounds']} interleaved rounds (order rotated each round) after one "
                  f"untimed warm-up per method; spread = (max - min) / median over the rounds; {run['threads']} "
-                 f"thread(s); 1-min load average {loads}")
+                 f"thread(s); 1-min load average {loads}; CPU-time speedup: the same rounds timed by process CPU "
+                 f"time (steadier than wall time when other jobs share the machine)")
     if run["busy"]:
         lines.append(f"WARNING: machine busy, these speedups mean little: {'; '.join(run['busy_reasons'])}. "
                      "Rerun on an idle machine (or with more --rounds).")
