@@ -223,6 +223,8 @@ def _check_plan(args: argparse.Namespace) -> None:
 def _check_train(args: argparse.Namespace) -> None:
     if args.out_dir is not None:
         _check_out_folder("--out-dir", args.out_dir)
+    if args.stop_at is not None and args.model != "flux":
+        raise ValueError("argument --stop-at: applies to --model flux (the DiT trains to --steps)")
 
 
 def _method_names(text: str) -> list[str]:
@@ -362,7 +364,7 @@ def _train_flux(args: argparse.Namespace) -> None:
     if given["out_dir"] is None:
         given["out_dir"] = "runs/flux"
     cfg = FluxTrainConfig(**{k: v for k, v in given.items() if v is not None})
-    path = train_flux_reference(cfg)
+    path = train_flux_reference(cfg, stop_at=args.stop_at)
     print(f"training state: {path}")
     if args.export:
         notes = {k: getattr(cfg, k) for k in ("size", "batch_size", "lr", "ema_decay", "seed", "null_prob")}
@@ -593,6 +595,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         psnr = f", {search['psnr_db']:.2f} dB on the search images" if search["psnr_db"] is not None else ""
         print(f"search: {search['evaluations']} candidates, {search['model_calls']} model calls "
               f"({search['full_calls']} full), {search['seconds']:.1f} s{psnr}")
+    cost = data.get("cost")
+    if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
+        print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "
+              f"the model); projected: {cost['projection']}")
     fit = header["fit"]
     if fit is None:
         used = header["forecaster"]["searched_with"]
@@ -879,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: the shipped recipe's)")
     p.add_argument("--seed", type=nonnegative_int, help="data, noise and init seed (default: the shipped recipe's)")
     p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")
+    p.add_argument("--stop-at", type=positive_int, default=None, help="flux: stop (resumably) at this optimiser "
+                   "step of the schedule set by --steps (the shipped flux weights: 7000 of 14000)")
 
     p = _subcommand(sub, "bench", "measure speed, memory and quality of many methods; write JSONL records",
                     _cmd_bench, _check_bench)

@@ -69,6 +69,9 @@ class _Clock:
     def perf_counter(self):
         return self.now
 
+    def process_time(self):  # CPU time advances with the same recorded durations (one busy process)
+        return self.now
+
     def advance(self, label):
         k = self.calls.get(label, 0)
         self.calls[label] = k + 1
@@ -85,9 +88,9 @@ def recorded(monkeypatch):
         clock = _Clock(durations)
         real = demo._generate
 
-        def generate(model, method, labels, seed, guidance_scale, desc):
+        def generate(model, method, labels, seed, guidance_scale, desc, *sampling):
             calls.append((method.label, len(labels)))
-            out = real(model, method, labels, seed, guidance_scale, desc)
+            out = real(model, method, labels, seed, guidance_scale, desc, *sampling)
             clock.advance(method.label)
             return state.get("tamper", lambda m, o: o)(method, out)
 
@@ -109,6 +112,7 @@ def test_demo_warms_up_then_times_rounds_interleaved_and_rotated(tmp_path, tiny_
     # the warm-up and FLOPs passes advanced the fake clock too, but only the timed rounds are measured
     assert [r["wall_samples_s"] for r in rows] == [[4.0, 4.0], [2.0, 2.0], [1.0, 1.0]]
     assert [r["speedup"] for r in rows] == [1.0, 2.0, 4.0] and [r["spread"] for r in rows] == [0.0, 0.0, 0.0]
+    assert [r["cpu_speedup"] for r in rows] == [1.0, 2.0, 4.0]  # from the same rounds' CPU times
     assert not rows[0]["busy"] and "WARNING" not in format_table(rows)
 
 
