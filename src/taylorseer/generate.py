@@ -146,9 +146,15 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str | None = None) -> 
     """
     from diffusers import DiffusionPipeline
 
+    from .distributed.flux import build_model, is_builtin
+
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)} or None, got {dtype!r}")
     check_device(device)
+    if is_builtin(model):  # a model built from a config by name (taylorseer.distributed.flux.BUILTIN_MODELS)
+        if dtype not in (None, "float32"):
+            raise ValueError(f"model {model!r} runs in float32, got dtype {dtype!r}")
+        return build_model(model).to(device)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -584,6 +590,7 @@ def generate(
     measure_flops: bool = False,
     progress: bool = False,
     calibration: str | os.PathLike | None = None,
+    context_parallel: Any = None,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images with ``model``, save them to ``out_dir`` and return the run's facts.
 
@@ -610,6 +617,10 @@ def generate(
     ``psnr_db`` the accelerated images' PSNR against the baseline's (None with a ``psnr_note`` when the images are
     identical or torchmetrics is missing); ``calibration`` the file's ``{"path", "sha256", "name", "num_steps",
     "full_steps", "guidance_scale"}`` or None; ``record`` the path of ``NNN.json``, which holds all of this.
+
+    ``context_parallel`` (a ``taylorseer.distributed.layout.ContextParallel``): run in every process of a
+    ``torchrun`` job of exactly K processes, each holding 1/K of every image's tokens (docs/parallel.md); rank 0
+    saves the files and returns the facts, the other ranks return ``{"rank", "seconds", "stats"}``.
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
@@ -628,6 +639,14 @@ def generate(
     device = resolve_device(device)
     check_out_dir(out_dir)
     pipe = load_pipeline(model, device, dtype)
+    layout = None
+    if context_parallel is not None:  # joins the torchrun job; refuses what cannot run before any call
+        from .distributed.commands import shard_pipeline
+
+        layout = shard_pipeline(pipe, context_parallel, device)
+        if layout.replicas != 1:
+            raise ValueError(f"generate makes one set of images: run it on exactly {context_parallel.degree} "
+                             f"processes (--context-parallel {context_parallel.degree}), got {layout.world_size}")
     run_config: TaylorSeerConfig | CacheConfig | None
     reason: str | None = None
     if cal is not None:  # another model or guidance scale: refused here, before any pipeline call
@@ -643,6 +662,8 @@ def generate(
         compared = _run(pipe, call, None, seed, device, num_inference_steps, False, progress)
     kind, arrays, seconds, stats = _run(pipe, call, run_config, seed, device, num_inference_steps, measure_flops,
                                         progress)
+    if layout is not None and layout.rank != 0:  # every rank holds the gathered images; rank 0 writes them
+        return {"rank": layout.rank, "seconds": seconds, "stats": stats}
     out, run = Path(out_dir).expanduser(), next_run_number(out_dir)
     facts: dict[str, Any] = {
         "model": model, "pipeline": type(pipe).__name__, "transformer": type(pipe.transformer).__name__,
@@ -651,6 +672,7 @@ def generate(
         "calibration": _calibration_facts(cal),
         "num_inference_steps": num_inference_steps, "seed": seed, "run": run, "taylorseer_version": __version__,
         "torch_version": torch.__version__, "baseline": None, "speedup": None, "psnr_db": None, "psnr_note": None,
+        "context_parallel": None if layout is None else layout.cp.to_dict(),
     }
     if compared is not None:
         facts["baseline"] = {"images": _save(compared[0], compared[1], out, f"{run:03d}-baseline"),

@@ -175,6 +175,7 @@ class SampleSpec:
     weights_dtype: str | None = None
     config_file: str | None = None
     cfg_mode: str = "batch"
+    context_parallel: Any = None  # a distributed.layout.ContextParallel: each sample's tokens over K ranks
 
     def __post_init__(self) -> None:
         for name, minimum in (("num_samples", 1), ("seed", 0), ("batch_size", 1)):
@@ -201,6 +202,9 @@ class SampleSpec:
         if self.model is not None and self.method.family not in _PIPELINE_FAMILIES:
             raise ValueError(f"method {self.method.name!r} (family {self.method.family}) runs on the embedded model "
                              f"only; with a pipeline give full, ddim-K or a config (--preset / --config)")
+        if self.context_parallel is not None and self.model is None:
+            raise ValueError("SampleSpec.context_parallel: the embedded DiT has no context-parallel plan in diffusers; "
+                             "give a pipeline whose transformer has one (e.g. model='flux-tiny-random')")
         self._bind_calibration()
 
     def _bind_calibration(self) -> None:
@@ -251,7 +255,7 @@ class SampleSpec:
             "image_dtype": self.resolved_image_dtype(),
             "images": _layout(self),
             "noise": NOISE_RULE,
-        }
+        } | ({} if self.context_parallel is None else {"context_parallel": self.context_parallel.to_dict()})
 
 
 _PIPELINE_FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "gate", "budget", "adams", "hermite",
@@ -290,6 +294,12 @@ def model_identity_of(spec: SampleSpec) -> dict[str, Any]:
         return {"kind": "embedded", "class": "DiTTransformer2DModel", "weights_file": REFERENCE_FILE,
                 "weights_sha256": manifest_sha256(REFERENCE_FILE)}
     assert spec.model is not None, "not embedded: spec.model names the pipeline"
+    from ..distributed.flux import build_model, is_builtin
+
+    if is_builtin(spec.model):  # built from a config by name: the digest of the weights it builds
+        pipe = build_model(spec.model)
+        return {"kind": "builtin", "source": spec.model, "pipeline": type(pipe).__name__,
+                "transformer": type(pipe.transformer).__name__, "weights_sha256": pipe.weights_sha256()}
     folder, note = _pipeline_folder(spec.model)
     identity: dict[str, Any] = {"kind": "pipeline", "source": str(folder) if folder else spec.model,
                                 "pipeline": None, "transformer": None, "weights_sha256": None}
@@ -603,7 +613,8 @@ def distributed(device: str = "cpu") -> Iterator[Ranks]:
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), where, backend)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed context-parallel rank has already left it (distributed.layout.fail_fast)
+            dist.destroy_process_group()
 
 
 #################################################################################
@@ -814,19 +825,34 @@ def generate_shards(spec: SampleSpec, out_dir: str | os.PathLike, key: str, rank
     ranks = ranks if ranks is not None else Ranks()
     out_dir = Path(out_dir)
     blocks = batch_ranges(spec.num_samples, spec.batch_size)
-    mine = rank_batches(len(blocks), ranks.rank, ranks.world_size)
+    layout, replica, replicas, writes = None, ranks.rank, ranks.world_size, True
+    if spec.context_parallel is not None:  # on every rank before any return: the mesh and the sharding are collective
+        from ..distributed.commands import shard_pipeline
+
+        make: Any = _PipelineSampler(spec, ranks.device)
+        layout = shard_pipeline(make.pipe, spec.context_parallel, str(ranks.device))
+        replica, replicas, writes = layout.replica, layout.replicas, layout.cp_rank == 0  # batches per replica
+    mine = rank_batches(len(blocks), replica, replicas)
     dtype = spec.resolved_image_dtype()
-    todo = [k for k in mine if _valid_shard(out_dir, k, key, blocks[k], dtype, remove_invalid=True)[0] is None]
+    todo = [k for k in mine if _valid_shard(out_dir, k, key, blocks[k], dtype, remove_invalid=writes)[0] is None]
     counts = {"generated": 0, "kept": len(mine) - len(todo)}
     if not todo:
         return counts
     fault = _fault_after()
-    make = (_EmbeddedSampler if spec.embedded else _PipelineSampler)(spec, ranks.device)
+    if layout is None:
+        make = (_EmbeddedSampler if spec.embedded else _PipelineSampler)(spec, ranks.device)
     value_range = (-1.0, 1.0) if spec.embedded else (0.0, 1.0)
     bar = tqdm(todo, desc=f"sample rank {ranks.rank}/{ranks.world_size}", disable=not progress, leave=False)
-    with agreement_group(None):  # data parallelism: each batch decides from its own samples (module docstring)
+    from ..distributed.layout import fail_fast
+
+    # data parallelism: each batch decides from its own samples (module docstring); under context parallelism the
+    # ranks of a replica pool their probes (distributed.vote), and one that fails takes the job down at once
+    with agreement_group(None), fail_fast() if layout is not None else contextlib.nullcontext():
         for k in bar:
             images, stats = make(blocks[k])
+            if not writes:  # a replica's other ranks hold the same gathered images
+                counts["generated"] += 1
+                continue
             write_npz(shard_path(out_dir, ranks.rank, k), {
                 "images": _encode(images, dtype, value_range),
                 "indices": np.arange(blocks[k].start, blocks[k].stop, dtype=np.int64),
@@ -1007,6 +1033,10 @@ def run_sample(spec: SampleSpec, out_dir: str | os.PathLike, *, device: str = "c
     if threads is not None:
         torch.set_num_threads(threads)
     with distributed(device) as ranks:
+        if spec.context_parallel is not None:
+            from ..distributed.layout import check_world
+
+            check_world(spec.context_parallel, ranks.world_size)
         refusal: BaseException | None = None
         key = None
         if ranks.rank == 0:
