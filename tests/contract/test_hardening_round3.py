@@ -33,6 +33,7 @@ from taylorseer.policy import FixedSchedule
 
 NUM_STEPS = 12
 SCHEDULE = (0, 1, 4, 8)
+MAX_BRANCHES = 8  # the documented bound on calls read as CFG branches of one step (runtime.autostep)
 
 
 def _calibrate(model, path: Path, guidance_scale: float = 1.5, cfg_mode: str = "batch"):
@@ -48,7 +49,7 @@ def _calibrate(model, path: Path, guidance_scale: float = 1.5, cfg_mode: str = "
 def cfg_cal(tiny_dit, tmp_path):
     """Weights fitted on a guided CFG batch (guidance 1.5, two row groups)."""
     cal = _calibrate(tiny_dit, tmp_path / "cal.safetensors")
-    assert cal.row_groups == 2 and cal.header["calibration_data"]["guidance_scale"] == 1.5
+    assert cal.header["forecaster"]["row_groups"] == 2 and cal.header["calibration_data"]["guidance_scale"] == 1.5
     return cal
 
 
@@ -139,7 +140,7 @@ def test_apply_refuses_another_guidance_scale_or_layout_by_name(tiny_dit, cfg_ca
 
 def test_one_branch_weights_on_any_batch_pass_the_layout_check(tiny_dit, tmp_path):
     cal = _calibrate(tiny_dit, tmp_path / "g1.safetensors", guidance_scale=1.0)
-    assert cal.row_groups == 1
+    assert cal.header["forecaster"]["row_groups"] == 1
     with taylorseer.apply(tiny_dit, cal.cache_config(), guidance_scale=1.0) as handle:
         sample(tiny_dit, torch.arange(3), num_steps=NUM_STEPS, guidance_scale=1.0, seed=0, listener=handle)
         assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
@@ -291,8 +292,6 @@ def test_per_sample_timesteps_with_a_constant_row_are_steps_not_branches(tiny_di
 
 
 def test_branches_per_step_are_bounded_with_a_warning(tiny_dit):
-    from taylorseer.runtime.autostep import MAX_BRANCHES
-
     config = TaylorSeerConfig(interval=3, warmup_steps=1, max_order=2)
     x = torch.randn(2, 1, tiny_dit.config.sample_size, tiny_dit.config.sample_size)
     with taylorseer.apply(tiny_dit, config) as handle:
