@@ -202,7 +202,7 @@ def test_settings_and_methods_are_validated():
     with pytest.raises(ValueError, match="needs its settings"):
         PeerCacheMethod("x", "magcache", FirstBlockCacheSettings(0.1))
     methods = peer_methods(50)
-    assert [m.family for m in methods] == ["firstblockcache"] * 5 + ["magcache"] * 5
+    assert [m.family for m in methods] == ["firstblockcache"] * 5 + ["magcache"] * 5 + ["seacache"] * 4
     assert all(isinstance(m, Method) and m.num_steps == 50 for m in methods)
     assert json.loads(json.dumps([m.to_dict() for m in methods]))[5]["config"]["max_skip_steps"] == 8
     assert methods[0].full_steps() is None  # adaptive: the record's steps_full is measured
@@ -324,3 +324,23 @@ def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, caps
     assert not [m for m in grid if m.family == cd.PEER_FAMILY]
     with pytest.raises(ImportError, match="taylorseer\\[peers\\]"):
         cd.apply_cache_dit(torch.nn.Linear(2, 2), _cache_dit_settings(), 10)
+
+
+def test_seacache_skips_with_the_converted_sigma_and_comes_off_exactly(tiny_dit):
+    from taylorseer.integrations.diffusers_caches import SeaCacheSettings
+
+    plain = _sample(tiny_dit)
+    layout = _layout(tiny_dit)
+    with apply_diffusers_cache(tiny_dit, SeaCacheSettings(threshold=1.0, max_consecutive_cached=8), STEPS) as cache:
+        _sample(tiny_dit, cache)
+        stats = cache.stats
+    # in fail-open mode (a sigma outside [0, 1]) SeaCache would compute every step
+    assert 0 < stats.steps_skipped < STEPS and stats.pattern()[0] == "F"
+    assert stats.steps_full_observed == stats.steps_full  # the hooks' gate vs the second block really running
+    assert _layout(tiny_dit) == layout and torch.equal(_sample(tiny_dit), plain)
+    with apply_diffusers_cache(tiny_dit, SeaCacheSettings(threshold=0.0), STEPS) as cache:
+        exact = _sample(tiny_dit, cache)
+        assert cache.stats.steps_skipped == 0
+    assert torch.equal(exact, plain)
+    with pytest.raises(ValueError, match="residual_order"):
+        SeaCacheSettings(residual_order=2)

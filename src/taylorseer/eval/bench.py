@@ -77,7 +77,7 @@ from .grid import image_grid
 
 if TYPE_CHECKING:
     from ..integrations.cache_dit import CacheDitSettings
-    from ..integrations.diffusers_caches import FirstBlockCacheSettings, MagCacheSettings
+    from ..integrations.diffusers_caches import FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings
 
 require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
 
@@ -86,7 +86,7 @@ SCHEMA = "taylorseer.bench/2"
 PART_FAMILIES = ("adams", "hermite", "corrector", "gate", "budget", "spectrum", "anchor")
 CALIBRATED_FAMILIES = ("calibrated",)  # fitted weights and searched schedules from a calibration file
 # diffusers-hook: eval.flux (enable_cache); cache-dit: integrations.cache_dit (the peers extra)
-PEER_CACHE_FAMILIES = ("firstblockcache", "magcache", "diffusers-hook", "cache-dit")
+PEER_CACHE_FAMILIES = ("firstblockcache", "magcache", "seacache", "diffusers-hook", "cache-dit")
 FAMILIES = ("full", "fewer-steps", "fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES,
             *PEER_CACHE_FAMILIES, *CALIBRATED_FAMILIES)
 CACHED_FAMILIES = ("fora", "taylorseer", "preset", "diffusers-peer", *PART_FAMILIES, *PEER_CACHE_FAMILIES,
@@ -119,7 +119,8 @@ class Method:
 
     name: str
     family: str
-    config: TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | CacheDitSettings | None = None
+    config: (TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | SeaCacheSettings
+             | CacheDitSettings | None) = None
     num_steps: int = 50
     counterpart: str | None = None
 

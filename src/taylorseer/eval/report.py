@@ -508,7 +508,7 @@ def plot_compute_fronts(records: list[Record], metric: str = "psnr") -> Figure:
 BUDGET_GROUPS = {"ours": ("calibrated", "anchor", "taylorseer", "preset", "adams", "hermite", "corrector", "gate",
                           "budget"),
                  "cache-dit": ("cache-dit",), "Spectrum": ("spectrum",),
-                 "diffusers' hooks": ("firstblockcache", "magcache", "diffusers-peer", "diffusers-hook"),
+                 "diffusers' hooks": ("firstblockcache", "magcache", "seacache", "diffusers-peer", "diffusers-hook"),
                  "FORA": ("fora",), "DDIM (fewer steps)": ("fewer-steps",)}
 BUDGETS = (0.12, 0.16, 0.22)
 BUDGET_SLACK = 0.01  # a method is "at" budget b when its fraction is <= b + this

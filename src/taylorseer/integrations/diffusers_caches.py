@@ -148,7 +148,44 @@ class MagCacheSettings:
         return out
 
 
-PeerSettings = FirstBlockCacheSettings | MagCacheSettings
+@dataclass(frozen=True)
+class SeaCacheSettings:
+    """diffusers' SeaCache (``diffusers.hooks.SeaCacheConfig``, arXiv 2602.18993): skip the whole block stack (reuse,
+    or with ``residual_order=1`` extrapolate, the last residuals) while the accumulated relative change of a
+    spectral-evolution-aware indicator of the *input latent* stays below ``threshold``; at most
+    ``max_consecutive_cached`` skips in a row; the first ``retention_steps`` and last ``cache_end_steps`` steps full.
+
+    SeaCache reads the flow-matching sigma in [0, 1] from the cache context. Our DDIM sampler tells the VP sigma
+    ``s = sqrt((1 - alpha_bar) / alpha_bar)``; the peer passes ``s / (1 + s)``, the flow-matching sigma with the same
+    signal-to-noise ratio (``x0 + s * eps`` up to scale). Told unconverted (s > 1 in early steps), SeaCache runs in
+    its fail-open mode (every step full). Its indicator is built from each sample's latent as one frame
+    ``(C, 1, H, W)``.
+
+    Example:
+        >>> SeaCacheSettings(threshold=0.5, max_consecutive_cached=8).to_dict()["residual_order"]
+        1
+    """
+
+    threshold: float = 0.25
+    max_consecutive_cached: int = 2
+    residual_order: int = 1
+    retention_steps: int = 1
+    cache_end_steps: int = 1
+    family: ClassVar[str] = "seacache"
+
+    def __post_init__(self) -> None:
+        _check_float("threshold", self.threshold)
+        for name in ("max_consecutive_cached", "retention_steps", "cache_end_steps"):
+            _check_int(name, getattr(self, name), 0)
+        if self.residual_order not in (0, 1):
+            raise ValueError(f"residual_order must be 0 or 1, got {self.residual_order!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+PeerSettings = FirstBlockCacheSettings | MagCacheSettings | SeaCacheSettings
 
 
 #################################################################################
@@ -183,8 +220,17 @@ class PeerStats:
                 "peak_cache_bytes": self.peak_cache_bytes, "pattern": self.pattern()}
 
 
-def _hook_names(family: str) -> tuple[str, str]:
-    """(leader hook, block hook) names diffusers registers for ``family``."""
+def _hook_names(family: str) -> tuple[str, ...]:
+    """(leader hook, block hook, ...) names diffusers registers for ``family``."""
+    if family == "seacache":
+        from diffusers.hooks.sea_cache import (
+            _SEA_CACHE_BLOCK_HOOK,
+            _SEA_CACHE_LEADER_BLOCK_HOOK,
+            _SEA_CACHE_POST_NORM_HOOK,
+            _SEA_CACHE_ROOT_HOOK,
+        )
+
+        return _SEA_CACHE_LEADER_BLOCK_HOOK, _SEA_CACHE_BLOCK_HOOK, _SEA_CACHE_ROOT_HOOK, _SEA_CACHE_POST_NORM_HOOK
     if family == "firstblockcache":
         from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 
@@ -288,8 +334,11 @@ class DiffusersCache:
         self._branch = -1 if index != self._index else self._branch
         self._index = index
         self._explicit_branch = branch
+        told = _scalar(sigma)
+        if isinstance(self.settings, SeaCacheSettings) and told is not None:
+            told = told / (1.0 + told)  # VP sigma -> flow-matching sigma of the same SNR (SeaCacheSettings)
         self._where = {"step_index": index, "num_inference_steps": self.num_steps, "timestep": _scalar(timestep),
-                       "sigma": _scalar(sigma)}
+                       "sigma": told}
         try:
             yield
         finally:
@@ -344,7 +393,8 @@ class DiffusersCache:
 
     def _after_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._leader.state_manager.get_state()
-        compute = bool(state.should_compute)
+        compute = bool(state.gate_should_compute if isinstance(self.settings, SeaCacheSettings)
+                       else state.should_compute)
         observed = self._watched_calls > self._calls_before if self._watching else None
         self.stats.decisions.append({"step": self._index, "branch": self._branch, "compute": compute,
                                      "observed": observed})
@@ -406,13 +456,14 @@ def apply_diffusers_cache(model: nn.Module, settings: PeerSettings, num_steps: i
         apply_mag_cache,
     )
 
-    if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings)):
-        raise TypeError(f"settings must be FirstBlockCacheSettings or MagCacheSettings, got {type(settings).__name__}")
+    if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings)):
+        raise TypeError(f"settings must be FirstBlockCacheSettings, MagCacheSettings or SeaCacheSettings, "
+                        f"got {type(settings).__name__}")
     _check_int("num_steps", num_steps, 1)
     if calibrate and not isinstance(settings, MagCacheSettings):
         raise ValueError("calibrate=True is MagCache's calibration mode; FirstBlockCache has none")
     blocks = _blocks(model)
-    least = 2 if isinstance(settings, FirstBlockCacheSettings) else 1
+    least = 1 if isinstance(settings, MagCacheSettings) else 2
     kind = type(model).__name__
     if len(blocks) < least:
         raise ValueError(f"diffusers' {settings.family} needs at least {least} blocks in a ModuleList named one of "
@@ -426,6 +477,14 @@ def apply_diffusers_cache(model: nn.Module, settings: PeerSettings, num_steps: i
     apply_fn: Callable[..., None]
     if isinstance(settings, FirstBlockCacheSettings):
         config, apply_fn = FirstBlockCacheConfig(threshold=float(settings.threshold)), apply_first_block_cache
+    elif isinstance(settings, SeaCacheSettings):
+        from diffusers.hooks import SeaCacheConfig
+        from diffusers.hooks.sea_cache import apply_sea_cache
+
+        config = SeaCacheConfig(threshold=float(settings.threshold), residual_order=settings.residual_order,
+                                retention_steps=settings.retention_steps, cache_end_steps=settings.cache_end_steps,
+                                max_consecutive_cached=settings.max_consecutive_cached, raw_vision_callback=_raw_vision)
+        apply_fn = apply_sea_cache
     else:
         if settings.mag_ratios is None and not calibrate:
             raise ValueError("MagCache needs mag_ratios for this model: calibrate_mag_ratios(model, num_steps)")
@@ -449,6 +508,16 @@ def apply_diffusers_cache(model: nn.Module, settings: PeerSettings, num_steps: i
         _restore(snapshot)
         raise ValueError(f"diffusers' {settings.family} hooked no first block of {kind}")
     return DiffusersCache(model, settings, num_steps, leader, snapshot)
+
+
+def _raw_vision(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """SeaCache's visual latents: each sample of an image batch ``[B, C, H, W]`` as one frame ``(C, 1, H, W)``
+    (a video batch ``[B, C, T, H, W]`` as it is)."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        raise ValueError(f"SeaCache needs image latents [B, C, H, W] or video [B, C, T, H, W], got "
+                         f"{None if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    return [xi.unsqueeze(1) if x.dim() == 4 else xi for xi in x]
 
 
 #################################################################################
@@ -534,6 +603,10 @@ FBCACHE_THRESHOLDS = (0.05, 0.14, 0.16, 0.2, 0.3)
 MAGCACHE_THRESHOLDS = (0.06, 0.3, 0.4, 0.8, 1.2)
 MAGCACHE_MAX_SKIP = 8
 MAGCACHE_RETENTION = 0.04  # int(0.04 * 50 + 0.5) = 2 steps always computed: our grid's warm-up
+# SeaCache (threshold, max consecutive skips), measured on the shipped checkpoint (2 images, seed 0, DDIM 50, CFG
+# 1.5 batch; 2026-12-06): (1.0, 8) -> 7 full steps, (0.5, 8) -> 8, (0.5, 5) -> 11, (0.25, 4) -> 14. With its default
+# of 2 consecutive skips it keeps >= 17 of 50 steps full (0.25 -> 19, 1.0 -> 18).
+SEACACHE_SETTINGS = ((1.0, 8), (0.5, 8), (0.5, 5), (0.25, 4))
 
 
 @dataclass(frozen=True)
@@ -550,21 +623,23 @@ class PeerCacheMethod(Method):
     def __post_init__(self) -> None:
         super().__post_init__()  # family in the bench's FAMILIES, a config, num_steps
         settings = self.config
-        if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings)) or settings.family != self.family:
+        if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings)) \
+                or settings.family != self.family:
             raise ValueError(f"method {self.name!r}: family {self.family!r} needs its settings, got {settings!r}")
 
 
 def peer_methods(num_steps: int = 50) -> list[PeerCacheMethod]:
-    """The bench methods of diffusers' FirstBlockCache and MagCache at the chosen thresholds.
+    """The bench methods of diffusers' FirstBlockCache, MagCache and SeaCache at the chosen settings.
 
     MagCache runs with ``max_skip_steps=MAGCACHE_MAX_SKIP`` and ``retention_ratio=MAGCACHE_RETENTION`` (diffusers'
     defaults, 3 and 0.2, keep at least 20 of 50 steps full) and ratios calibrated on the benchmarked model when
-    installed.
+    installed. SeaCache runs at the ``SEACACHE_SETTINGS`` (threshold, consecutive skips).
 
     Example:
         >>> [m.name for m in peer_methods(50)]
         ['fbcache-t0.05', 'fbcache-t0.14', 'fbcache-t0.16', 'fbcache-t0.2', 'fbcache-t0.3', 'magcache-t0.06', \
-'magcache-t0.3', 'magcache-t0.4', 'magcache-t0.8', 'magcache-t1.2']
+'magcache-t0.3', 'magcache-t0.4', 'magcache-t0.8', 'magcache-t1.2', 'seacache-t1-k8', 'seacache-t0.5-k8', \
+'seacache-t0.5-k5', 'seacache-t0.25-k4']
     """
     _check_int("num_steps", num_steps, 1)
     fbc = [PeerCacheMethod(f"fbcache-t{t:g}", "firstblockcache", FirstBlockCacheSettings(t), num_steps)
@@ -572,7 +647,9 @@ def peer_methods(num_steps: int = 50) -> list[PeerCacheMethod]:
     mag = [PeerCacheMethod(f"magcache-t{t:g}", "magcache",
                            MagCacheSettings(t, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION), num_steps)
            for t in MAGCACHE_THRESHOLDS]
-    return fbc + mag
+    sea = [PeerCacheMethod(f"seacache-t{t:g}-k{k}", "seacache", SeaCacheSettings(t, k), num_steps)
+           for t, k in SEACACHE_SETTINGS]
+    return fbc + mag + sea
 
 
 def _install_cache(model: nn.Module, method: Method) -> Installed:
@@ -583,7 +660,7 @@ def _install_cache(model: nn.Module, method: Method) -> Installed:
     method's ``error``.
     """
     settings = method.config
-    if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings)):
+    if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings)):
         raise ValueError(f"method {method.name!r} has no diffusers cache settings: {settings!r}")
     clone = copy.deepcopy(model)
     if isinstance(settings, MagCacheSettings) and settings.mag_ratios is None:
@@ -596,3 +673,4 @@ def _install_cache(model: nn.Module, method: Method) -> Installed:
 
 register_installer("firstblockcache", _install_cache)
 register_installer("magcache", _install_cache)
+register_installer("seacache", _install_cache)

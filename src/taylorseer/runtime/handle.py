@@ -33,6 +33,7 @@ from .autostep import CallSteps, timestep_argument
 from .engine import Engine, Slot
 from .install import Installation, unwrap
 from .observers import CacheStats, FlopObserver
+from .switch import Planner
 
 
 def _block_of(path: str) -> str:
@@ -90,6 +91,10 @@ class CacheHandle:
         self.auto = CallSteps(self, None)
         self._modules: list[nn.Module] = []
         self._removed = False
+        self.planner = Planner(self.parts.policy)  # the policy per generation (switch-off; speed targets)
+        self.diagnose_generations = 0  # generations left whose forecasts are also computed in full (diagnose)
+        self._diagnosing: tuple[str, ...] = ()
+        self._warned_off: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------------
     # install / remove
@@ -170,7 +175,7 @@ class CacheHandle:
             raise ValueError(f"num_steps must be an int >= 1 or None, got {num_steps!r}")
         self._refresh()
         self._pool_probes()
-        self.engine.begin(num_steps)
+        self._begin_engine(num_steps)
         self._num_steps = num_steps
         self._told_last = None
         self.auto.restart()
@@ -189,7 +194,9 @@ class CacheHandle:
     def plan(self, num_steps: int) -> list[bool]:
         """The compute (True) / forecast (False) list for a generation of ``num_steps`` steps (static policies;
         ``ValueError`` for adaptive ones, whose decisions depend on what the model computes)."""
-        plan = self.engine.controller.plan(num_steps)
+        from ..policy import build_policy
+
+        plan = build_policy(self.planner.choose(num_steps).policy).plan(num_steps)
         if plan is None:
             raise ValueError(f"{type(self.parts.policy).__name__} decides during sampling: it has no plan; "
                              f"see handle.stats.decisions after a generation")
@@ -288,7 +295,9 @@ class CacheHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self.targets)} targets"
-        return f"CacheHandle({type(self.model).__name__}, {state}, {self.config.to_json()})"
+        chosen = self.planner.describe()
+        return f"CacheHandle({type(self.model).__name__}, {state}, {chosen + ', ' if chosen else ''}" \
+               f"{self.config.to_json()})"
 
     # ---------------------------------------------------------------------------------------------------
     # steps read from the calls (autostep.CallSteps calls these)
@@ -305,7 +314,7 @@ class CacheHandle:
         self._check_alive()
         self._refresh()
         self._pool_probes()
-        self.engine.begin(num_steps)
+        self._begin_engine(num_steps)
         self._told_last = None
         self._auto_branches = 1
 
@@ -334,6 +343,28 @@ class CacheHandle:
         from ..distributed.vote import probes_for
 
         self.engine.probes = probes_for(self.model, self.engine.probes)
+
+    def _begin_engine(self, num_steps: int | None) -> None:
+        """``engine.begin`` with the policy the planner chooses for this generation (runtime/switch.py): full
+        compute, one warning and ``stats.switched_off`` where the generation is too short to forecast; and, for
+        ``diagnose``, every target's forecast error measured (``stats.probe_errors``) for that many generations."""
+        import warnings
+
+        choice = self.planner.choose(num_steps)
+        self.engine.controller.policy_config = choice.policy
+        self.engine.measure.difference_update(self._diagnosing)
+        self._diagnosing = ()
+        if self.diagnose_generations > 0:
+            self.diagnose_generations -= 1
+            self._diagnosing = tuple(t.path for t in self.targets if t.path not in self.engine.measure)
+            self.engine.measure.update(self._diagnosing)
+        self.engine.begin(num_steps)
+        reason = choice.switched_off
+        self.stats.switched_off = reason
+        if reason is not None and reason not in self._warned_off:
+            self._warned_off.add(reason)
+            warnings.warn(f"taylorseer: forecasting switched off: {reason} (stats.switched_off)", RuntimeWarning,
+                          stacklevel=4)
 
     def _check_alive(self) -> None:
         if self._removed:
