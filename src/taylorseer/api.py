@@ -41,16 +41,19 @@ def default_config(model: nn.Module | Any) -> TaylorSeerConfig:
 
 @overload
 def apply(model: nn.Module, config: TaylorSeerConfig | CacheConfig | None = None, *,
-          guidance_scale: float | None = None, cfg_mode: str | None = None) -> CacheHandle: ...
+          guidance_scale: float | None = None, cfg_mode: str | None = None, speedup: float | None = None,
+          diagnose: bool = False) -> CacheHandle: ...
 
 
 @overload
 def apply(model: Any, config: TaylorSeerConfig | CacheConfig | None = None, *,
-          guidance_scale: float | None = None, cfg_mode: str | None = None) -> PipelineHandle: ...
+          guidance_scale: float | None = None, cfg_mode: str | None = None, speedup: float | None = None,
+          diagnose: bool = False) -> PipelineHandle: ...
 
 
 def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None = None, *,
-          guidance_scale: float | None = None, cfg_mode: str | None = None) -> CacheHandle | PipelineHandle:
+          guidance_scale: float | None = None, cfg_mode: str | None = None, speedup: float | None = None,
+          diagnose: bool = False) -> CacheHandle | PipelineHandle:
     """Install forecasting on ``model`` (in place, reversibly) and return the handle that owns its state.
 
     ``model`` is a ``torch.nn.Module`` (a transformer, ``torch.compile``d or not; returns a ``CacheHandle``) or a
@@ -67,10 +70,32 @@ def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None 
     (``CalibrationError`` naming the mismatch). The guidance scale cannot be seen from the model's calls: pass it
     here. The row layout is also checked at the first step of every generation, before any forecast.
 
+    ``speedup=X`` instead of a config: the library picks, per generation, the best method it knows that reaches X
+    FLOPs speedup on this model (a calibration of this model found by its fingerprint, else the family preset
+    adapted to X) and says what it chose in ``repr(handle)`` and the log (``taylorseer.auto``; docs/design.md,
+    "Speed targets"). ``config`` and ``speedup`` are mutually exclusive. ``diagnose=True``: the first generation
+    also computes every forecast target in full and records the forecast's relative L2 error per step and target in
+    ``stats.probe_errors`` (the model still receives the forecasts; ``taylorseer.eval.diagnose``).
+
     Example:
         >>> with taylorseer.apply(pipe.transformer) as handle:   # doctest: +SKIP
         ...     image = pipe("a cat", num_inference_steps=50).images[0]
+        >>> handle = taylorseer.apply(model, speedup=6)          # doctest: +SKIP
     """
+    if speedup is not None or diagnose is not False:
+        if not isinstance(diagnose, bool):
+            raise TypeError(f"diagnose must be a bool, got {type(diagnose).__name__} {diagnose!r}")
+        from .auto import apply_speedup
+
+        if speedup is None:
+            handle = apply(model, config, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
+        elif config is not None:
+            raise ValueError("apply(): speedup and config are mutually exclusive: give config (the method, by hand) "
+                             "or speedup=X (the method that reaches X is chosen), not both")
+        else:
+            handle = apply_speedup(model, speedup, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
+        getattr(handle, "cache", handle).diagnose_generations = int(diagnose)
+        return handle
     config = default_config(model) if config is None else config
     if not isinstance(config, (TaylorSeerConfig, CacheConfig)):
         raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "

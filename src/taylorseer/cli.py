@@ -599,6 +599,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
         print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "
               f"the model); projected: {cost['projection']}")
+    cost = data.get("cost")
+    if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
+        print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "
+              f"the model); projected: {cost['projection']}")
     fit = header["fit"]
     if fit is None:
         used = header["forecaster"]["searched_with"]

@@ -260,6 +260,9 @@ def check_stats(case: Case, generation: Generation, handle: Any) -> None:
     policy = case.parts.policy
     if isinstance(policy, IntervalSchedule) and generation.told:
         plan = build_policy(policy).plan(generation.steps)
+        if policy.interval > 1 and generation.steps < policy.warmup_steps + policy.tail_steps + policy.interval:
+            plan = [True] * generation.steps  # too short to forecast: switched off (runtime/switch.py)
+            assert stats.switched_off is not None
         computed = [d["step"] for d in first if d["compute"]]
         assert all(i in computed for i in range(steps) if plan[i])  # planned full steps are full
         if not stats.fallbacks:

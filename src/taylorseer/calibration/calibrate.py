@@ -28,6 +28,52 @@ from .search import ProxyObjective, SampledObjective, SearchResult, check_budget
 
 DEFAULT_SEED = 1000  # calibration noise seeds start here: far from the bench's and the evaluations' seeds 0..99
 
+# Projection of a calibration's cost to FLUX.1-dev at 1024x1024 on one H100 (guidance-distilled: one transformer
+# call per image and step). Published figure: 7.11 s for a 28-step 1024x1024 image in BF16 with diffusers, batch 1,
+# end to end (text encoding and VAE decode included, so an upper bound per call): github.com/varadrane1707/
+# BenchmarkFlux, README, "H100 GPU Performance (1024x1024, 28 steps)", row BF16. No GPU measured it here.
+FLUX_H100_SECONDS_PER_IMAGE_CALL = 7.11 / 28
+
+
+def calibration_cost(stats: TrajectoryStats, search: dict[str, Any] | None, search_images: int,
+                     on_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A calibration's cost as model calls x batch ("image calls": one image through the model once; a CFG batch
+    ``[x; x]`` counts its images once, CFG as two calls twice), per stage, and projected to FLUX.1-dev at 1024x1024
+    on one H100 (``FLUX_H100_SECONDS_PER_IMAGE_CALL``; full image calls only: a forecast call of the model output
+    runs nothing, at module granularity it runs the work outside the targets, which the projection leaves out).
+
+    Example:
+        >>> calibration_cost(TrajectoryStats(50, "target", 1), None, 0)["image_calls"]
+        0
+    """
+    batch = int(stats.sampling.get("batch_size") or max(stats.images, 1))
+
+    def image_calls(calls: int, images: int) -> int:  # calls of ceil(images / batch) batches, each image once
+        batches = -(-images // batch) if images else 1
+        return calls // batches * images
+
+    recording = image_calls(stats.model_calls, stats.images)
+    cost: dict[str, Any] = {"recording": {"model_calls": stats.model_calls, "batch": batch, "image_calls": recording}}
+    full = total = recording
+    if search is not None:
+        calls, full_calls = int(search.get("model_calls", 0)), int(search.get("full_calls", 0))
+        cost["search"] = {"model_calls": calls, "full_calls": full_calls, "batch": search_images,
+                          "image_calls": calls * search_images, "full_image_calls": full_calls * search_images}
+        total += calls * search_images
+        full += full_calls * search_images
+    if on_policy is not None:
+        calls = int(on_policy["model_calls"])
+        images = image_calls(calls, int(on_policy["images"]))
+        cost["on_policy"] = {"model_calls": calls, "batch": batch, "image_calls": images}
+        total += images
+        full += images
+    minutes = full * FLUX_H100_SECONDS_PER_IMAGE_CALL / 60
+    cost.update(image_calls=total, full_image_calls=full,
+                flux_dev_1024_h100_minutes=round(minutes, 1),
+                projection=f"{full} full image calls x {FLUX_H100_SECONDS_PER_IMAGE_CALL:.3f} s (FLUX.1-dev "
+                           f"1024x1024 BF16 on one H100, published 7.11 s / 28 steps) = {minutes:.1f} GPU-minutes")
+    return cost
+
 
 def calibration_labels(images: int, classes: Sequence[int] | None = None, num_classes: int = 10) -> torch.Tensor:
     """``images`` class labels cycling through ``classes`` (default: all ``num_classes``).
@@ -149,6 +195,8 @@ def calibrate(
     data: dict[str, Any] = {**stats.sampling, "images": stats.images, "model_calls": stats.model_calls,
                             "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
     data.pop("labels", None)
+    search_record = None if result is None else result.to_dict()
+    data["cost"] = calibration_cost(stats, search_record, search_images)
     if searched_with is not None:
         header = new_header("schedule", label, model, schedule_cfg, granularity=stats.granularity,
                             forecaster={"searched_with": searched_with},
@@ -176,6 +224,7 @@ def calibrate(
         fit = {"teacher_forced": fit, **on_error, "seconds": time.perf_counter() - start}
         data["on_policy"] = {"images": on.pairs.images, "model_calls": on.pairs.model_calls,
                              "seconds": on.pairs.seconds}
+        data["cost"] = calibration_cost(stats, search_record, search_images, data["on_policy"])
     header = new_header("linear", label, model, schedule_cfg, granularity=stats.granularity, forecaster=fit_record,
                         fit=fit, search=None if result is None else result.to_dict(), calibration_data=data,
                         targets=dict(sorted(stats.targets.items())))
