@@ -27,7 +27,6 @@ class CacheStats:
     ``fallbacks``: target calls the runtime computed in full although the step was forecast, by reason
     (``"no-factors"``, ``"shape"``, ``"non-finite"``).
     ``switched_off``: why the whole generation ran at full compute (too few steps to forecast; runtime/switch.py).
-    ``switched_off``: why the whole generation ran at full compute (too few steps to forecast; runtime/switch.py).
     """
 
     steps_full: int = 0
