@@ -10,11 +10,13 @@ the test process compares them with the same method run in one process:
 Two spawns keep the folder inside its time budget (collectives of 4 processes on one free core are slow):
 2 ranks run every method with taylorseer applied after ``enable_parallelism`` and ``SUBSET`` applied before it
 (on a fresh model), Ulysses and ring; 4 ranks run ``SUBSET`` after it with Ulysses, two methods with ring. Ring
-runs through the harness's log-sum-exp patch (harness.py).
+runs through the harness's log-sum-exp patch (harness.py). At the end of the 2-rank spawn, rank 1 raises
+mid-generation: both ranks must end with an error, not a hang, within 60 s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import cases
@@ -54,6 +56,43 @@ def _worker(rank: int, world: int, plan: tuple, calibration_path: str, out_dir: 
                     enable(fresh.transformer, layout)
                     results[f"{name}/{kind}/before"] = cases.generate(fresh, config, handle)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    if world == 2:
+        _fail_one_rank(rank, world, out_dir)
+
+
+def _fail_one_rank(rank: int, world: int, out_dir: str) -> None:
+    """Rank 1 raises inside its 5th transformer call of a TaylorSeer generation (step 2 of 8, CFG branch 0);
+    each rank records what it ended with and after how long."""
+    import json
+    import time
+
+    from diffusers import FluxTransformer2DModel
+
+    import taylorseer
+    from taylorseer.distributed.flux import build_model
+    from taylorseer.distributed.layout import ContextParallel, enable, fail_fast, make_layout
+
+    if rank == 1:  # before the model is sharded: diffusers' hooks keep the forward they find
+        original, calls = FluxTransformer2DModel.forward, [0]
+
+        def forward(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise RuntimeError("injected fault")
+            return original(self, *args, **kwargs)
+
+        FluxTransformer2DModel.forward = forward
+    pipe = build_model(cases.MODEL)
+    enable(pipe.transformer, make_layout(ContextParallel(world)))
+    start = time.monotonic()
+    try:
+        with fail_fast(), taylorseer.apply(pipe, cases.methods(None)["taylor-module"]):
+            cases.generate(pipe, None)
+        outcome = "finished"
+    except Exception as error:  # noqa: BLE001 - recorded for the test process
+        outcome = type(error).__name__
+    with open(os.path.join(out_dir, f"fault{rank}.json"), "w") as f:
+        json.dump({"outcome": outcome, "seconds": time.monotonic() - start}, f)
 
 
 def _unpatched_error() -> str:
@@ -117,6 +156,10 @@ def test_two_ranks_equal_one_process(one_process, tmp_path):
     # harness.patch_accelerator_count can go
     assert ranks[0]["unpatched"]["error"] == "ZeroDivisionError"
     assert _compare(alone, ranks, 2) == 2 + len(cases.methods(None)) + 2 * len(SUBSET)
+    # then rank 1 raised mid-generation: both ranks ended with an error (no hang) within 60 s
+    faults = [json.loads((tmp_path / f"fault{r}.json").read_text()) for r in range(2)]
+    assert faults[1]["outcome"] == "RuntimeError" and faults[0]["outcome"] != "finished", faults
+    assert all(f["seconds"] < 60 for f in faults), faults
 
 
 def test_four_ranks_equal_one_process(one_process, tmp_path):
