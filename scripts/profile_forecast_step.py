@@ -5,6 +5,13 @@
 Prints the median wall time of a full model call and of a forecast call, and their ratio, for module granularity
 with and without block shortcuts and for block-residual granularity (O = 2, divided). Ratios from one process.
 
+``--python``: the library's own time per target on a forecast step of a tiny DiT (``DiT-FM-T/4`` with 6 blocks,
+12 module targets, batch 1, 1 thread), where the tensor work is small: every target's installed forward called once
+with the arguments it gets in the model (captured from a plain call), as on a forecast step, minus the same calls of
+stubs that return a precomputed tensor, divided by the number of targets (CPU time of the thread,
+``time.thread_time``: robust to other jobs on the machine); the host time of the step context itself
+(``handle.step`` open and close), per step; and the batched pass's tensor ops alone. ``--src DIR`` imports taylorseer from another checkout's ``src/`` (before/after comparisons).
+
 ``--ops``: also the cost of the forecast arithmetic alone, for one module target's feature ([batch, tokens,
 channels] float32): the learned linear forecast of K = 4 anchors as ``LinearForecaster`` computes it (one multiply,
 three fused multiply-adds with per-channel weights), three plain in-place adds of the same tensors (no weights),
@@ -13,22 +20,30 @@ of the plain adds, the forecast is bound by memory bandwidth, not by its arithme
 """
 
 import argparse
+import sys
 import time
 
 import torch
 
-import taylorseer
-from taylorseer.models.pretrained import load_reference
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--python", action="store_true", help="the library's time per target (tiny model)")
+    parser.add_argument("--src", help="import taylorseer from this checkout's src/")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ops", action="store_true", help="also time the forecast arithmetic alone")
     args = parser.parse_args()
+    if args.src:
+        sys.path.insert(0, args.src)
     torch.set_num_threads(args.threads)
+    if args.python:
+        _python(max(args.repeats, 200))
+        return
+    import taylorseer
+    from taylorseer.models.pretrained import load_reference
+
     model = load_reference()
     size = model.config.sample_size
     x = torch.randn(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0))
@@ -60,6 +75,83 @@ def main() -> None:
                   f"ratio {g / f:.3f}")
     if args.ops:
         _ops(model, args.batch, args.repeats)
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def _python(repeats: int) -> None:
+    """The library's time per target on a forecast step of a tiny DiT (see the module docstring)."""
+    from diffusers import DiTTransformer2DModel
+
+    import taylorseer
+    from taylorseer.models.reference import DIT_MODELS
+
+    print(f"taylorseer from {taylorseer.__file__}")
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**{**DIT_MODELS["DiT-FM-T/4"](), "num_layers": 6}).eval().requires_grad_(False)
+    x, y = torch.randn(1, 1, 16, 16), torch.tensor([3])
+
+    def call(t: float) -> torch.Tensor:
+        return model(x, timestep=torch.full((1,), t), class_labels=y).sample
+
+    config = taylorseer.TaylorSeerConfig(interval=10**6, warmup_steps=3, max_order=2)
+    with torch.no_grad():
+        handle = taylorseer.apply(model, config)
+        paths = [t.path for t in handle.targets]
+        handle.remove()
+        captured: dict[str, tuple] = {}  # each target's (args, kwargs, output) in a plain call
+        hooks = [model.get_submodule(p).register_forward_hook(
+            lambda m, a, k, o, p=p: captured.__setitem__(p, (a, k, o)), with_kwargs=True) for p in paths]
+        call(500.0)
+        for hook in hooks:
+            hook.remove()
+        handle = taylorseer.apply(model, config)
+        wrappers = [(model.get_submodule(p).forward, *captured[p][:2]) for p in paths]
+        stubs = [((lambda *a, o=captured[p][2], **k: o), *captured[p][:2]) for p in paths]
+        hooked, stub, context = [], [], []
+        clock = time.thread_time
+        while len(hooked) < repeats:  # generations of 50 steps: 3 full, then 47 forecast steps
+            handle.begin(50)
+            for i in range(3):
+                with handle.step(i):
+                    call(999.0 - 20 * i)
+            for step in range(3, 50):  # one forecast step = every target called once, in model order
+                t0 = clock()
+                with handle.step(step):
+                    if step == 3:
+                        entries = handle.engine.store.entries.values()
+                        columns = [list(c) for c in zip(*[e.states[0].factors for e in entries])]
+                    t1 = clock()
+                    for forward, args, kwargs in wrappers:
+                        forward(*args, **kwargs)
+                    t2 = clock()
+                t3 = clock()
+                hooked.append(t2 - t1)
+                context.append(t1 - t0 + t3 - t2)
+                start = clock()
+                for forward, args, kwargs in stubs:
+                    forward(*args, **kwargs)
+                stub.append(clock() - start)
+        forecasts = handle.stats.steps_forecast
+        handle.remove()
+        ops = []  # the batched pass's tensor work alone: one foreach call per term over the same factors
+        for _ in range(repeats):
+            start = clock()
+            out = torch._foreach_add(columns[0], columns[1], alpha=0.5)
+            for column in columns[2:]:
+                torch._foreach_add_(out, column, alpha=0.25)
+            ops.append(clock() - start)
+    t = _median(ops)
+    h, s, c = _median(hooked), _median(stub), _median(context)
+    n = len(paths)
+    print(f"{n} targets, {forecasts} forecast steps per generation: the targets' calls on a forecast step take "
+          f"{h * 1e6:.1f} us with the handle (stubs returning a ready tensor: {s * 1e6:.1f} us) -> "
+          f"{(h - s) / n * 1e6:.2f} us per target, batched forecast included; the step context (handle.step open "
+          f"and close, the policy's decision) {c * 1e6:.1f} us per step -> {(h - s + c) / n * 1e6:.2f} us per "
+          f"target in all, of which the forecast's tensor ops {t / n * 1e6:.2f} us and Python "
+          f"{(h - s + c - t) / n * 1e6:.2f} us")
 
 
 def _ops(model: torch.nn.Module, batch: int, repeats: int) -> None:

@@ -174,11 +174,11 @@ def predict_batch(forecaster: Any, states: Sequence[FactorState], point: float, 
     """The forecasts of many states at one abscissa ``point`` (one per state, in order): what the runtime calls once
     per forecast step for all its targets. Results equal ``forecaster.predict`` state by state, to the bit.
 
-    A forecaster with its own ``predict_batch(states, point, dtypes=..., targets=...)`` is asked directly; one with
-    ``weights(state, point) -> list[float]`` (its forecast is ``weighted_sum(factors, weights)``) is evaluated with
-    one ``torch._foreach_*`` call per term for every group of states sharing weights and dtype, so the tensor ops
-    of a step grow with the order, not with the number of states; any other forecaster is asked state by state
-    (``targets`` passed to those with ``per_target = True``). ``dtypes``: each result's dtype (None: the factors').
+    A forecaster with ``plan_batch`` or ``weights(state, point) -> list[float]`` (its forecast is
+    ``weighted_sum(factors, weights)``) is evaluated with one ``torch._foreach_*`` call per term for every group of
+    states sharing abscissae and dtype, so the tensor ops of a step grow with the order, not with the number of
+    states; any other forecaster is asked state by state (``targets`` passed to those with ``per_target = True``).
+    See ``BatchPlan``. ``dtypes``: each result's dtype (None: the factors').
 
     Example:
         >>> from taylorseer.forecast import TaylorForecast, build_forecaster
@@ -187,37 +187,100 @@ def predict_batch(forecaster: Any, states: Sequence[FactorState], point: float, 
         >>> predict_batch(f, [s, s], 2.0)
         [tensor([5.]), tensor([5.])]
     """
-    dtypes = list(dtypes) if dtypes is not None else [None] * len(states)
-    own = getattr(forecaster, "predict_batch", None)
-    if own is not None:
-        return list(own(states, point, dtypes=dtypes, targets=targets))
-    weights_of = getattr(forecaster, "weights", None)
-    if weights_of is None:
-        extra = getattr(forecaster, "per_target", False)
-        return [forecaster.predict(s, point, dtype=d, **({"target": targets[i]} if extra and targets else {}))
-                for i, (s, d) in enumerate(zip(states, dtypes))]
-    return weighted_batch(weights_of, states, point, dtypes)
+    return BatchPlan(forecaster, states, dtypes=dtypes, targets=targets).run(point)
+
+
+class BatchPlan:
+    """``predict_batch`` split in two: the grouping of fixed states into ``torch._foreach_*`` columns, prepared
+    once (the runtime keeps it while no factor changes, i.e. across the forecast steps between two full steps), and
+    ``run(point)``, the evaluation at an abscissa: the weights of each group, then one foreach call per term.
+
+    A forecaster may provide ``plan_batch(states, dtypes) -> [(members, evaluate)]`` (``evaluate(point)`` returns
+    the forecasts of ``states[i] for i in members``); with ``weights(state, point)`` the groups are built here; any
+    other forecaster is evaluated state by state.
+
+    Example:
+        >>> from taylorseer.forecast import TaylorForecast, build_forecaster
+        >>> f = build_forecaster(TaylorForecast(max_order=0))
+        >>> BatchPlan(f, [f.update(f.empty(), torch.tensor([2.0]), 0.0)]).run(5.0)
+        [tensor([2.])]
+    """
+
+    def __init__(self, forecaster: Any, states: Sequence[FactorState], *,
+                 dtypes: Sequence[torch.dtype | None] | None = None, targets: Sequence[str] | None = None):
+        self.size = len(states)
+        dtypes = list(dtypes) if dtypes is not None else [None] * len(states)
+        own = getattr(forecaster, "plan_batch", None)
+        weights_of = getattr(forecaster, "weights", None)
+        if own is not None:
+            self.groups = list(own(states, dtypes))
+        elif weights_of is not None:
+            self.groups = weighted_groups(weights_of, states, dtypes)
+        else:
+            extra = getattr(forecaster, "per_target", False)
+
+            def one(i: int) -> Callable[[float], list[torch.Tensor]]:
+                kw: dict[str, Any] = {"target": targets[i]} if extra and targets else {}
+                return lambda point: [forecaster.predict(states[i], point, dtype=dtypes[i], **kw)]
+
+            self.groups = [([i], one(i)) for i in range(len(states))]
+        self.whole = len(self.groups) == 1 and list(self.groups[0][0]) == list(range(self.size))
+
+    def run(self, point: float) -> list[torch.Tensor]:
+        """The forecasts of the states at ``point``, in order."""
+        if self.whole:
+            return list(self.groups[0][1](point))
+        results: list[Any] = [None] * self.size
+        for members, evaluate in self.groups:
+            for i, output in zip(members, evaluate(point)):
+                results[i] = output
+        return results
+
+
+def weighted_groups(weights_of: Callable[[FactorState, float], list[float]], states: Sequence[FactorState],
+                    dtypes: Sequence[torch.dtype | None]) -> list[tuple[list[int], Callable]]:
+    """The states grouped by abscissae, order and result dtype (one group on a plain schedule), each with its
+    evaluation: ``weighted_sum_batch`` of the group's factor columns with ``weights_of`` its first state."""
+    groups: dict[tuple, list[int]] = {}
+    for i, state in enumerate(states):
+        key = (state.points, len(state.factors), dtypes[i])  # foreach takes mixed devices and dtypes
+        members = groups.get(key)
+        if members is None:
+            if not state.factors:
+                raise ValueError("cannot forecast from an empty state: no step has been computed yet")
+            members = groups[key] = []
+        members.append(i)
+    out = []
+    for (_, _, dtype), members in groups.items():
+        first = states[members[0]]
+        columns = [list(column) for column in zip(*[states[i].factors for i in members])]
+
+        def evaluate(point: float, first: FactorState = first, columns: list = columns,
+                     dtype: torch.dtype | None = dtype) -> list[torch.Tensor]:
+            cols = columns if dtype is None else [list(_cast(c, dtype)) for c in columns]
+            return list(weighted_columns(cols, weights_of(first, point)))
+
+        out.append((members, evaluate))
+    return out
+
+
+def weighted_columns(columns: Sequence[list[torch.Tensor]], weights: Sequence[float]) -> Sequence[torch.Tensor]:
+    """``weighted_sum_batch`` on factor columns (``columns[i]``: the i-th factor of every state)."""
+    if len(columns) == 1:
+        return torch._foreach_mul(columns[0], 1.0)  # a copy: x * 1.0 is x exactly
+    outputs = torch._foreach_add(columns[0], columns[1], alpha=weights[1])
+    for i in range(2, len(columns)):
+        torch._foreach_add_(outputs, columns[i], alpha=weights[i])
+    return outputs
 
 
 def weighted_batch(weights_of: Callable[[FactorState, float], list[float]], states: Sequence[FactorState],
                    point: float, dtypes: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
     """``weighted_sum`` of every state at ``point`` with ``weights_of(state, point)``, one ``weighted_sum_batch``
     per group of states that share abscissae, order and dtypes (one group on a plain schedule)."""
-    groups: dict[tuple, list[int]] = {}
-    weights: dict[tuple, list[float]] = {}
-    for i, state in enumerate(states):
-        if not state.factors:
-            raise ValueError("cannot forecast from an empty state: no step has been computed yet")
-        first = state.factors[0]
-        key = (state.points, len(state.factors), dtypes[i], first.dtype, first.device)
-        if key not in groups:
-            groups[key] = []
-            weights[key] = weights_of(state, point)
-        groups[key].append(i)
     results: list[Any] = [None] * len(states)
-    for key, members in groups.items():
-        outputs = weighted_sum_batch([_cast(states[i].factors, dtypes[i]) for i in members], weights[key])
-        for i, output in zip(members, outputs):
+    for members, evaluate in weighted_groups(weights_of, states, dtypes):
+        for i, output in zip(members, evaluate(point)):
             results[i] = output
     return results
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FactorState, register_forecaster, weighted_batch, weighted_sum
+from .base import FactorState, register_forecaster, weighted_groups, weighted_sum
 
 SCHEMES = ("reference", "divided")
 TaylorState = FactorState  # the Taylor factors of one cached feature (newest abscissa first)
@@ -123,29 +123,42 @@ def forecast_batch(states: list[TaylorState], point: float, scheme: str = "divid
         [tensor([4.]), tensor([4.])]
     """
     dtypes = dtypes if dtypes is not None else [None] * len(states)
+    results: list = [None] * len(states)
+    for members, evaluate in forecast_groups(states, scheme, dtypes):
+        for i, output in zip(members, evaluate(point)):
+            results[i] = output
+    return results
+
+
+def forecast_groups(states: list[TaylorState], scheme: str, dtypes: list[torch.dtype | None]) -> list[tuple]:
+    """``forecast_batch``'s grouping, prepared once: ``[(members, evaluate(point))]`` (see ``base.BatchPlan``)."""
     if scheme == "divided":
-        return weighted_batch(newton_weights, states, point, dtypes)
+        return weighted_groups(newton_weights, states, dtypes)
     if scheme != "reference":
         raise ValueError(f"scheme must be one of ['reference', 'divided'], got {scheme!r}")
     groups: dict[tuple, list[int]] = {}
     for i, state in enumerate(states):
         if not state.factors:
             raise ValueError("cannot forecast from an empty state: no step has been computed yet")
-        groups.setdefault((state.points[0], len(state.factors), dtypes[i], state.factors[0].dtype,
-                           state.factors[0].device), []).append(i)
-    results: list = [None] * len(states)
-    for (first, order, dtype, _, _), members in groups.items():
-        columns = list(zip(*[[f if dtype is None else f.to(dtype) for f in states[i].factors] for i in members]))
-        distance = point - first
-        # The reference's order, term by term: ((1/i!) * d_i) * x**i added to a copy of d_0.
-        outputs = list(torch._foreach_mul(list(columns[0]), 1.0))  # a copy: x * 1.0 is x exactly
-        for i in range(1, order):
-            term = torch._foreach_mul(list(columns[i]), 1 / math.factorial(i))
-            torch._foreach_mul_(term, distance**i)
-            torch._foreach_add_(outputs, term)
-        for i, output in zip(members, outputs):
-            results[i] = output
-    return results
+        groups.setdefault((state.points[0], len(state.factors), dtypes[i]), []).append(i)
+    out = []
+    for (first, order, dtype), members in groups.items():
+        columns = [list(c) for c in zip(*[states[i].factors for i in members])]
+
+        def evaluate(point: float, first: float = first, order: int = order, dtype: torch.dtype | None = dtype,
+                     columns: list = columns) -> list[torch.Tensor]:
+            cols = columns if dtype is None else [[f.to(dtype) for f in c] for c in columns]
+            distance = point - first
+            # The reference's order, term by term: ((1/i!) * d_i) * x**i added to a copy of d_0.
+            outputs = list(torch._foreach_mul(cols[0], 1.0))  # a copy: x * 1.0 is x exactly
+            for i in range(1, order):
+                term = torch._foreach_mul(cols[i], 1 / math.factorial(i))
+                torch._foreach_mul_(term, distance**i)
+                torch._foreach_add_(outputs, term)
+            return outputs
+
+        out.append((members, evaluate))
+    return out
 
 
 def derivatives(state: TaylorState, scheme: str = "divided") -> list[torch.Tensor]:
@@ -209,10 +222,9 @@ class TaylorForecaster:
     def predict(self, state: FactorState, point: float, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         return forecast(state, point, self.config.scheme, dtype=dtype)
 
-    def predict_batch(self, states: list[FactorState], point: float, *, dtypes: list[torch.dtype | None],
-                      targets: list[str] | None = None) -> list[torch.Tensor]:
-        """``predict`` of every state at ``point`` in one pass (``forecast_batch``)."""
-        return forecast_batch(states, point, self.config.scheme, dtypes)
+    def plan_batch(self, states: list[FactorState], dtypes: list[torch.dtype | None]) -> list[tuple]:
+        """``predict`` of many states in one pass, prepared (``forecast_groups``; see ``base.BatchPlan``)."""
+        return forecast_groups(states, self.config.scheme, dtypes)
 
     def traced_weights(self, state: FactorState, point: float) -> list[float]:
         """The forecast as ``sum_i w_i * factor_i`` (``w_0 = 1``): what a compiled graph evaluates."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters.registry import Target
-from ..forecast.base import build_forecaster, predict_batch
+from ..forecast.base import BatchPlan, build_forecaster
 from .observers import FlopObserver, StatsObserver, relative_l2
 from .probe import Probes
 from .state import FactorStore, FiniteChecks, describe_leaves, flatten, input_shapes, read_host, residual_leaves
@@ -60,17 +60,14 @@ class Slot:
     entry: Any = None  # the factors of the open branch (bound at its start when it forecasts)
     live: bool = False  # forecast inside a traced graph (bound factors, weights, nothing to check on the host)
     weights: Any = None  # 1-D tensor: the forecast is sum_i weights[i] * factor_i (traced graphs)
+    path: str = field(init=False)  # the target's (plain attributes: read on every call)
+    mode: str = field(init=False)
+    forecast: Any = field(init=False)  # the kind's eager forecast
 
     def __post_init__(self) -> None:
-        self.kind = KINDS[self.target.mode]
-
-    @property
-    def path(self) -> str:
-        return self.target.path
-
-    @property
-    def mode(self) -> str:
-        return self.target.mode
+        self.path, self.mode = self.target.path, self.target.mode
+        self.kind = KINDS[self.mode]
+        self.forecast = self.kind.forecast
 
 
 class Engine:
@@ -103,6 +100,8 @@ class Engine:
         self.call_id = 0  # one per (step, branch)
         self.host_reads = 0  # device values read on the host (finiteness, probe observations)
         self._prepared = -1  # the call_id whose batched pass ran
+        self._plan: tuple = (None, [])
+        self._plan_key: tuple | None = None
         self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
                                                                                       None)
         self._first: Slot | None = None
@@ -147,6 +146,7 @@ class Engine:
         self.zeros.clear()
         self.probes.clear()
         self.ready = {}
+        self._plan, self._plan_key = (None, []), None  # the plan holds factor tensors: let them go
         for slot in self._slots:
             slot.entry, slot.live, slot.weights = None, False, None
         self.observer.on_bytes(0, 0)
@@ -191,6 +191,7 @@ class Engine:
 
     def free_branch(self, branch: Any) -> None:
         """Drop the factors, zeros and probe outputs of one branch."""
+        self._plan, self._plan_key = (None, []), None
         for table in (self.store.entries, self.zeros, self.probes.previous):
             for key in [k for k in table if k[0] == branch]:
                 if table is self.store.entries:
@@ -207,13 +208,18 @@ class Engine:
         self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
         record = self.controller.close(self._fallbacks > 0)
         if record is not None:
-            first = not any(d["step"] == record["step"] for d in self.observer.stats.decisions)
+            decisions = self.observer.stats.decisions
+            first = not decisions or decisions[-1]["step"] != record["step"]  # steps are told in order
             self.observer.on_decision(record, first_branch=first)
 
     def _bind(self) -> None:
         """A forecasting branch: bind each slot's factors (and, for traced graphs, its weight tensor)."""
         branch, entries, weights_of = self.controller.branch, self.store.entries, self._weights_of
         point = self.controller.point
+        if not self.compiled:  # eager: the factors only (the batched pass reads them)
+            for slot in self._forecast_slots:
+                slot.entry = entries.get((branch, slot.path))
+            return
         cache: dict[tuple, torch.Tensor] = {}
         measuring = bool(self.measure)
         for slot in self._forecast_slots:
@@ -255,7 +261,9 @@ class Engine:
         if self.controller.probing and not slot.probe:
             self._resolve()
         if self.forecasting:
-            return self.forecast_eager(slot, original, args, kwargs)
+            if self._prepared != self.call_id:
+                self._prepare(slot)
+            return slot.forecast(self, slot, original, args, kwargs)
         if slot.mode == "shortcut":
             return original(*args, **kwargs)
         if self.flops is not None:
@@ -299,26 +307,37 @@ class Engine:
 
     def _prepare(self, current: Slot) -> None:
         """The batched pass: every bound target's forecast at the branch's abscissa, one pass for all (targets
-        that already ran in this branch, e.g. a probe group, are left out)."""
-        self._prepared = self.call_id
-        slots = [s for s in self._forecast_slots
-                 if s.entry is not None and (s.seen != self.call_id or s is current)]
-        states, dtypes, targets, owners = [], [], [], []
-        for slot in slots:
-            for state, dtype in zip(slot.entry.states, slot.entry.dtypes):
-                states.append(state)
-                dtypes.append(dtype if self.cast else None)
-                targets.append(slot.path)
-                owners.append(slot.index)
-        if not states:
+        that already ran in this branch, e.g. a probe group, are left out). Its plan (which factors go into which
+        foreach call) is kept while the factors stay the same: between two full steps only the weights change."""
+        call_id = self._prepared = self.call_id
+        key = (self.store.version, self.controller.branch)
+        if current is not self._first or self._plan_key != key:  # something ran before: plan for what is left
+            slots, states, counts = [], [], []
+            dtypes: list | None = [] if self.cast else None
+            for s in self._forecast_slots:
+                entry = s.entry
+                if entry is None or (s.seen == call_id and s is not current):
+                    continue
+                slots.append(s)
+                states.extend(entry.states)
+                counts.append(len(entry.states))
+                if dtypes is not None:
+                    dtypes.extend(entry.dtypes)
+            targets = None
+            if getattr(self.forecaster, "per_target", False):
+                targets = [s.path for s, n in zip(slots, counts) for _ in range(n)]
+            plan = BatchPlan(self.forecaster, states, dtypes=dtypes, targets=targets) if slots else None
+            self._plan = (plan, [(s.index, n) for s, n in zip(slots, counts)])
+            self._plan_key = key if current is self._first else None
+        plan, owners = self._plan
+        if plan is None:
             return
-        predicted = predict_batch(self.forecaster, states, self.controller.point, dtypes=dtypes, targets=targets)
+        predicted = plan.run(self.controller.point)
         ready: dict[int, list] = {}
-        for owner, tensor in zip(owners, predicted):
-            ready.setdefault(owner, []).append(tensor)
-        for slot in slots:
-            if not slot.entry.states:
-                ready[slot.index] = []
+        i = 0
+        for index, n in owners:
+            ready[index] = predicted[i:i + n]
+            i += n
         self.ready = ready
 
     # ---------------------------------------------------------------------------------------------------

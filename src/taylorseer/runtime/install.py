@@ -22,6 +22,7 @@ from torch import nn
 
 from .engine import Engine, Slot
 
+_is_compiling = torch.compiler.is_compiling  # True inside a graph dynamo traces (it knows this function)
 _INSTALLED: dict[int, Any] = {}  # id(module) -> owner, to refuse applying twice anywhere in one model
 
 
@@ -47,7 +48,7 @@ class Forward:
         engine, slot = self.engine, self.slot
         if engine.removed or not engine.active:  # removed but left in another wrapper's chain; or no told step
             return self.original(*args, **kwargs)
-        if not torch.compiler.is_compiling():
+        if not _is_compiling():
             return engine.call(slot, self.original, args, kwargs)
         # Traced: what follows becomes part of the compiled graph; host work is behind disabled calls.
         engine.compiled = True

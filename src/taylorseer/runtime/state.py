@@ -72,13 +72,22 @@ def _check_unchanged(target: str, old: Entry, spec: Any, constants: list, tensor
 
 def input_shapes(args: tuple, kwargs: dict) -> tuple:
     """The shapes of the tensor arguments (positional first, then keyword; one level into lists and tuples, whose
-    lengths count too): what a forecast is checked against. The first item is the first tensor argument's shape."""
+    lengths count too), as ``torch.Size`` (a tuple): what a forecast is checked against. The first item is the
+    first tensor argument's shape."""
     shapes: list = []
-    for value in (*args, *kwargs.values()):
+    for value in args:
         if isinstance(value, torch.Tensor):
-            shapes.append(tuple(value.shape))
+            shapes.append(value.shape)
         elif isinstance(value, (list, tuple)):
-            shapes.append(tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value))
+            shapes.append(tuple(v.shape if isinstance(v, torch.Tensor) else None for v in value))
+    if kwargs:
+        for value in kwargs.values():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                shapes.append(value.shape)
+            elif isinstance(value, (list, tuple)):
+                shapes.append(tuple(v.shape if isinstance(v, torch.Tensor) else None for v in value))
     return tuple(shapes)
 
 
@@ -123,6 +132,7 @@ class FactorStore:
         self.forecaster = forecaster
         self.factor_dtype = factor_dtype
         self.entries: dict[Key, Entry] = {}
+        self.version = 0  # changes whenever an entry does (a batched plan over the entries stays valid until then)
         self.nbytes = 0
         self.peak_nbytes = 0
 
@@ -131,12 +141,14 @@ class FactorStore:
 
     def clear(self) -> None:
         """Drop every factor (a new generation, or no forecast step left)."""
+        self.version += 1
         self.entries.clear()
         self.nbytes = 0
 
     def drop(self, key: Key) -> None:
         """Forget one (branch, target): its next call is computed in full and starts the factors again."""
         entry = self.entries.pop(key, None)
+        self.version += 1
         if entry is not None:
             self.nbytes -= entry.nbytes()
 
@@ -164,6 +176,7 @@ class FactorStore:
         self.nbytes += entry.nbytes() - (old.nbytes() if old is not None else 0)
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
         self.entries[key] = entry
+        self.version += 1
         return entry
 
     def check_factors(self, entry: Entry) -> list[torch.Tensor]:

@@ -47,23 +47,25 @@ class OutputKind:
 
     name = "output"
     forecasts = True
+    residual = False
 
     def forecast(self, engine: Engine, slot: Slot, original: Any, args: tuple, kwargs: dict) -> Any:
         entry = slot.entry
-        if entry is None or slot.index not in engine.ready:
+        predicted = engine.ready.pop(slot.index, None)
+        if predicted is None or entry is None:
             reason = "non-finite" if (engine.controller.branch, slot.path) in engine.nonfinite else "no-factors"
             return engine.fallback(slot, original, args, kwargs, reason)
         if entry.shape != input_shapes(args, kwargs):
             engine.store.drop((engine.controller.branch, slot.path))  # re-anchor: compute, start the factors again
             return engine.fallback(slot, original, args, kwargs, "shape")
-        predicted = engine.ready.pop(slot.index)
-        predicted = self.finish(slot, entry, args, kwargs, predicted)
+        if self.residual:
+            predicted = self.finish(slot, entry, args, kwargs, predicted)
         if engine.measure and slot.path in engine.measure:
             engine.measure_error(slot, predicted, original(*args, **kwargs))
         engine.forecast_hits.append(slot.path)
         if engine.flops is not None:
             engine.flops.skipped(slot.path)
-        return assemble(entry, predicted)
+        return predicted[0] if entry.spec is None else assemble(entry, predicted)
 
     def finish(self, slot: Slot, entry: Any, args: tuple, kwargs: dict, predicted: list) -> list:
         return predicted
@@ -82,6 +84,7 @@ class ResidualKind(OutputKind):
     """A block's residual ``out - in`` is forecast; the block's inputs are added back on forecast steps."""
 
     name = "residual"
+    residual = True
 
     def finish(self, slot: Slot, entry: Any, args: tuple, kwargs: dict, predicted: list) -> list:
         return residual_leaves(slot.path, slot.target.inputs, slot.names, args, kwargs, predicted, entry.constants)
