@@ -10,7 +10,8 @@ with and without block shortcuts and for block-residual granularity (O = 2, divi
 with the arguments it gets in the model (captured from a plain call), as on a forecast step, minus the same calls of
 stubs that return a precomputed tensor, divided by the number of targets (CPU time of the thread,
 ``time.thread_time``: robust to other jobs on the machine); the host time of the step context itself
-(``handle.step`` open and close), per step; and the batched pass's tensor ops alone. ``--src DIR`` imports taylorseer from another checkout's ``src/`` (before/after comparisons).
+(``handle.step`` open and close), per step; and the batched pass's tensor ops alone. ``--src DIR`` imports
+taylorseer from another checkout's ``src/`` (before/after comparisons).
 
 ``--ops``: also the cost of the forecast arithmetic alone, for one module target's feature ([batch, tokens,
 channels] float32): the learned linear forecast of K = 4 anchors as ``LinearForecaster`` computes it (one multiply,
