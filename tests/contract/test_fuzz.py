@@ -332,3 +332,152 @@ def test_case(seed: int) -> None:
     assert traces(case) == before
     first = case.generations[0]
     assert all(torch.equal(o, e) for o, e in zip(run(case, first, None), references[0]))
+
+
+#################################################################################
+#                  Calibrated configs (fitted weights from a file)               #
+#################################################################################
+
+CAL_CASES = 60
+
+
+@dataclass
+class CalCase:
+    """A calibration of the tiny DiT (its weights fitted on a guided CFG batch, two row groups, or on unguided
+    sampling, one) applied to the same or to other weights, told a guidance scale or not, and run with any call
+    pattern: no CFG, one doubled batch or two calls per step, steps told or read from the calls."""
+
+    seed: int
+    steps: int
+    full: tuple[int, ...]
+    guided: bool  # calibrated at guidance 1.5 on a CFG batch (R = 2), else at 1.0 (R = 1)
+    granularity: str
+    other_weights: bool
+    told_guidance: float | None  # given to apply(..., guidance_scale=) (with the run's cfg_mode), or not
+    cfg: str  # "none", "batch", "split"
+    batch: int
+    told: bool  # steps told (handle.step), else read from each call's timestep
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(where, message pattern) of the refusal this case must meet, None if it must run: ``apply`` refuses
+        other weights and a told guidance scale or layout the weights cannot serve; step 0 refuses a call layout
+        that CFG-batch weights would misread."""
+        made = 1.5 if self.guided else 1.0
+        if self.told_guidance is not None and self.told_guidance != made:
+            return "apply", f"calibrated at guidance_scale {made:g}, not {self.told_guidance:g}"
+        if self.guided and self.told_guidance is not None and self.cfg == "split":
+            return "apply", "cfg_mode=split"
+        if self.other_weights:
+            return "apply", "other weights"
+        if self.guided and self.cfg != "batch":
+            return "step 0", "not a CFG batch|an odd count"
+        return None
+
+
+def draw_cal_case(seed: int) -> CalCase:
+    rng = random.Random(10_000 + seed)
+    steps = rng.randint(4, 8)
+    full = (0, *sorted(rng.sample(range(1, steps), rng.randint(1, steps - 2))))
+    guided = rng.random() < 0.6
+    told_guidance = rng.choice([None, None, 1.5 if guided else 1.0, 4.0, 1.0 if guided else 1.5])
+    cfg = rng.choice(["none", "batch", "batch", "split"] if guided else ["none", "none", "batch", "split"])
+    return CalCase(seed, steps, full, guided, rng.choice(["module", "module", "output"]), rng.random() < 0.15,
+                   told_guidance, cfg, rng.randint(1, 3), rng.random() < 0.6)
+
+
+_CALIBRATIONS: dict[tuple, Any] = {}
+
+
+def calibration_for(case: CalCase, folder: Any) -> Any:
+    from taylorseer.calibration import FitOptions, fit_linear, new_header, record_trajectories, save_calibration
+    from taylorseer.policy import FixedSchedule
+
+    key = (case.steps, case.full, case.guided, case.granularity)
+    if key not in _CALIBRATIONS:
+        model = model_of("dit")
+        stats = record_trajectories(model, torch.tensor([1]), num_steps=case.steps, seed=9, batch_size=1,
+                                    guidance_scale=1.5 if case.guided else 1.0, granularity=case.granularity,
+                                    progress=False)
+        table, error = fit_linear(stats, case.full, FitOptions(history=2))
+        schedule = FixedSchedule(case.full, case.steps, name="fuzz")
+        header = new_header("linear", "fuzz", model, schedule, granularity=stats.granularity, fit=error,
+                            calibration_data=stats.sampling)
+        _CALIBRATIONS[key] = save_calibration(folder / f"cal-{len(_CALIBRATIONS)}.safetensors", header, table)
+    return _CALIBRATIONS[key]
+
+
+def other_dit() -> nn.Module:
+    if "dit-other" not in _MODELS:
+        other = build_reference("DiT-FM-T/4").requires_grad_(False)
+        other.load_state_dict({k: v * 1.02 for k, v in model_of("dit").state_dict().items()})
+        _MODELS["dit-other"] = other
+    return _MODELS["dit-other"]
+
+
+def run_calibrated(case: CalCase, model: nn.Module, handle: Any) -> list[torch.Tensor]:
+    """One generation of the tiny DiT with the case's call pattern (handle None: no handle)."""
+    generator = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.batch, 1, 28, 28, generator=generator)
+    labels = torch.tensor([1, 5, 9])[:case.batch]
+    if handle is not None:
+        handle.begin(case.steps)  # a fixed schedule needs num_steps; the steps themselves may still be read
+    outputs: list[torch.Tensor] = []
+    for i, (t, sigma) in enumerate(schedule("dit", case.steps)):
+        def calls() -> list[torch.Tensor]:
+            return [call() for _, call in call_list("dit", x, t, labels, case.cfg)]
+
+        if handle is not None and case.told:
+            with handle.step(i, timestep=t, sigma=sigma):
+                eps = calls()
+        else:
+            eps = calls()
+        outputs.extend(eps)
+        x = x - 0.1 * combine(eps, case.batch, case.cfg)
+    return outputs
+
+
+def test_calibrated_cases_are_varied():
+    cases = [draw_cal_case(seed) for seed in range(CAL_CASES)]
+    kinds = Counter((c.refusal() or ("runs", ""))[0] for c in cases)
+    assert kinds["apply"] >= 10 and kinds["step 0"] >= 5 and kinds["runs"] >= 15, kinds
+    assert {c.cfg for c in cases} == {"none", "batch", "split"} and {c.granularity for c in cases} == {"module",
+                                                                                                       "output"}
+    assert sum(c.told for c in cases) >= 20 and sum(not c.told for c in cases) >= 15
+
+
+@pytest.mark.parametrize("seed", range(CAL_CASES))
+def test_calibrated_case(seed: int, tmp_path_factory: Any) -> None:
+    from taylorseer.calibration import CalibrationError
+
+    case = draw_cal_case(seed)
+    folder = tmp_path_factory.getbasetemp() / "fuzz-calibrations"
+    folder.mkdir(exist_ok=True)
+    calibration = calibration_for(case, folder)
+    model = other_dit() if case.other_weights else model_of("dit")
+    before = [("forward" in m.__dict__) for m in model.modules()]
+    cfg_mode = None if case.told_guidance is None or case.cfg == "none" else case.cfg
+    refusal = case.refusal()
+    config = calibration.cache_config()
+    if refusal is not None and refusal[0] == "apply":
+        with pytest.raises(CalibrationError, match=refusal[1]):
+            taylorseer.apply(model, config, guidance_scale=case.told_guidance, cfg_mode=cfg_mode)
+        assert [("forward" in m.__dict__) for m in model.modules()] == before  # nothing touched
+        return
+    expected = run_calibrated(case, model, None)
+    handle = taylorseer.apply(model, config, guidance_scale=case.told_guidance, cfg_mode=cfg_mode)
+    try:
+        if refusal is not None:  # at step 0, before any forecast
+            with pytest.raises(CalibrationError, match=refusal[1]):
+                run_calibrated(case, model, handle)
+            assert handle.stats.steps_forecast == 0
+            return
+        outputs = run_calibrated(case, model, handle)
+        assert [o.shape for o in outputs] == [e.shape for e in expected]
+        assert all(torch.isfinite(o).all() for o in outputs), case
+        stats = handle.stats
+        assert stats.steps_full + stats.steps_forecast == case.steps, case
+        assert stats.steps_forecast == case.steps - len(case.full), case
+        assert not stats.fallbacks, case
+    finally:
+        handle.remove()
+    assert [("forward" in m.__dict__) for m in model.modules()] == before

@@ -107,11 +107,13 @@ class CacheHandle:
         calibration = getattr(handle.engine.forecaster, "calibration", None)
         if calibration is not None:  # fitted weights: for this model's class, config and weights only
             calibration.check(model=model)  # before the model is touched
-        handle._install(targets)
         from ..adapters.registry import find_adapter
 
         spec = find_adapter(model)
-        handle.auto = CallSteps(handle, timestep_argument(model, spec.timestep_arg if spec else None))
+        # Read before _install: at output granularity the model's own forward is swapped, hiding its signature.
+        argument = timestep_argument(model, spec.timestep_arg if spec else None)
+        handle._install(targets)
+        handle.auto = CallSteps(handle, argument)
         handle.auto.attach(model)
         return handle
 
