@@ -396,7 +396,7 @@ def _bench_flux(args: argparse.Namespace) -> None:
     """``bench --model flux``: the flow-matching reference through diffusers' FluxPipeline (eval.flux)."""
     import torch
 
-    from .eval.bench import calibrated_methods, select_methods
+    from .eval.bench import calibrated_methods, schedule_companions, select_methods
     from .eval.flux import FluxSampler, flux_grid, mag_ratios, run_flux_bench
     from .models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 
@@ -406,6 +406,8 @@ def _bench_flux(args: argparse.Namespace) -> None:
     methods = flux_grid(args.steps, ratios=mag_ratios(FluxSampler(ref), args.steps, scale))
     for path in args.calibration or []:
         methods += calibrated_methods(path, ref.transformer, args.steps, guidance_scale=scale, cfg_mode="split")
+    # the hybrid and Spectrum on each fitted calibration's schedule (cache-dit's BlockAdapter path is the DiT's)
+    methods += [m for m in schedule_companions(methods) if m.name.split("@")[0] in ("anchor1", "spectrum-fc")]
     if args.methods is not None:
         methods = select_methods(methods, _method_names(args.methods))
     images = args.images if args.images is not None else (8 if args.quick else 50)
@@ -595,10 +597,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         psnr = f", {search['psnr_db']:.2f} dB on the search images" if search["psnr_db"] is not None else ""
         print(f"search: {search['evaluations']} candidates, {search['model_calls']} model calls "
               f"({search['full_calls']} full), {search['seconds']:.1f} s{psnr}")
-    cost = data.get("cost")
-    if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
-        print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "
-              f"the model); projected: {cost['projection']}")
     cost = data.get("cost")
     if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
         print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "

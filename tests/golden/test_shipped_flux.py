@@ -1,0 +1,59 @@
+"""The shipped flow-matching reference: checksum-verified load, FluxPipeline determinism, a regression anchor of
+full compute and of the FLUX preset, corruption refused."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import taylorseer
+from taylorseer.models.checkpoint import CheckpointError, load_tensors, manifest_sha256
+from taylorseer.models.flux_pipeline import FLUX_FILE, FLUX_PATH, load_flux_reference
+
+ANCHOR = Path(__file__).with_name("shipped_flux_sample.safetensors")
+LABELS = torch.tensor([1, 7])  # trouser, sneaker
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_flux_reference()  # verifies the SHA-256 recorded in assets/MANIFEST.json
+
+
+@pytest.fixture(scope="module")
+def full_sample(shipped):
+    return shipped.generate(LABELS, num_steps=28, seed=SEED)
+
+
+def test_the_pipeline_is_diffusers_own_and_deterministic(shipped, full_sample):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    assert type(shipped.pipe) is FluxPipeline and type(shipped.transformer) is FluxTransformer2DModel
+    assert torch.equal(shipped.generate(LABELS, num_steps=28, seed=SEED), full_sample)
+    blocks = len(shipped.transformer.transformer_blocks) + len(shipped.transformer.single_transformer_blocks)
+    assert blocks == 12
+
+
+def test_full_compute_and_the_flux_preset_match_the_anchor(shipped, full_sample):
+    # Written once by scripts/make_golden_flux.py when the checkpoint was exported: pins loader, model, pipeline
+    # and the FLUX preset's forecasts together. Tolerance covers BLAS differences between CPUs.
+    anchor, meta = load_tensors(ANCHOR)
+    assert meta["checkpoint_sha256"] == manifest_sha256(FLUX_FILE)
+    assert (full_sample - anchor["full"]).abs().max() < 2e-3
+    with taylorseer.apply(shipped.pipe, taylorseer.preset("paper_flux")) as handle:
+        cached = shipped.generate(LABELS, num_steps=28, seed=SEED)
+        assert handle.stats.steps_full == 7
+    assert (cached - anchor["paper_flux"]).abs().max() < 2e-3
+    assert not torch.equal(cached, full_sample)
+
+
+def test_corrupted_shipped_weights_are_refused(tmp_path):
+    sha = manifest_sha256(FLUX_FILE)
+    bad = tmp_path / FLUX_FILE
+    shutil.copy(FLUX_PATH, bad)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_flux_reference(bad, sha256=sha)
