@@ -355,3 +355,15 @@ def test_sample_bounds_its_numbers_before_any_work(tmp_path, capsys, argv, messa
     assert main(["sample", "--method", "full", "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_steps_are_read_from_the_call_at_output_granularity(tiny_dit):
+    config = TaylorSeerConfig(interval=3, warmup_steps=1, max_order=2, granularity="output")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: "cannot read the step from this call", every step in full
+        with taylorseer.apply(tiny_dit, config) as handle:
+            read = sample(tiny_dit, torch.tensor([1, 2]), num_steps=8, seed=0)
+            assert handle.stats.pattern() == "FffFffFf"  # warm-up 1, then every third step
+    with taylorseer.apply(tiny_dit, config) as handle:
+        told = sample(tiny_dit, torch.tensor([1, 2]), num_steps=8, seed=0, listener=handle)
+    assert torch.equal(read, told)
