@@ -20,7 +20,7 @@ import torch
 
 from taylorseer.api import apply
 from taylorseer.eval import metrics
-from taylorseer.eval.bench import calibrated_methods
+from taylorseer.eval.bench import calibrated_methods, schedule_companions
 from taylorseer.eval.flux import FluxSampler, flux_grid
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 from taylorseer.runtime.measure import count_flops
@@ -60,6 +60,7 @@ def main() -> None:
     for path in args.calibration:
         grid.update({m.name: m for m in calibrated_methods(path, ref.transformer, args.steps,
                                                           guidance_scale=args.cfg_scale, cfg_mode="split")})
+    grid.update({m.name: m for m in schedule_companions(list(grid.values()))})  # anchor1@..., spectrum-fc@...
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in grid]
     if unknown:
