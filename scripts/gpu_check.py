@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 context = contextlib.nullcontext() if mode == "eager" else compiled(
                     model, None if mode == "compiled" else mode)
                 with context:
-                    run = lambda: generate(velocity, listener, x0, args.steps)  # noqa: E731
+                    run = lambda listener=listener: generate(velocity, listener, x0, args.steps)  # noqa: E731
                     wall, peak = timed(run, device, args.repeats)
                     engine = getattr(listener, "engine", None)
                     if engine is not None:
