@@ -2,8 +2,10 @@
 
 Each rank samples different images with a confidence gate, so their own observations differ; the probe
 observation is all-reduced (maximum) before the policy resolves it, so the decision lists agree. Without the
-process group the same two runs decide differently, which is what makes the agreement necessary for context
-parallelism (one sample split over ranks) and what this test would catch if it were lost.
+process group the same two runs decide differently, which is what makes the agreement necessary and what this test
+would catch if it were lost. This is the default-group vote of ranks that are not sharded; a transformer sharded by
+diffusers' context parallelism pools the probe sums over its own ranks instead, which gives the one-process
+decision (taylorseer.distributed.vote; tests/distributed/test_cp_model.py).
 """
 
 import json
