@@ -295,9 +295,8 @@ def plan_speedup(model_or_pipe: Any, speedup: float, guidance_scale: float | Non
         guidance = (lambda: float(guidance_scale))  # noqa: E731 - a constant
     elif pipeline:  # diffusers pipelines keep the running call's scale in _guidance_scale
         guidance = (lambda: getattr(model_or_pipe, "_guidance_scale", None))  # noqa: E731
-    planner = SpeedTarget(speedup, family, found, preset.warmup_steps, preset.name, guidance)
-    first = planner.calibrated[0].calibration.schedule if planner.calibrated else \
-        adapted_interval(speedup, ASSUMED_STEPS, preset.warmup_steps) or FULL_COMPUTE
+    planner = SpeedTarget(speedup, family, found, max(preset.warmup_steps, 1), preset.name, guidance)  # step 0 full
+    first = planner._choose(ASSUMED_STEPS).policy  # what a 50-step generation runs: the config repr shows
     label = f"speedup>={speedup:g} " + (f"calibrated {', '.join(k.name for k in planner.calibrated)}"
                                         if planner.calibrated else f"uncalibrated, preset {preset.name} adapted")
     config = CacheConfig(first, family[1], Targets(granularity=family[0]), abscissa="step", name=label)

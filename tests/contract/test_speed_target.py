@@ -62,6 +62,7 @@ def test_speedup_6_on_the_embedded_model_uses_the_shipped_calibration(reference,
         handle = taylorseer.apply(reference, speedup=6)
     try:
         assert "ts2-output-b8-s50" in repr(handle) and "speedup>=6" in repr(handle)
+        assert handle.config.policy.full_steps == B8  # the config repr shows is what 50 steps run
         said = [r.getMessage() for r in caplog.records if r.name == "taylorseer"]
         assert len(said) == 1 and "ts2-output-b8-s50" in said[0] and "guidance_scale 1.5" in said[0]
         cached, flops_cached = _flops(lambda: taylorseer.sample(reference, LABELS, num_steps=50, listener=handle))
