@@ -367,3 +367,32 @@ def test_steps_are_read_from_the_call_at_output_granularity(tiny_dit):
     with taylorseer.apply(tiny_dit, config) as handle:
         told = sample(tiny_dit, torch.tensor([1, 2]), num_steps=8, seed=0, listener=handle)
     assert torch.equal(read, told)
+
+
+def test_weights_changed_after_apply_are_refused_at_the_next_generation(tiny_dit, cfg_cal):
+    with taylorseer.apply(tiny_dit, cfg_cal.cache_config()) as handle:
+        sample(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
+        with torch.no_grad():
+            next(tiny_dit.parameters()).mul_(1.02)  # a fine-tuning step, a LoRA merged in place
+        with pytest.raises(CalibrationError, match="other weights"):
+            sample(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
+
+
+def test_a_lora_injected_after_apply_is_refused_at_the_next_generation(tiny_dit, cfg_cal):
+    peft = pytest.importorskip("peft")
+    with taylorseer.apply(tiny_dit, cfg_cal.cache_config()) as handle:
+        model = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["to_q"]), tiny_dit)
+        with pytest.raises(CalibrationError, match="other weights"):
+            sample(model, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
+
+
+def test_an_offloaded_model_is_identified_from_its_offloaded_weights(tiny_dit, cfg_cal):
+    accelerate = pytest.importorskip("accelerate")
+    with taylorseer.apply(tiny_dit, cfg_cal.cache_config()) as handle:
+        expected = sample(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
+    accelerate.cpu_offload(tiny_dit, execution_device=torch.device("cpu"))  # parameters on the meta device
+    assert next(tiny_dit.parameters()).device.type == "meta"
+    with taylorseer.apply(tiny_dit, cfg_cal.cache_config()) as handle:  # was: "Tensor.item() ... meta tensors"
+        offloaded = sample(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
+        assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
+    assert torch.equal(offloaded, expected)

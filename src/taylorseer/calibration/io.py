@@ -101,12 +101,34 @@ def _weights_fingerprint(model: nn.Module) -> dict[str, Any]:
     if known is not None and known[0] == key:
         return known[1]
     with torch.no_grad():
-        count = sum(p.numel() for p in model.parameters())
-        abs_sum = float(sum(p.detach().double().abs().sum() for p in model.parameters())) if count else 0.0
+        parameters = list(_materialised(model))
+        count = sum(p.numel() for p in parameters)
+        abs_sum = float(sum(p.detach().double().abs().sum().cpu() for p in parameters)) if count else 0.0
     fingerprint = {"count": int(count), "abs_sum": abs_sum}
     with contextlib.suppress(TypeError):
         _FINGERPRINTS[model] = (key, fingerprint)
     return fingerprint
+
+
+def _materialised(model: nn.Module) -> Any:
+    """Each parameter of ``model`` once, with its values: a parameter offloaded by accelerate (the ``meta`` device,
+    its values in the module hook's ``weights_map``, as ``enable_sequential_cpu_offload`` leaves them) is read
+    from there; one with no values anywhere raises ``CalibrationError`` naming it."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        maps = [getattr(h, "weights_map", None) for h in (hook, *getattr(hook, "hooks", ()))]
+        for local, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            if parameter.device.type == "meta":
+                found = next((m[local] for m in maps if m is not None and local in m), None)
+                if found is None:
+                    raise CalibrationError(f"parameter {module_name}.{local} has no values (meta device): the model's "
+                                           f"weights cannot be compared with the calibration's; load them first")
+                parameter = found
+            yield parameter
 
 
 def _check_model(header: dict[str, Any], model: nn.Module, where: str) -> None:

@@ -128,6 +128,9 @@ class CacheHandle:
     def _refresh(self) -> None:
         """Re-resolve the targets if a module at a target path was replaced since apply() (PEFT injecting a LoRA
         layer in place of a target ``Linear``, for example): the replacement is what is forecast from now on."""
+        calibration = getattr(self.engine.forecaster, "calibration", None)
+        if calibration is not None:  # weights changed since apply (a LoRA injected, a fine-tuning step): refused
+            calibration.check(model=self.model)
         slots = self.engine.slots
         if all(self.model.get_submodule(slot.path) is module for slot, module in zip(slots, self._modules)):
             return
