@@ -423,14 +423,12 @@ def run_calibrated(case: CalCase, model: nn.Module, handle: Any) -> list[torch.T
         handle.begin(case.steps)  # a fixed schedule needs num_steps; the steps themselves may still be read
     outputs: list[torch.Tensor] = []
     for i, (t, sigma) in enumerate(schedule("dit", case.steps)):
-        def calls() -> list[torch.Tensor]:
-            return [call() for _, call in call_list("dit", x, t, labels, case.cfg)]
-
+        calls = call_list("dit", x, t, labels, case.cfg)
         if handle is not None and case.told:
             with handle.step(i, timestep=t, sigma=sigma):
-                eps = calls()
+                eps = [call() for _, call in calls]
         else:
-            eps = calls()
+            eps = [call() for _, call in calls]
         outputs.extend(eps)
         x = x - 0.1 * combine(eps, case.batch, case.cfg)
     return outputs
