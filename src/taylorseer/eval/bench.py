@@ -380,7 +380,7 @@ def schedule_companions(methods: list[Method]) -> list[Method]:
         label = f"spectrum-fc@{name}"
         out.append(Method(label, "spectrum", CacheConfig(policy, SpectrumForecast(span=float(policy.num_steps)),
                                                          name=label), method.num_steps))
-    return out + cache_dit_methods(methods[0].num_steps if methods else 50, schedules)
+    return out + cache_dit_methods(methods[0].num_steps if methods else 50, schedules, own_rule=False)
 
 
 def select_methods(methods: list[Method], names: list[str]) -> list[Method]:

@@ -303,11 +303,12 @@ MASKED = ((1, 0, "none", 1), (1, 0, "taylorseer", 1), (1, 0, "taylorseer", 2), (
           (1, 1, "taylorseer", 1), (2, 0, "taylorseer", 2))
 
 
-def cache_dit_methods(num_steps: int = 50, schedules: dict[str, tuple[int, ...]] | None = None) -> list[Any]:
+def cache_dit_methods(num_steps: int = 50, schedules: dict[str, tuple[int, ...]] | None = None,
+                      own_rule: bool = True) -> list[Any]:
     """Bench methods of family ``cache-dit``: its own threshold rule (``OWN_RULE``), the fixed-interval masks of
     ``MASK_INTERVALS`` (Fn=1, TaylorSeer O=1/O=2), and, for each named schedule of
     ``schedules`` (name -> full steps, e.g. a calibration file's), that schedule as a static step mask with the
-    ``MASKED`` Fn/Bn/calibrator choices. Empty when cache-dit is not installed.
+    ``MASKED`` Fn/Bn/calibrator choices (``own_rule=False``: these alone). Empty when cache-dit is not installed.
 
     Example:
         >>> [m.name for m in cache_dit_methods(50)][:1] if cache_dit_version() else []   # doctest: +SKIP
@@ -317,11 +318,11 @@ def cache_dit_methods(num_steps: int = 50, schedules: dict[str, tuple[int, ...]]
 
     if cache_dit_version() is None:
         return []
-    methods = [Method(f"cachedit-{s.label()}", PEER_FAMILY, s, num_steps) for s in OWN_RULE]
     from ..policy.interval import IntervalPolicy
 
+    methods = [Method(f"cachedit-{s.label()}", PEER_FAMILY, s, num_steps) for s in OWN_RULE] if own_rule else []
     named = {f"N{n}": tuple(i for i, full in enumerate(IntervalPolicy(n, 2).plan(num_steps)) if full)
-             for n in MASK_INTERVALS}
+             for n in MASK_INTERVALS} if own_rule else {}
     for name, steps in named.items():
         for calibrator, order in (("taylorseer", 1), ("taylorseer", 2)):
             s = CacheDitSettings(1, 0, full_steps=steps, calibrator=calibrator, taylorseer_order=order, warmup_steps=0)
