@@ -78,6 +78,7 @@ from .grid import image_grid
 if TYPE_CHECKING:
     from ..integrations.cache_dit import CacheDitSettings
     from ..integrations.diffusers_caches import FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings
+    from .flux import HookSettings
 
 require("torchmetrics")  # the quality metrics (eval.metrics): fail now, not after the first group has run
 
@@ -120,7 +121,7 @@ class Method:
     name: str
     family: str
     config: (TaylorSeerConfig | CacheConfig | FirstBlockCacheSettings | MagCacheSettings | SeaCacheSettings
-             | CacheDitSettings | None) = None
+             | CacheDitSettings | HookSettings | None) = None
     num_steps: int = 50
     counterpart: str | None = None
 

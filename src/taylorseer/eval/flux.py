@@ -120,9 +120,8 @@ def _install_hook(model: nn.Module, method: Method) -> Installed:
     settings = method.config
     if not isinstance(settings, HookSettings):
         raise TypeError(f"method {method.name!r}: a diffusers hook takes HookSettings, got {type(settings).__name__}")
-    clone = copy.deepcopy(unwrap(model))
-    config = settings.build()
-    clone.enable_cache(config)
+    clone: Any = copy.deepcopy(unwrap(model))  # a diffusers CacheMixin model (enable_cache / disable_cache)
+    clone.enable_cache(settings.build())
 
     def remove() -> None:
         clone.disable_cache()
