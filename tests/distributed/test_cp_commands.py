@@ -1,13 +1,12 @@
-"""The commands under context parallelism, and a rank failing mid-generation.
+"""The commands under context parallelism: `taylorseer sample` on a hybrid data x context layout under torchrun.
 
 - ``taylorseer sample`` on 4 processes as 2 data-parallel replicas of 2 context-parallel ranks (torchrun, through
   launch.py for the harness's patches), a gated method: the merged set is within 1e-5 relative L2 of the same
   command run in one process (not bitwise: sharded matmuls and attention round differently, ~1e-7), and every
   batch took the same number of full steps as in one process (decisions agreed within each replica only).
-- ``taylorseer generate`` on 2 context-parallel ranks: the same PNG images as the command run in one process
-  (uint8: the ~1e-7 differences of sharded numerics do not reach a grey level here), and only rank 0 writes.
 
-(A rank failing mid-generation is tested in test_cp_model.py, inside its 2-rank spawn.)
+``taylorseer generate --context-parallel 2`` and a rank failing mid-generation are tested in test_cp_model.py,
+inside its 2-rank spawn (no extra processes).
 """
 
 from __future__ import annotations
@@ -61,28 +60,3 @@ def test_hybrid_sample_equals_one_process(tmp_path):
     manifest = json.loads((tmp_path / "hybrid" / "manifest.json").read_text())
     assert manifest["identity"]["context_parallel"] == {"degree": 2, "kind": "ulysses"}
 
-
-def test_generate_on_two_context_parallel_ranks_gives_the_one_process_images(tmp_path):
-    from PIL import Image
-
-    from taylorseer.cli import main
-
-    args = ["generate", "--model", cases.MODEL, "--prompt", "3,5", "--steps", "12", "--guidance-scale", "2.0",
-            "--device", "cpu", "--interval", "3"]
-    torch.set_num_threads(1)
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          os.path.join(HERE, "launch.py"), *args, "--out", str(tmp_path / "cp"),
-                          "--context-parallel", "2"], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    names = sorted(os.listdir(tmp_path / "one"))
-    assert names == sorted(os.listdir(tmp_path / "cp")) and len([n for n in names if n.endswith(".png")]) == 4
-    for name in (n for n in names if n.endswith(".png")):
-        one, cp = (np.asarray(Image.open(tmp_path / d / name)) for d in ("one", "cp"))
-        assert np.abs(one.astype(int) - cp.astype(int)).max() <= 1, name
-    record = json.loads((tmp_path / "cp" / "001.json").read_text())
-    assert record["context_parallel"] == {"degree": 2, "kind": "ulysses"}
-    assert 0 < record["stats"]["steps_forecast"]
-    assert record["stats"] == json.loads((tmp_path / "one" / "001.json").read_text())["stats"] | {
-        "peak_cache_bytes": record["stats"]["peak_cache_bytes"], "cache_bytes": record["stats"]["cache_bytes"]}

@@ -10,8 +10,9 @@ the test process compares them with the same method run in one process:
 Two spawns keep the folder inside its time budget (collectives of 4 processes on one free core are slow):
 2 ranks run every method with taylorseer applied after ``enable_parallelism`` and ``SUBSET`` applied before it
 (on a fresh model), Ulysses and ring; 4 ranks run ``SUBSET`` after it with Ulysses, two methods with ring. Ring
-runs through the harness's log-sum-exp patch (harness.py). At the end of the 2-rank spawn, rank 1 raises
-mid-generation: both ranks must end with an error, not a hang, within 60 s.
+runs through the harness's log-sum-exp patch (harness.py). The 2-rank spawn then runs ``taylorseer generate
+--context-parallel 2`` (compared with the command in one process), and finally rank 1 raises mid-generation:
+both ranks must end with an error, not a hang, within 60 s.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import json
 import os
 
 import cases
+import numpy as np
 import pytest
 import torch
 from harness import spawn
 
 BOUND = 1e-5
+GENERATE = ["generate", "--model", cases.MODEL, "--prompt", "3,5", "--steps", "12", "--guidance-scale", "2.0",
+            "--device", "cpu", "--interval", "3"]
 SUBSET = ("taylor-module", "taylor-block", "taylor-output", "calibrated-output", "gate-module", "budget-module")
 TWO = (("ulysses", "after", None), ("ulysses", "before", SUBSET), ("ring", "after", SUBSET))
 FOUR = (("ulysses", "after", SUBSET), ("ring", "after", ("taylor-block", "gate-module")))
@@ -57,6 +61,11 @@ def _worker(rank: int, world: int, plan: tuple, calibration_path: str, out_dir: 
                     results[f"{name}/{kind}/before"] = cases.generate(fresh, config, handle)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     if world == 2:
+        from taylorseer.cli import main
+
+        # the command in this job's process group (torchrun only adds the environment; the hybrid sample test in
+        # test_cp_commands.py runs under torchrun itself)
+        assert main([*GENERATE, "--out", os.path.join(out_dir, "generate"), "--context-parallel", "2"]) == 0
         _fail_one_rank(rank, world, out_dir)
 
 
@@ -148,18 +157,49 @@ def _compare(alone: dict, ranks: list[dict], world: int) -> int:
     return len(keys)
 
 
-def test_two_ranks_equal_one_process(one_process, tmp_path):
-    folder, alone = one_process
-    spawn(_worker, 2, TWO, str(folder / "cal.safetensors"), str(tmp_path), ring=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks(one_process, tmp_path_factory):
+    """The 2-rank spawn: the methods, then ``taylorseer generate --context-parallel 2``, then the failing rank."""
+    folder, _ = one_process
+    out = tmp_path_factory.mktemp("two")
+    spawn(_worker, 2, TWO, str(folder / "cal.safetensors"), str(out), ring=True)
+    return out
+
+
+def test_two_ranks_equal_one_process(one_process, two_ranks):
+    _, alone = one_process
+    ranks = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
     # diffusers 0.42.1 divides by the accelerator count; when this fails it no longer does, and
     # harness.patch_accelerator_count can go
     assert ranks[0]["unpatched"]["error"] == "ZeroDivisionError"
     assert _compare(alone, ranks, 2) == 2 + len(cases.methods(None)) + 2 * len(SUBSET)
-    # then rank 1 raised mid-generation: both ranks ended with an error (no hang) within 60 s
-    faults = [json.loads((tmp_path / f"fault{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_failing_rank_ends_every_rank_with_an_error_within_60_s(two_ranks):
+    """Rank 1 raised mid-generation: both ranks ended with an error (no hang) within 60 s."""
+    faults = [json.loads((two_ranks / f"fault{r}.json").read_text()) for r in range(2)]
     assert faults[1]["outcome"] == "RuntimeError" and faults[0]["outcome"] != "finished", faults
     assert all(f["seconds"] < 60 for f in faults), faults
+
+
+def test_generate_on_two_context_parallel_ranks_gives_the_one_process_images(two_ranks, tmp_path):
+    from PIL import Image
+
+    from taylorseer.cli import main
+
+    torch.set_num_threads(1)
+    assert main([*GENERATE, "--out", str(tmp_path / "one")]) == 0
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(two_ranks / "generate")) and len([n for n in names if n.endswith(".png")]) == 4
+    for name in (n for n in names if n.endswith(".png")):
+        one, cp = (np.asarray(Image.open(d / name)) for d in (tmp_path / "one", two_ranks / "generate"))
+        assert np.abs(one.astype(int) - cp.astype(int)).max() <= 1, name
+    record = json.loads((two_ranks / "generate" / "001.json").read_text())
+    stats = json.loads((tmp_path / "one" / "001.json").read_text())["stats"]
+    assert record["context_parallel"] == {"degree": 2, "kind": "ulysses"} and 0 < record["stats"]["steps_forecast"]
+    assert record["stats"]["peak_cache_bytes"] * 2 == stats["peak_cache_bytes"]
+    assert {k: v for k, v in record["stats"].items() if "bytes" not in k} == {
+        k: v for k, v in stats.items() if "bytes" not in k}
 
 
 def test_four_ranks_equal_one_process(one_process, tmp_path):
