@@ -888,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, help="data, noise and init seed (default: the shipped recipe's)")
     p.add_argument("--export", action="store_true", help="export the EMA weights into the package when done")
     p.add_argument("--stop-at", type=positive_int, default=None, help="flux: stop (resumably) at this optimiser "
-                   "step of the schedule set by --steps (the shipped flux weights: 7000 of 14000)")
+                   "step of the schedule set by --steps (the shipped flux weights: 7000 of 14000) (default: train "
+                   "to the end)")
 
     p = _subcommand(sub, "bench", "measure speed, memory and quality of many methods; write JSONL records",
                     _cmd_bench, _check_bench)

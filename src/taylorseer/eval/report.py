@@ -217,6 +217,7 @@ FAMILY_STYLES: dict[str, tuple[str, str]] = {
     "firstblockcache": ("FirstBlockCache", "#393b79"),
     "magcache": ("MagCache", "#637939"),
     "calibrated": ("calibrated", "#843c39"),
+    "diffusers-hook": ("diffusers hook (enable_cache)", "#31a354"),
 }
 _SPARE_COLOURS = ("#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#969696", "#ad494a", "#8c6d31",
                   "#de9ed6", "#6baed6")
@@ -864,7 +865,8 @@ def _header_lines(records: list[Record]) -> list[str]:
             f"Software: torch {m.get('torch')}, diffusers {m.get('diffusers')}, Python {m.get('python')}; "
             f"{m.get('threads')} torch thread(s); process peak RSS {rss:.0f} MB; C allocator: {_allocator(m)}",
             f"Model: {model.get('name')}, {model.get('params', 0) / 1e6:.2f}M parameters; "
-            f"DDIM {full.get('num_steps')} steps, CFG scale {first.get('guidance_scale')} "
+            f"{'FluxPipeline Euler' if model.get('name') == 'flux' else 'DDIM'} {full.get('num_steps')} steps, "
+            f"CFG scale {first.get('guidance_scale')} "
             f"({first.get('cfg_mode')}{where})",
             f"Images: {first.get('num_images')} per method (classes 0-9 in turn, seed {first.get('seed')}); wall "
             f"times are medians of {first.get('repeats')} interleaved rounds; speedups are against the full run "
