@@ -60,8 +60,8 @@ def test_pipeline_generates_deterministically_through_true_cfg(tiny_ref):
     assert a.shape == (3, 1, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
     calls = []
-    hook = tiny_ref.transformer.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["hidden_states"].shape[0]),
-                                                          with_kwargs=True)
+    hook = tiny_ref.transformer.register_forward_pre_hook(
+        lambda m, args, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
     try:
         tiny_ref.generate(labels, num_steps=6, guidance_scale=2.0, seed=1)
     finally:
