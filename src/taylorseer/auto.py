@@ -252,6 +252,21 @@ class SpeedTarget(Planner):
         return f"speedup>={self.speedup:g} ({what}; {known}){last}"
 
 
+def _pipeline_guidance(pipe: Any) -> float | None:
+    """The running call's classifier-free guidance scale of a diffusers pipeline, None when it cannot be read.
+
+    Most pipelines keep it in ``_guidance_scale``. FLUX-style pipelines whose transformer has no guidance embedding
+    (``guidance_embeds=False``) run true CFG at ``true_cfg_scale``, which they do not keep; their
+    ``_guidance_scale`` is the (unused) distilled-guidance value, so the scale is unknown there.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    config = getattr(transformer, "config", None)
+    if config is not None and getattr(config, "guidance_embeds", None) is False:
+        return None
+    value = getattr(pipe, "_guidance_scale", None)
+    return None if value is None else float(value)
+
+
 def check_speedup(speedup: Any) -> float:
     """``speedup`` as a float, or ``ValueError`` naming it: a finite number > 1 (FLOPs speedup)."""
     if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup) \
@@ -294,7 +309,7 @@ def plan_speedup(model_or_pipe: Any, speedup: float, guidance_scale: float | Non
     if guidance_scale is not None:
         guidance = (lambda: float(guidance_scale))  # noqa: E731 - a constant
     elif pipeline:  # diffusers pipelines keep the running call's scale in _guidance_scale
-        guidance = (lambda: getattr(model_or_pipe, "_guidance_scale", None))  # noqa: E731
+        guidance = (lambda: _pipeline_guidance(model_or_pipe))  # noqa: E731
     planner = SpeedTarget(speedup, family, found, max(preset.warmup_steps, 1), preset.name, guidance)  # step 0 full
     first = planner._choose(ASSUMED_STEPS).policy  # what a 50-step generation runs: the config repr shows
     label = f"speedup>={speedup:g} " + (f"calibrated {', '.join(k.name for k in planner.calibrated)}"

@@ -108,19 +108,32 @@ def demo_methods(num_steps: int = 50, model: torch.nn.Module | None = None) -> l
     return methods
 
 
-def flux_demo_methods(num_steps: int = 28) -> list[DemoMethod]:
-    """The flow-matching reference: full compute, TaylorSeer O=2 on the model output at 6 full steps, the FLUX
-    preset (``paper_flux``) and its reuse (FORA), and plain Euler with 6 steps."""
+FLUX_HEADLINES = {28: "flux-ts2-output-b6-s28", 50: "flux-ts2-output-b8-s50"}  # shipped searched schedules
+
+
+def flux_demo_methods(num_steps: int = 28, model: torch.nn.Module | None = None) -> list[DemoMethod]:
+    """The flow-matching reference: full compute; our best method on it (the shipped schedule searched for
+    TaylorSeer O=2 on the model output: 6 of 28 or 8 of 50 full steps; at another step count TaylorSeer O=2 on the
+    output at a fixed interval with 6 full steps); the FLUX preset (``paper_flux``) and its reuse (FORA); plain Euler
+    with the headline's number of model evaluations."""
     from .eval.flux import interval_for
 
-    base = interval_for(6, num_steps) or TaylorSeerConfig(interval=max(2, num_steps // 6), warmup_steps=2)
-    evals = base.full_steps(num_steps)
-    out = base.replace(max_order=2, granularity="output", name="ts-o2-output")
     flux = preset("paper_flux")
-    return [
-        DemoMethod(f"full ({num_steps} steps)", None, num_steps, f"full\n{num_steps} steps"),
-        DemoMethod(f"TaylorSeer O=2, output, N={base.interval} ({evals} full)", out, num_steps,
-                   f"TaylorSeer output\n{evals} of {num_steps}"),
+    methods = [DemoMethod(f"full ({num_steps} steps)", None, num_steps, f"full\n{num_steps} steps")]
+    if num_steps in FLUX_HEADLINES:
+        from .calibration import load_calibration
+
+        cal = load_calibration(shipped_calibration(FLUX_HEADLINES[num_steps]), model=model, num_steps=num_steps)
+        evals = len(cal.schedule.full_steps)
+        methods.append(DemoMethod(f"TaylorSeer O=2, searched schedule, output ({evals} full)", cal.cache_config(),
+                                  num_steps, f"TaylorSeer searched\n{evals} of {num_steps}"))
+    else:
+        base = interval_for(6, num_steps) or TaylorSeerConfig(interval=max(2, num_steps // 6), warmup_steps=2)
+        evals = base.full_steps(num_steps)
+        out = base.replace(max_order=2, granularity="output", name="ts-o2-output")
+        methods.append(DemoMethod(f"TaylorSeer O=2, output, N={base.interval} ({evals} full)", out, num_steps,
+                                  f"TaylorSeer output\n{evals} of {num_steps}"))
+    return methods + [
         DemoMethod(f"paper_flux (N=6, O=1; {flux.full_steps(num_steps)} full)", flux, num_steps,
                    "TaylorSeer\npaper_flux"),
         DemoMethod("FORA reuse, paper_flux schedule", flux.replace(max_order=0, name="fora-paper_flux"), num_steps,
@@ -280,7 +293,7 @@ def run_demo(
 
         ref = load_flux_reference()
         model, sampler, cfg_mode = ref.transformer, FluxSampler(ref), "split"
-        methods = flux_demo_methods(num_steps) if methods is None else methods
+        methods = flux_demo_methods(num_steps, ref.transformer) if methods is None else methods
     elif model is None:
         from .models.pretrained import load_reference
 

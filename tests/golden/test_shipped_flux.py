@@ -57,3 +57,18 @@ def test_corrupted_shipped_weights_are_refused(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         load_flux_reference(bad, sha256=sha)
+
+
+def test_a_speed_target_finds_the_shipped_flux_calibration(shipped, full_sample, caplog):
+    import logging
+
+    from taylorseer.auto import _pipeline_guidance
+
+    assert _pipeline_guidance(shipped.pipe) is None  # true CFG: the scale is not kept by FluxPipeline
+    with caplog.at_level(logging.INFO, logger="taylorseer"):
+        with taylorseer.apply(shipped.pipe, speedup=4.5) as handle:
+            images = shipped.generate(LABELS, num_steps=28, seed=SEED)
+            assert handle.stats.steps_full == 6
+    assert "ts2-output-b6-s28 (shipped" in caplog.text
+    mse = float((images - full_sample).pow(2).mean())
+    assert 10 * torch.log10(torch.tensor(4.0 / mse)) > 35  # the searched schedule on 2 images, 38.5 dB held out
