@@ -396,3 +396,20 @@ def test_an_offloaded_model_is_identified_from_its_offloaded_weights(tiny_dit, c
         offloaded = sample(tiny_dit, torch.tensor([1, 2]), num_steps=NUM_STEPS, seed=0, listener=handle)
         assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
     assert torch.equal(offloaded, expected)
+
+
+def test_a_file_overwritten_in_place_with_its_mtime_restored_is_read_again(cfg_cal, tmp_path):
+    path = Path(cfg_cal.path)
+    table = cfg_cal.table
+    doubled = type(table)({g: {s: type(sw)(sw.anchors, sw.weights * 2, sw.bias) for s, sw in steps.items()}
+                           for g, steps in table.steps.items()}, NUM_STEPS, SCHEDULE, table.grouping, table.history)
+    other = save_calibration(tmp_path / "other.safetensors", dict(cfg_cal.header), doubled)
+    stat = path.stat()
+    first = build_forecaster(LinearForecast(str(path)))
+    with open(path, "r+b") as f:  # the same inode, new bytes (cp -p onto an existing file)
+        f.write(Path(other.path).read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_size,
+                                                                                  stat.st_mtime_ns)
+    second = build_forecaster(LinearForecast(str(path)))
+    assert second is not first and second.calibration.sha256 == other.sha256

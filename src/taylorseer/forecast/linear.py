@@ -257,6 +257,33 @@ def _as(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _BUILT: dict[str, LinearForecaster] = {}  # content SHA-256 of a calibration file -> its forecaster
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}  # path -> (its inode and change time, its content SHA-256)
+
+
+def _content_digest(path: str, file_sha256: Any) -> str | None:
+    """The SHA-256 of the file's content (None if it cannot be read), hashed again whenever the file's device,
+    inode, size, modification or *change* time differ from the last hash. The change time (``st_ctime``) is set by
+    the system on every write, rename onto the path or ``utime``, and cannot be set back by a copy or a restore
+    (``cp -p``, ``rsync -t`` keep the modification time only), so a replaced file is always hashed again; an
+    unchanged one is not read at every ``apply``."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # load_calibration names the problem
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    known = _DIGESTS.get(path)
+    if known is not None and known[0] == key:
+        return known[1]
+    try:
+        digest = str(file_sha256(path))
+    except OSError:
+        return None
+    if len(_DIGESTS) >= 64:
+        _DIGESTS.pop(next(iter(_DIGESTS)))
+    _DIGESTS[path] = (key, digest)
+    return digest
 
 
 @register_forecaster(LinearForecast)
@@ -270,10 +297,7 @@ def _build_linear(config: LinearForecast) -> LinearForecaster:
     from ..calibration.io import CalibrationError, load_calibration
     from ..models.checkpoint import file_sha256
 
-    try:
-        digest: str | None = file_sha256(config.calibration)
-    except OSError:
-        digest = None  # load_calibration names the problem
+    digest = _content_digest(config.calibration, file_sha256)
     if digest is not None and digest in _BUILT and (not config.sha256 or config.sha256.lower() == digest):
         return _BUILT[digest]
     calibration = load_calibration(config.calibration, sha256=config.sha256 or None)
