@@ -468,7 +468,7 @@ SEQUENTIAL = [("dit", "module", False), ("flux", "module", True), ("pixart", "bl
 def test_sequential_offload_hooks_are_wrapped_and_restored_exactly(name, granularity, shortcuts):
     family = FAMILY[name]
     config = default_config(tiny(name)).replace(granularity=granularity, block_shortcuts=shortcuts)
-    # one full step after the warm-up within the pipeline's 8 steps, else forecasting is switched off (runtime/switch.py)
+    # a full step after the warm-up within the pipeline's 8 steps, else forecasting is switched off (runtime/switch.py)
     config = config.replace(interval=min(config.interval, 8 - config.warmup_steps))
     plain = loop_pipeline(name)
     with taylorseer.apply(plain, config):
