@@ -413,3 +413,14 @@ def test_a_file_overwritten_in_place_with_its_mtime_restored_is_read_again(cfg_c
                                                                                   stat.st_mtime_ns)
     second = build_forecaster(LinearForecast(str(path)))
     assert second is not first and second.calibration.sha256 == other.sha256
+
+
+def test_bench_refuses_a_calibration_made_at_another_guidance_scale():
+    from taylorseer.calibration import CalibrationError
+    from taylorseer.eval.bench import calibrated_methods
+    from taylorseer.models.checkpoint import ASSETS_DIR
+
+    path = ASSETS_DIR / "calibrations" / "ts2-output-b8-s50.safetensors"  # made at guidance 1.5
+    assert [m.name for m in calibrated_methods(path, num_steps=50, guidance_scale=1.5)] == ["ts2-output-b8-s50"]
+    with pytest.raises(CalibrationError, match="guidance"):
+        calibrated_methods(path, num_steps=50, guidance_scale=4.0)

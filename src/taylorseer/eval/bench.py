@@ -306,6 +306,7 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
     from ..forecast import TaylorForecast
 
     cal = load_calibration(path, model=model, num_steps=num_steps)
+    cal.check_sampling(guidance_scale)  # a file made at another guidance scale is refused by name (issue 25)
     name = cal.header.get("name") or Path(path).stem
     methods = []
     if cal.table is not None:
