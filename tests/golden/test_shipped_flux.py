@@ -72,3 +72,16 @@ def test_a_speed_target_finds_the_shipped_flux_calibration(shipped, full_sample,
     assert "ts2-output-b6-s28 (shipped" in caplog.text
     mse = float((images - full_sample).pow(2).mean())
     assert 10 * torch.log10(torch.tensor(4.0 / mse)) > 35  # the searched schedule on 2 images, 38.5 dB held out
+
+
+def test_the_commands_name_the_trained_reference_flux(shipped):
+    from taylorseer.distributed.flux import build_model
+
+    pipe = build_model("flux")  # what `taylorseer generate/sample --model flux` run
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), shipped.transformer.state_dict().items()):
+        assert torch.equal(a, b), name
+    noise = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = shipped.generate(torch.tensor([7]), num_steps=4, noise=noise)
+    theirs = pipe(class_labels=[7], num_inference_steps=4, guidance_scale=2.0, output_type="pt",
+                  generator=[torch.Generator().manual_seed(3)]).images
+    assert torch.allclose(ours, theirs, atol=1e-5)

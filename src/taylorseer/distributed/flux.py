@@ -10,14 +10,15 @@ sample`` gives them) and packed into FLUX's 2x2 token layout, and the output is 
 
 The model is a parameter: ``BUILTIN_MODELS`` maps a name to a builder, and ``taylorseer generate --model NAME`` /
 ``taylorseer sample --model NAME`` accept these names next to pipeline folders and hub ids. Today they are
-random-weight models built from configs (seeded, so every process builds the same weights):
+the trained reference and random-weight models built from configs (seeded, so every process builds the same
+weights):
 
 - ``flux-tiny-random``: 1 double + 2 single blocks, hidden 64 = 4 heads x 16 (Ulysses degrees 2 and 4 divide
   the heads; the reference's ``Flux-FM-T-16`` has 1 head and ``Flux-FM-12-16`` 3, so Ulysses cannot shard them
   at degree 2 or 4);
 - ``flux-fm-12-16-random``: the reference's ``Flux-FM-12-16`` size (2 double + 10 single, 3 heads).
 
-The trained reference plugs in as one more entry once its weights ship.
+- ``flux``: the shipped, trained reference (``Flux-FM-12-16``, docs/model_card_flux.md).
 
 Example:
     >>> pipe = build_model("flux-tiny-random")
@@ -155,7 +156,16 @@ def _random(config: Callable[[], dict], prompt_size: str, name: str) -> Callable
     return build
 
 
+def _trained() -> ClassFluxPipeline:
+    """The shipped, trained flow-matching reference (``models.flux_pipeline.load_flux_reference``, checksummed)."""
+    from ..models.flux_pipeline import load_flux_reference
+
+    ref = load_flux_reference()
+    return ClassFluxPipeline(ref.transformer, ref.prompts, "flux")
+
+
 BUILTIN_MODELS: dict[str, Callable[[], ClassFluxPipeline]] = {
+    "flux": _trained,
     "flux-tiny-random": _random(tiny_cp_config, "Flux-FM-T-16", "flux-tiny-random"),
     "flux-fm-12-16-random": _random(FLUX_MODELS["Flux-FM-12-16"], "Flux-FM-12-16", "flux-fm-12-16-random"),
 }
