@@ -66,18 +66,23 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _save_state(path: Path, cfg, model, ema, opt, step: int, elapsed: float) -> None:
+def save_train_state(path: Path, cfg, model, ema, opt, step: int, elapsed: float,
+                     model_config: dict | None = None, extra: dict[str, str] | None = None) -> None:
+    """Write a resumable training state (model, EMA and optimiser tensors; step, wall time and configs in the
+    header). ``model_config``: the architecture's config (default: ``model.config``); ``extra``: more header keys."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for idx, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
     meta = {"step": str(step), "elapsed_s": f"{elapsed:.1f}", "train_config": json.dumps(asdict(cfg)),
-            "model_config": json.dumps(dict(model.config))}
+            "model_config": json.dumps(dict(model.config) if model_config is None else model_config),
+            **(extra or {})}
     save_tensors(path, tensors, meta)
 
 
-def _load_state(path: Path, model, ema, opt) -> tuple[int, float]:
+def load_train_state(path: Path, model, ema, opt) -> tuple[int, float]:
+    """Load a state written by ``save_train_state`` into ``model``, ``ema`` and ``opt``; returns (step, wall s)."""
     tensors, meta = load_tensors(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -113,7 +118,7 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
     alphas_cumprod = DDPMScheduler(**{**SCHEDULE, "beta_schedule": cfg.beta_schedule}).alphas_cumprod.float()
 
     state_path = out / STATE_FILE
-    step, elapsed = (_load_state(state_path, model, ema, opt) if state_path.exists() else (0, 0.0))
+    step, elapsed = (load_train_state(state_path, model, ema, opt) if state_path.exists() else (0, 0.0))
     model.train()
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -148,7 +153,7 @@ def train_reference(cfg: TrainConfig, stop_at: int | None = None) -> Path:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == end:
             elapsed = time.time() - start
-            _save_state(state_path, cfg, model, ema, opt, step, elapsed)
+            save_train_state(state_path, cfg, model, ema, opt, step, elapsed)
             log.write(json.dumps({"step": step, "loss": loss.item(), "elapsed_s": round(elapsed, 1)}) + "\n")
             log.flush()
     bar.close()

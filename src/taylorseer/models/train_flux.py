@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_tensors, save_tensors
 from .data import load_fashion_mnist, resize_images
 from .flux_reference import (
     FLUX_MODELS,
@@ -33,7 +32,7 @@ from .flux_reference import (
     shift_sigmas,
     text_ids,
 )
-from .train import learning_rate
+from .train import learning_rate, load_train_state, save_train_state
 
 STATE_FILE = "train_state.safetensors"
 
@@ -85,30 +84,6 @@ class FluxReferenceModule(torch.nn.Module):
                                 return_dict=False)[0]
 
 
-def _save_state(path: Path, cfg: FluxTrainConfig, model, ema, opt, step: int, elapsed: float) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for idx, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
-    meta = {"step": str(step), "elapsed_s": f"{elapsed:.1f}", "train_config": json.dumps(asdict(cfg)),
-            "model_config": json.dumps(dict(model.transformer.config)), "kind": "flux"}
-    save_tensors(path, tensors, meta)
-
-
-def _load_state(path: Path, model, ema, opt) -> tuple[int, float]:
-    tensors, meta = load_tensors(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-
-
 def train_flux_reference(cfg: FluxTrainConfig, stop_at: int | None = None) -> Path:
     """Train (or resume) and return the path of the training-state checkpoint; logs go to ``log.jsonl``.
 
@@ -129,7 +104,7 @@ def train_flux_reference(cfg: FluxTrainConfig, stop_at: int | None = None) -> Pa
     mu = shift_mu()
 
     state_path = out / STATE_FILE
-    step, elapsed = (_load_state(state_path, model, ema, opt) if state_path.exists() else (0, 0.0))
+    step, elapsed = (load_train_state(state_path, model, ema, opt) if state_path.exists() else (0, 0.0))
     model.train()
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=step, desc="train flux", unit="step", dynamic_ncols=True)
@@ -162,7 +137,8 @@ def train_flux_reference(cfg: FluxTrainConfig, stop_at: int | None = None) -> Pa
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == end:
             elapsed = time.time() - start
-            _save_state(state_path, cfg, model, ema, opt, step, elapsed)
+            save_train_state(state_path, cfg, model, ema, opt, step, elapsed,
+                             model_config=dict(model.transformer.config), extra={"kind": "flux"})
             log.write(json.dumps({"step": step, "loss": loss.item(), "elapsed_s": round(elapsed, 1)}) + "\n")
             log.flush()
     bar.close()
