@@ -300,11 +300,12 @@ def test_bench_records_cache_dit_version_steps_and_block_call_fraction(tiny_dit,
     assert all(torch.equal(v, before[k]) for k, v in tiny_dit.state_dict().items())  # ran on a copy
 
 
-def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, capsys):
+def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, capsys, tmp_path):
     import importlib
 
     import taylorseer.integrations.cache_dit as cd
-    from taylorseer.eval.bench import default_grid
+    from taylorseer.eval.bench import Method, default_grid, run_bench
+    from taylorseer.models.reference import build_reference
 
     real = importlib.import_module
 
@@ -318,6 +319,9 @@ def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, caps
     assert cd.cache_dit_methods(50, {"cal": (0, 10)}) == []
     capsys.readouterr()
     grid = default_grid(num_steps=50)
+    assert "cache-dit" not in capsys.readouterr().err  # building a grid (also for `sample`'s names) prints nothing
+    run_bench(build_reference("DiT-FM-T/4"), [Method("full", "full", None, 2)], num_images=1, repeats=1,
+              out_path=tmp_path / "r.jsonl", save_samples=False)  # a bench run says it, once
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "cache-dit" in line] == [
         'bench: cache-dit is not installed (pip install "taylorseer[peers]"): its methods are skipped']

@@ -306,7 +306,6 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
     from ..forecast import TaylorForecast
 
     cal = load_calibration(path, model=model, num_steps=num_steps)
-    cal.check_sampling(guidance_scale)  # a file made at another guidance scale is refused by name (issue 25)
     name = cal.header.get("name") or Path(path).stem
     methods = []
     if cal.table is not None:
@@ -317,9 +316,12 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
                                    f"{'a guided CFG batch [cond; uncond]' if rows == 2 else 'one branch per call'}, "
                                    f"but this bench samples with guidance_scale={guidance_scale}, "
                                    f"cfg_mode={cfg_mode!r}; calibrate with the same guidance layout")
+        cal.check_sampling(guidance_scale)  # a file made at another guidance scale is refused by name (issue 25)
         methods.append(Method(name, "calibrated", cal.cache_config(name=name), num_steps))
     elif cal.searched_with is not None:  # a schedule searched for a formula forecaster: the two belong together
+        cal.check_sampling(guidance_scale)
         return [Method(name, "calibrated", cal.cache_config(name=name), num_steps)]
+    cal.check_sampling(guidance_scale)  # a file made at another guidance scale is refused by name (issue 25)
     taylor = f"{name}-taylor2"
     methods.append(Method(taylor, "calibrated", cal.cache_config(forecaster=TaylorForecast(max_order=2), name=taylor),
                           num_steps))
@@ -329,11 +331,8 @@ def calibrated_methods(path: str | os.PathLike, model: nn.Module | None = None, 
 def _peer_caches(num_steps: int) -> list[Method]:
     """diffusers' FirstBlockCache / MagCache methods (integrations.diffusers_caches), when that module exists, and
     cache-dit on its own threshold rule (the ``peers`` extra; without it one line says the methods are skipped)."""
-    from ..integrations.cache_dit import cache_dit_methods, cache_dit_version
+    from ..integrations.cache_dit import cache_dit_methods
 
-    if cache_dit_version() is None:
-        print("bench: cache-dit is not installed (pip install \"taylorseer[peers]\"): its methods are skipped",
-              file=sys.stderr)
     try:
         from ..integrations.diffusers_caches import peer_methods
     except ImportError:
@@ -865,6 +864,11 @@ def run_bench(
     fulls = [m for m in methods if m.family == "full"]
     if len(fulls) != 1:
         raise ValueError(f"methods must hold exactly one 'full' method (the reference), got {len(fulls)}")
+    from ..integrations.cache_dit import cache_dit_version
+
+    if progress and cache_dit_version() is None:
+        print("bench: cache-dit is not installed (pip install \"taylorseer[peers]\"): its methods are skipped",
+              file=sys.stderr)
     if threads is not None:
         torch.set_num_threads(threads)
     model = model if isinstance(model, nn.Module) else model()
