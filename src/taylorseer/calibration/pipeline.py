@@ -121,7 +121,8 @@ class StepTeller:
     def __init__(self, pipe: Any, listener: Any, num_steps: int):
         from ..integrations.pipeline import TimestepCheck
 
-        self.pipe, self.listener, self.num_steps = pipe, listener, num_steps
+        self.pipe, self.num_steps = pipe, num_steps
+        self.listener = listener if listener is not None else SilentListener()
         self.scheduler = pipe.scheduler
         self.transformer: nn.Module = pipe.transformer
         self.calls: dict[int, list[int | None]] = {}
@@ -282,7 +283,7 @@ class PipelineSampler:
         saved = dict(getattr(self.pipe, "_progress_bar_config", {}))
         self.pipe.set_progress_bar_config(disable=True)
         try:
-            with StepTeller(self.pipe, listener if listener is not None else _Silent(), num_steps) as teller:
+            with StepTeller(self.pipe, listener, num_steps) as teller:
                 result = self.pipe(num_inference_steps=num_steps, generator=generator, output_type="np", **kwargs)
         finally:
             self.pipe._progress_bar_config = saved
@@ -314,8 +315,8 @@ class PipelineSampler:
         return images
 
 
-class _Silent:
-    """A listener that is told the steps and does nothing (the probe's)."""
+class SilentListener:
+    """A listener that is told the steps and does nothing (``StepTeller``'s when given none)."""
 
     def begin(self, num_steps: int | None = None) -> None:
         pass

@@ -35,15 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from ..models.flux_pipeline import flux_pipeline
 from ..models.flux_reference import (
     FLUX_MODELS,
     IMAGE_SIZE,
     NULL_CLASS,
     NUM_CLASSES,
-    SCHEDULER_CONFIG,
     ClassPrompts,
     pack,
     unpack,
@@ -58,10 +58,7 @@ class ClassFluxPipeline:
     ``transformer`` and ``scheduler`` are the ``FluxPipeline``'s own, so ``taylorseer.apply(pipe)`` hooks them."""
 
     def __init__(self, transformer: FluxTransformer2DModel, prompts: ClassPrompts, name: str = "") -> None:
-        self.flux = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=None,
-                                 text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                 transformer=transformer)
-        self.flux.set_progress_bar_config(disable=True)
+        self.flux = flux_pipeline(transformer)
         self.prompts = prompts
         self.model_name = name
 

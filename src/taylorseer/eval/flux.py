@@ -28,21 +28,13 @@ from torch import nn
 
 from ..calibration.pipeline import StepTeller
 from ..config import TaylorSeerConfig, preset
-from ..models.flux_pipeline import DEFAULT_GUIDANCE, FluxReference, make_flux_scheduler
+from ..models.flux_pipeline import DEFAULT_GUIDANCE, FluxReference, flux_pipeline
 from ..models.flux_reference import unpack
 from ..runtime.install import unwrap
 from .bench import Installed, Method, register_installer
 
 FLUX_BUDGETS = {28: (5, 6, 8), 50: (6, 8, 11)}  # full steps per step count (the issue's budgets)
 HOOK_KINDS = ("taylorseer", "firstblock", "mag", "sea")
-
-
-class _Silent:
-    def begin(self, num_steps: int | None = None) -> None:
-        pass
-
-    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
 
 class FluxSampler:
@@ -56,10 +48,7 @@ class FluxSampler:
         """A ``FluxPipeline`` around ``model`` (a copy of the reference's transformer for peers that clone)."""
         if unwrap(model) is unwrap(self.ref.transformer):
             return self.ref.pipe
-        pipe = FluxPipeline(scheduler=make_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=model)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return flux_pipeline(model)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, labels: torch.Tensor, *, num_steps: int, guidance_scale: float,
@@ -69,7 +58,7 @@ class FluxSampler:
         pipe = self.pipeline(model)
         call = self.ref.call_arguments(torch.as_tensor(labels), num_steps=num_steps, guidance_scale=guidance_scale,
                                        seed=seed)
-        with StepTeller(pipe, listener if listener is not None else _Silent(), num_steps) as teller:
+        with StepTeller(pipe, listener, num_steps) as teller:
             tokens = pipe(**call)[0]
         self.model_calls += sum(len(c) for c in teller.calls.values())
         return unpack(tokens.float()).clamp(-1, 1)

@@ -60,13 +60,20 @@ def make_flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
 
+def flux_pipeline(transformer: FluxTransformer2DModel) -> FluxPipeline:
+    """diffusers' ``FluxPipeline`` around ``transformer`` with FLUX.1-dev's scheduler, no VAE or text encoders
+    (prompts come as embeddings), progress bar off."""
+    pipe = FluxPipeline(scheduler=make_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class FluxReference:
     """The trained flow-matching reference: ``pipe`` (a diffusers ``FluxPipeline``), ``prompts`` (class table)."""
 
     def __init__(self, transformer: FluxTransformer2DModel, prompts: ClassPrompts) -> None:
-        self.pipe = FluxPipeline(scheduler=make_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                                 text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = flux_pipeline(transformer)
         self.prompts = prompts
 
     @property
