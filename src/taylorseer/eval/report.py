@@ -295,7 +295,8 @@ def _label(record: Record, with_interval: bool) -> str:
     if family == "full":
         return f"full compute ({steps} steps)" if with_interval else "full compute"
     if family == "fewer-steps":
-        return f"DDIM {steps} steps" if with_interval else "DDIM, fewer steps"
+        sampler = "Euler" if (record.get("model") or {}).get("name") == "flux" else "DDIM"  # FluxPipeline's scheduler
+        return f"{sampler} {steps} steps" if with_interval else f"{sampler}, fewer steps"
     if family == "preset":
         return f"{_cfg(record, 'name', record.get('name'))} preset ({', '.join(_knobs(record, True))})"
     knobs = _knobs(record, with_interval)
