@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+class LRSchedule(Protocol):
+    """What ``learning_rate`` reads of a training config (``TrainConfig``, ``FluxTrainConfig``)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def min_lr_ratio(self) -> float: ...
+
+
+def learning_rate(cfg: LRSchedule, step: int) -> float:
     """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

@@ -122,7 +122,7 @@ def train_flux_reference(cfg: FluxTrainConfig, stop_at: int | None = None) -> Pa
         s = sigma.view(-1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)  # type: ignore[arg-type]  # same fields as TrainConfig
+            group["lr"] = learning_rate(cfg, step)
         loss = F.mse_loss(model(xt, sigma, y), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
