@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, TaylorSeerConfig
+from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, PRESET_NAMES, TaylorSeerConfig, preset
 
 
 @dataclass(frozen=True)
@@ -195,3 +196,42 @@ def parts_of(config: TaylorSeerConfig | CacheConfig) -> CacheConfig:
         abscissa=config.abscissa,
         name=config.name,
     )
+
+
+def load_config(spec: str | os.PathLike | dict | TaylorSeerConfig | CacheConfig) -> CacheConfig:
+    """The one reader behind every command's ``--config JSON|FILE|NAME``: a ``CacheConfig`` from a preset name
+    (``PRESET_NAMES``), a path to a ``.json`` file, JSON text, or a dict. A JSON object with a ``"policy"`` key is
+    a ``CacheConfig`` (any registered policy and forecaster, by type name); any other object is read as
+    ``TaylorSeerConfig`` fields. Errors name the spec and the allowed forms.
+
+    Example:
+        >>> load_config("paper_flux").policy.interval
+        6
+        >>> load_config('{"interval": 5, "max_order": 1}').forecaster.max_order
+        1
+    """
+    if isinstance(spec, (CacheConfig, TaylorSeerConfig)):
+        return parts_of(spec)
+    if isinstance(spec, dict):
+        return CacheConfig.from_dict(spec) if "policy" in spec else parts_of(TaylorSeerConfig.from_dict(spec))
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"config must be a preset name, a JSON file path or JSON text, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    if text in PRESET_NAMES:
+        return parts_of(preset(text))
+    if text.lstrip().startswith("{"):
+        source = "JSON text"
+    elif os.path.isfile(text):
+        source = f"file {text}"
+        with open(text, encoding="utf-8") as handle:
+            text = handle.read()
+    else:
+        raise ValueError(f"config must be a preset name {list(PRESET_NAMES)}, a path to a JSON file or JSON text "
+                         f"(an object), got {text!r:.120}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config: {source} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {source} must hold a JSON object, got {type(data).__name__}")
+    return load_config(data)
