@@ -202,6 +202,10 @@ class TaylorForecast:
         if self.scheme not in SCHEMES:
             raise ValueError(f"TaylorForecast.scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
 
+    def family(self) -> str:
+        """The eval layer's method family (``eval.methods.family_of``): order 0 is FORA's plain reuse."""
+        return "fora" if self.max_order == 0 else "taylorseer"
+
 
 @register_forecaster(TaylorForecast)
 class TaylorForecaster:

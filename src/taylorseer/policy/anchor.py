@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Decision, Observation, Policy, StepInfo, check_int, check_steps, register_policy
 from .interval import IntervalPolicy, config_from_dict, config_to_dict
@@ -43,6 +43,7 @@ class AnchorSchedule:
         (0, 1, 6, 11)
     """
 
+    family: ClassVar[str] = "anchor"  # the eval layer's method family (eval.methods.family_of)
     full_steps: tuple[int, ...]
     num_steps: int
     probe_blocks: int = 1

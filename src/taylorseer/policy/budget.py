@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Observation, register_policy
 from .gate import ProbingPolicy, check_observed, check_positive_float, check_probe_fields
@@ -68,6 +68,7 @@ class ErrorBudget:
         {'budget': 0.2, 'warmup_steps': 2, 'tail_steps': 0, 'max_forecast': 6, 'probe_blocks': 1}
     """
 
+    family: ClassVar[str] = "budget"  # the eval layer's method family (eval.methods.family_of)
     budget: float = 0.1
     warmup_steps: int = 2
     tail_steps: int = 0

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Decision, Observation, Policy, StepInfo, check_int, register_policy
 from .interval import config_from_dict, config_to_dict
@@ -202,6 +202,7 @@ class ConfidenceGate:
         {'threshold': 0.1, 'warmup_steps': 2, 'tail_steps': 0, 'max_forecast': 6, 'probe_blocks': 1}
     """
 
+    family: ClassVar[str] = "gate"  # the eval layer's method family (eval.methods.family_of)
     threshold: float = 0.05
     warmup_steps: int = 2
     tail_steps: int = 0

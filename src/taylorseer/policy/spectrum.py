@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Decision, Policy, StepInfo, check_int, register_policy
 from .interval import config_from_dict, config_to_dict
@@ -37,6 +37,7 @@ class SpectrumSchedule:
         9
     """
 
+    family: ClassVar[str] = "spectrum"  # the eval layer's method family (eval.methods.family_of)
     interval: float = 3.0
     growth: float = 1.25
     warmup_steps: int = 2
