@@ -195,7 +195,8 @@ def test_train_reference_flags_override_the_shipped_recipe():
     import json
     from dataclasses import asdict
 
-    from taylorseer.cli import build_parser, train_config_from_args
+    from taylorseer.cli import build_parser
+    from taylorseer.cli.shipped import train_config_from_args
     from taylorseer.models.checkpoint import load_tensors
     from taylorseer.models.pretrained import REFERENCE_PATH
     from taylorseer.models.train import TrainConfig

@@ -14,8 +14,8 @@ import torch
 
 import taylorseer
 from taylorseer import TaylorSeerConfig, preset
-from taylorseer import cli as cli_module
 from taylorseer.cli import build_parser, main
+from taylorseer.cli import common as cli_module
 from taylorseer.models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
 from taylorseer.models.pretrained import load_reference
 
@@ -351,7 +351,7 @@ def _parsers() -> list[argparse.ArgumentParser]:
 
 
 def test_every_flag_has_help_and_shows_its_default():
-    formatter = cli_module._HelpFormatter("taylorseer")
+    formatter = cli_module.HelpFormatter("taylorseer")
     for parser in _parsers():
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
