@@ -107,12 +107,13 @@ class TrajectoryStats:
 class TrajectoryRecorder:
     """A sampler listener (``begin``/``step``) that hooks the target modules and keeps what they return per step.
 
-    ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the output
-    (its one tensor: a root model's ``(sample,)`` or ``ModelOutput`` counts as one), ``mode="residual"`` keeps
-    output minus the input it is the residual of (block granularity: what ``apply`` forecasts). Each call's tensor
-    is kept (detached); several calls in one step (CFG split) are concatenated along the first dimension. ``take()``
-    returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or leaving ``with``) takes the hooks
-    off.
+    ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the output,
+    ``mode="residual"`` keeps output minus the input it is the residual of (block granularity: what ``apply``
+    forecasts). A target that returns several tensors (a tuple, a ``ModelOutput``) is kept as one feature, its
+    tensors flattened by ``joined_feature`` (tokens of each concatenated: one set of weights for all). Each call's
+    feature is kept (detached); several calls in one step (CFG split) are concatenated along the first dimension.
+    ``take()`` returns ``{path: [num_steps, rows, ..., C]}`` and forgets it. ``remove()`` (or leaving ``with``) takes
+    the hooks off.
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[Any], steps: Sequence[int] | None = None):
@@ -143,14 +144,11 @@ class TrajectoryRecorder:
             if self.index is None or (self.steps is not None and self.index not in self.steps):
                 return
             leaves = flatten(output)[0]  # a tensor, or the leaves of a tuple or ModelOutput, as the runtime sees them
-            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-            if len(tensors) != 1:
-                raise TypeError(f"target {target.path!r} returns {type(output).__name__} with {len(tensors)} tensors: "
-                                "calibration records targets that return one tensor")
             if target.mode == "residual":
                 leaves = residual_leaves(target.path, target.inputs, parameters, args, kwargs, leaves, None)
-                tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-            self._outputs[target.path].setdefault(self.index, []).append(tensors[0].detach())
+            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+            self._outputs[target.path].setdefault(self.index, []).append(
+                joined_feature(target.path, type(output).__name__, tensors))
 
         return hook
 
@@ -189,6 +187,31 @@ class TrajectoryRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def joined_feature(target: str, kind: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One regression feature from the tensors a target returns (detached): a single tensor as it is; several (a
+    FLUX double-stream block's ``(encoder_hidden_states, hidden_states)``, a joint attention's pair) flattened into
+    one, each reshaped to ``[rows, -1, C]`` and concatenated along the middle (token) dimension, so that every
+    token of every tensor is one more calibration row of the same channels. The runtime forecasts each tensor of a
+    target with that target's weights, so one fit over the joined rows is the fit of those shared weights. The
+    tensors must share their first (rows) and last (channels) dimensions: ``TypeError`` naming the target else.
+
+    Example:
+        >>> joined_feature("blocks.0", "tuple", [torch.zeros(2, 4, 8), torch.ones(2, 64, 8)]).shape
+        torch.Size([2, 68, 8])
+    """
+    if not tensors:
+        raise TypeError(f"target {target!r} returns {kind} with no tensor: calibration records tensor outputs")
+    if len(tensors) == 1:
+        return tensors[0].detach()
+    first = tensors[0]
+    shapes = [tuple(t.shape) for t in tensors]
+    if any(t.dim() < 2 or t.shape[0] != first.shape[0] or t.shape[-1] != first.shape[-1] for t in tensors):
+        raise TypeError(f"target {target!r} returns {kind} with {len(tensors)} tensors of shapes {shapes}: "
+                        f"calibration joins the tensors of a target into one feature [rows, tokens, channels], "
+                        f"which needs the same first (rows) and last (channels) dimension in each")
+    return torch.cat([t.detach().reshape(first.shape[0], -1, first.shape[-1]) for t in tensors], dim=1)
 
 
 def calibration_targets(model: nn.Module, granularity: str = "module") -> list[Any]:
