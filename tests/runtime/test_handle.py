@@ -237,7 +237,7 @@ def test_apply_twice_refused_and_type_errors(toy):
 def test_calls_outside_a_step_run_the_original_when_auto_steps_is_off(toy):
     ref = run_toy(toy, None, steps=range(3))
     with taylorseer.apply(toy, TaylorSeerConfig(interval=5, modules=("blocks.*.poly",))) as handle:
-        handle.auto_steps = False  # else the steps are read from the calls' own t (tests/contract/test_autostep.py)
+        handle.auto_steps = False  # else the steps are read from the calls' own t (tests/adapters/test_autostep.py)
         assert all(torch.equal(a, b) for a, b in zip(ref, run_toy(toy, None, steps=range(3))))
         assert handle.stats.steps_full == handle.stats.steps_forecast == 0
 

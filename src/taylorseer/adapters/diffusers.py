@@ -8,7 +8,7 @@ Block granularity forecasts each block's residual ``out - in`` against the named
 the block returns its outputs. Output granularity ("lite") forecasts the transformer output and needs no record.
 
 Every record was read off the diffusers 0.42.1 block ``forward`` and is checked against a tiny model built from
-config in tests/contract/test_diffusers.py.
+config in tests/adapters/test_diffusers.py.
 
 Example:
     >>> from taylorseer.adapters.registry import registered_adapters

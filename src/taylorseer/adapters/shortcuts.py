@@ -3,7 +3,7 @@
 On a forecast step where every forecast module of a block is forecast, the block's own forward still runs the
 layer norms and modulations that only feed those modules. A shortcut computes what the block returns from the
 forecasts, the gates and the residual adds alone, *in the same floating-point operation order*, so its output
-is bit-identical to running the block with the forecast modules (tests/contract/test_shortcuts.py). It is an
+is bit-identical to running the block with the forecast modules (tests/adapters/test_shortcuts.py). It is an
 optimisation of wall time only; executed FLOPs are unchanged (the skipped work is elementwise).
 
 Pinned to the block code of diffusers 0.42.1; ``applies`` checks the block's configuration, and any block it

@@ -626,7 +626,7 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, *
             guidance_scale: float = 1.5, cfg_mode: str = "batch", listener: Any = None) -> torch.Tensor:
     """``models.sampler.sample`` started from the given ``noise`` [N, C, S, S] (on the model's device) instead of
     one seed: the same DDIM steps, guidance and listener calls, bitwise the same images for the same noise on CPU
-    (tests/contract/test_sample.py), timesteps made on the noise's device. Images in [-1, 1].
+    (tests/application/test_sample.py), timesteps made on the noise's device. Images in [-1, 1].
 
     Example:
         >>> noise, labels = sample_noise(0, range(4), (1, 16, 16)), sample_labels(range(4))

@@ -10,7 +10,7 @@ and a contraction ``sigma`` in (0, 1) (0.5 in the authors' released code, which 
 What it claims: feature-derivative estimates in diffusion transformers look Gaussian, for which Hermite polynomials
 are the natural basis, and the two scalings (the argument by ``sigma``, the k-th term by ``sigma**k``) keep the
 high-order terms bounded, so long forecasts are more stable than TaylorSeer's. What the formula does (derived here,
-tested in tests/unit/test_forecasters.py):
+tested in tests/math_policy/test_forecasters.py):
 
 * Its k-th term grows like ``(2 sigma**2)**k * x**k / k!``: for ``sigma < 1/sqrt(2)`` every order >= 1 is damped by
   ``(2 sigma**2)**k`` against Taylor's ``x**k / k!`` at large offsets (``1/2**k`` at the default 0.5).
