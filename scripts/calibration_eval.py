@@ -3,8 +3,9 @@
 Images and seeds are disjoint from the calibration's (calibration noise seeds start at 1000; evaluation seeds
 are 0..99; ``--classes`` restricts the evaluation images' classes, e.g. 5-9 for a file calibrated on 0-4).
 Each method's images are saved to ``DIR/cfg{G}-n{N}{-classes}/seed{S}/{method}.safetensors`` (float32,
-[N, 1, 16, 16] in [-1, 1], as ``scripts/quality_at_scale.py --save`` does), so ``scripts/fid_intervals.py DIR/...``
-computes paired bootstrap intervals for FID-FMNIST differences; existing files are reused (resumable).
+[N, 1, 16, 16] in [-1, 1], as ``scripts/quality_at_scale.py --save`` does), so
+``scripts/experiments/fid_intervals.py DIR/...`` computes paired bootstrap intervals for FID-FMNIST differences;
+existing files are reused (resumable).
 
 A calibration the generation does not fit (other number of steps, unguided sampling for weights fitted on a
 CFG batch) is reported as refused, with the library's error message.

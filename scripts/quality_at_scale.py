@@ -11,8 +11,8 @@ noise seeded by (seed, i) in fixed batches of ``--batch-size``, so the images, a
 number of processes (docs/sampling.md). The sample folders are ``DIR/cfg{G}-n{N}/seed{S}/{method}/`` (resumable: an
 interrupted run continues where it stopped); each method's merged images are also written to
 ``DIR/cfg{G}-n{N}/seed{S}/{method}.safetensors`` (float32, [N, 1, 16, 16] in [-1, 1], with labels), so
-``scripts/fid_intervals.py`` can compute paired bootstrap intervals offline. Without ``--save`` (one process only)
-the folders go to a temporary directory that is removed at the end.
+``scripts/experiments/fid_intervals.py`` can compute paired bootstrap intervals offline. Without ``--save`` (one
+process only) the folders go to a temporary directory that is removed at the end.
 
 Before this path existed (docs/results/quality_1000.md and the fid_intervals tables) all the noise of a seed came
 from one generator in one batch of N; the per-sample noise draws other images, so those tables' values are not

@@ -5,7 +5,7 @@ For each candidate schedule (same calibration recording: 40 images, seed 1000): 
 PSNR on a development set (``--dev-images`` images, seed 7, neither calibration nor test). PSNR is to full compute
 of the same images (``taylorseer.eval.metrics.psnr``).
 
-    python scripts/calibration_neighbours.py --budget 6 --plain 0,3,8,18,31,43 0,3,8,18,32,43 0,3,9,20,32,43
+    python scripts/experiments/calibration_neighbours.py --budget 6 --plain 0,3,8,18,31,43 0,3,8,18,32,43 0,3,9,20,32,43
 
 (``--plain``: plain least squares, the fit before variance matching became the default; the committed log
 docs/results/calibration/logs/evals/rerank6.log was made that way.)

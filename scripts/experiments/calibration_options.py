@@ -4,7 +4,7 @@ schedule, from one recording of calibration trajectories (what docs/design.md "C
 Calibration: ``--images`` images of classes 0-9, noise seed 1000 (batches of 8); evaluation: ``--eval-images``
 images, seed 0, DDIM-50, CFG 1.5; PSNR to full compute of the same seed.
 
-    python scripts/calibration_options.py --schedule 0,2,5,10,20,31,38,46
+    python scripts/experiments/calibration_options.py --schedule 0,2,5,10,20,31,38,46
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Ratios are full compute's over the method's, measured in the same process. The m
 run's median call, and the wall speedup those two predict, ``50 / (F + (50 - F) * share)`` for F full steps
 (what remains is the sampler's own time).
 
-    python scripts/calibration_speed.py --calibration docs/results/calibration/cal-b8-s50.safetensors \\
+    python scripts/experiments/calibration_speed.py --calibration docs/results/calibration/cal-b8-s50.safetensors \\
         --calibration docs/results/calibration/cal-b6-s50.safetensors --baselines ts-O2-N7-divided,ts-O2-N10-divided
 """
 

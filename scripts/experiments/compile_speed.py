@@ -4,7 +4,7 @@ Regional compile (``block.compile()`` on every transformer block) or whole-model
 gets one untimed warm-up generation (compilation included), then the methods are timed interleaved over
 ``--rounds`` rounds (rotated order) and each time is the median. Writes JSONL records and a Markdown table.
 
-    python scripts/compile_speed.py --images 16 --rounds 5 --out docs/results/compile_speed
+    python scripts/experiments/compile_speed.py --images 16 --rounds 5 --out docs/results/compile_speed
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def main() -> None:
     lines = [f"# Eager vs torch.compile ({args.compile}), embedded model", "",
              f"{dt.date.today()}, {facts['cpu']}, {args.threads} thread(s), torch {facts['torch']}; "
              f"{args.images} images (CFG batch {2 * args.images}), DDIM {args.steps}; median of {args.rounds} "
-             f"interleaved rounds after one warm-up generation each. Made by `python scripts/compile_speed.py "
-             f"--images {args.images} --rounds {args.rounds} --compile {args.compile}`.", "",
+             f"interleaved rounds after one warm-up generation each. Made by "
+             f"`python scripts/experiments/compile_speed.py --images {args.images} --rounds {args.rounds} "
+             f"--compile {args.compile}`.", "",
              "| method | wall s (min-max) | warm-up s | speedup vs full, same mode | speedup vs full eager |",
              "|---|---|---|---|---|"]
     for row in rows:

@@ -13,7 +13,7 @@ sampling noise common to all methods from their differences. Also printed:
 - each method's feature-mean shift from full compute, projected on the unit vector from full compute's mean to the
   real data's: positive moves towards the real statistics (lowering FID-FMNIST's mean term), negative away.
 
-    python scripts/fid_intervals.py /root/taylorseer-runs/quality/cfg1.5-n1000 --baseline fora-N5
+    python scripts/experiments/fid_intervals.py /root/taylorseer-runs/quality/cfg1.5-n1000 --baseline fora-N5
 """
 
 from __future__ import annotations

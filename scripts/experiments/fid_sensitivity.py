@@ -2,7 +2,7 @@
 margin per method, from images saved by ``scripts/quality_at_scale.py --save DIR`` (docs/design.md, "FID-FMNIST at
 scale").
 
-    python scripts/fid_sensitivity.py /root/taylorseer-runs/quality/cfg1.5-n1000/seed0 \\
+    python scripts/experiments/fid_sensitivity.py /root/taylorseer-runs/quality/cfg1.5-n1000/seed0 \\
         --methods ts-O2-N5-divided,fora-N5,ddim-11
 """
 

@@ -2,7 +2,7 @@
 space? Forecast only inside one window of steps (computing every step outside it) and measure the pixel RMSE and the
 shift of the mean classifier feature against full compute (docs/design.md, "FID-FMNIST at scale").
 
-    python scripts/forecast_windows.py --images 200 --order 2 --windows 6-11,26-46,46-50
+    python scripts/experiments/forecast_windows.py --images 200 --order 2 --windows 6-11,26-46,46-50
 """
 
 from __future__ import annotations

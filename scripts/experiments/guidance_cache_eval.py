@@ -11,7 +11,7 @@ the steps. ``FLOPs speedup``: full compute's FLOPs over the method's, counted by
 (the bench's ``count_flops``) on the first ``--flop-images`` images (FLOPs are linear in the batch). PSNR and
 FID are to the full-compute images (``taylorseer.eval.metrics``); FID-FMNIST to the Fashion-MNIST test set.
 
-    python scripts/guidance_cache_eval.py --images 200 --seed 0
+    python scripts/experiments/guidance_cache_eval.py --images 200 --seed 0
 """
 
 from __future__ import annotations

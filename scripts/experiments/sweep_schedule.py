@@ -3,7 +3,7 @@
 For each interval N and warm-up W, samples with FORA (O=0) and TaylorSeer O=1, 2 (divided differences) and prints
 the PSNR (dB) of each against the full-compute images of the same seeds, with the number of full steps.
 
-    python scripts/sweep_schedule.py --per-class 2 --threads 1
+    python scripts/experiments/sweep_schedule.py --per-class 2 --threads 1
 """
 
 from __future__ import annotations

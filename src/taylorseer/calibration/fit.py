@@ -58,9 +58,9 @@ class FitOptions:
     (``channelwise``), and the relative ``ridge`` (times the mean diagonal of the anchors' Gram block).
 
     The defaults are the best held-out setting on the embedded model (docs/design.md "Calibrated forecasting",
-    ``scripts/calibration_options.py``): K = 4, per channel, no bias (a bias lowers the calibration fit error but
-    fits the calibration images' mean trajectory: -0.15 dB on held-out images), ridge 1e-6 (1e-3 already costs
-    1.4 dB: extrapolation weights are large and must not be shrunk).
+    ``scripts/experiments/calibration_options.py``): K = 4, per channel, no bias (a bias lowers the calibration fit
+    error but fits the calibration images' mean trajectory: -0.15 dB on held-out images), ridge 1e-6 (1e-3 already
+    costs 1.4 dB: extrapolation weights are large and must not be shrunk).
 
     ``match_variance`` (default): a least-squares forecast has less variance than its target (its error is
     uncorrelated with it), so forecast images come out slightly smoother than full compute's. Each fitted forecast
