@@ -24,23 +24,42 @@ from ..policy.schedule import FixedSchedule
 from .fit import FitOptions, fit_linear, fit_on_policy
 from .io import Calibration, new_header, save_calibration
 from .record import TrajectoryStats, record_on_policy, record_trajectories
-from .search import ProxyObjective, SampledObjective, SearchResult, check_budget, search_schedule
+from .search import (
+    ProxyObjective,
+    SampledObjective,
+    SearchPlan,
+    SearchResult,
+    check_budget,
+    search_plan,
+    search_schedule,
+)
 
 DEFAULT_SEED = 1000  # calibration noise seeds start here: far from the bench's and the evaluations' seeds 0..99
 
 # Projection of a calibration's cost to FLUX.1-dev at 1024x1024 on one H100 (guidance-distilled: one transformer
-# call per image and step). Published figure: 7.11 s for a 28-step 1024x1024 image in BF16 with diffusers, batch 1,
-# end to end (text encoding and VAE decode included, so an upper bound per call): github.com/varadrane1707/
-# BenchmarkFlux, README, "H100 GPU Performance (1024x1024, 28 steps)", row BF16. No GPU measured it here.
+# call per image and step, so a model that runs CFG as two calls per step is counted per step, not per call).
+# Published figure: 7.11 s for a 28-step 1024x1024 image in BF16 with diffusers, batch 1, end to end (text
+# encoding and VAE decode included, so an upper bound per call): github.com/varadrane1707/BenchmarkFlux, README,
+# "H100 GPU Performance (1024x1024, 28 steps)", row BF16. No GPU measured it here.
 FLUX_H100_SECONDS_PER_IMAGE_CALL = 7.11 / 28
+
+
+def calls_per_step(sampling: dict[str, Any]) -> int:
+    """Model calls per sampler step of a recording's ``sampling`` record: 2 for CFG as two calls (``cfg_mode``
+    ``"split"`` with guidance), else 1 (a CFG batch ``[x; x]`` is one call)."""
+    if "calls_per_step" in sampling:
+        return int(sampling["calls_per_step"])
+    split = sampling.get("cfg_mode") == "split" and sampling.get("guidance_scale", 1.0) != 1.0
+    return 2 if split else 1
 
 
 def calibration_cost(stats: TrajectoryStats, search: dict[str, Any] | None, search_images: int,
                      on_policy: dict[str, Any] | None = None) -> dict[str, Any]:
     """A calibration's cost as model calls x batch ("image calls": one image through the model once; a CFG batch
     ``[x; x]`` counts its images once, CFG as two calls twice), per stage, and projected to FLUX.1-dev at 1024x1024
-    on one H100 (``FLUX_H100_SECONDS_PER_IMAGE_CALL``; full image calls only: a forecast call of the model output
-    runs nothing, at module granularity it runs the work outside the targets, which the projection leaves out).
+    on one H100: ``full_image_steps`` (full image calls / calls per step: FLUX.1-dev is guidance-distilled, one
+    call per step) x ``FLUX_H100_SECONDS_PER_IMAGE_CALL``. Full calls only: a forecast call of the model output
+    runs nothing; at module granularity it runs the work outside the targets, which the projection leaves out.
 
     Example:
         >>> calibration_cost(TrajectoryStats(50, "target", 1), None, 0)["image_calls"]
@@ -67,12 +86,36 @@ def calibration_cost(stats: TrajectoryStats, search: dict[str, Any] | None, sear
         cost["on_policy"] = {"model_calls": calls, "batch": batch, "image_calls": images}
         total += images
         full += images
-    minutes = full * FLUX_H100_SECONDS_PER_IMAGE_CALL / 60
-    cost.update(image_calls=total, full_image_calls=full,
+    per_step = calls_per_step(stats.sampling)
+    steps = full // per_step
+    minutes = steps * FLUX_H100_SECONDS_PER_IMAGE_CALL / 60
+    cost.update(image_calls=total, full_image_calls=full, calls_per_step=per_step, full_image_steps=steps,
                 flux_dev_1024_h100_minutes=round(minutes, 1),
-                projection=f"{full} full image calls x {FLUX_H100_SECONDS_PER_IMAGE_CALL:.3f} s (FLUX.1-dev "
-                           f"1024x1024 BF16 on one H100, published 7.11 s / 28 steps) = {minutes:.1f} GPU-minutes")
+                projection=f"{steps} full image steps x {FLUX_H100_SECONDS_PER_IMAGE_CALL:.3f} s (FLUX.1-dev "
+                           f"1024x1024 BF16 on one H100, one call per step, published 7.11 s / 28 steps) = "
+                           f"{minutes:.1f} GPU-minutes")
     return cost
+
+
+def planned_cost(budget: int, num_steps: int, images: int, search_images: int, max_evaluations: int,
+                 on_policy: bool = False) -> dict[str, Any]:
+    """The most a calibration can cost, before it runs, in full image steps (one image through the model at one
+    sampler step, CFG counted once) and projected to FLUX.1-dev 1024x1024 on one H100 (``calibration_cost``):
+    recording ``images x num_steps``; the search's reference ``search_images x num_steps``; its candidates, at most
+    the greedy schedule, the power-law starts and ``max_evaluations`` refinements, each ``search_images x budget``
+    (forecast steps of the model output run nothing); ``on_policy``: ``images x (num_steps + budget)`` more.
+
+    Example:
+        >>> planned_cost(8, 50, images=16, search_images=8, max_evaluations=24)["flux_dev_1024_h100_minutes"]
+        13.2
+    """
+    from .search import power_schedules
+
+    candidates = (1 + len(power_schedules(budget, num_steps)) + max_evaluations) if search_images else 0
+    steps = images * num_steps + (search_images * (num_steps + candidates * budget) if search_images else 0)
+    steps += images * (num_steps + budget) if on_policy else 0
+    minutes = steps * FLUX_H100_SECONDS_PER_IMAGE_CALL / 60
+    return {"full_image_steps": steps, "candidates": candidates, "flux_dev_1024_h100_minutes": round(minutes, 1)}
 
 
 def calibration_labels(images: int, classes: Sequence[int] | None = None, num_classes: int = 10) -> torch.Tensor:
@@ -88,13 +131,35 @@ def calibration_labels(images: int, classes: Sequence[int] | None = None, num_cl
     return torch.tensor([pool[i % len(pool)] for i in range(images)])
 
 
+def resolve_plan(search: str, images: int | None, search_images: int | None, max_evaluations: int | None,
+                  radius: int | None, default_search_images: int) -> SearchPlan:
+    """``search_plan(search)`` with the arguments given (not None) in place of its values, each checked by name;
+    ``default_search_images`` where the plan leaves it to the caller.
+
+    Example:
+        >>> resolve_plan("fast", None, 4, None, None, 30).search_images
+        4
+    """
+    plan = search_plan(search)
+    for field, value, low in (("images", images, 1), ("search_images", search_images, 0),
+                              ("max_evaluations", max_evaluations, 1), ("radius", radius, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
+    return dataclasses.replace(
+        plan, images=plan.images if images is None else images,
+        search_images=(search_images if search_images is not None
+                       else plan.search_images if plan.search_images is not None else default_search_images),
+        max_evaluations=plan.max_evaluations if max_evaluations is None else max_evaluations,
+        radius=plan.radius if radius is None else radius)
+
+
 def calibrate(
     model: nn.Module,
     budget: int,
     out: str | os.PathLike,
     *,
     num_steps: int = 50,
-    images: int = 40,
+    images: int | None = None,
     classes: Sequence[int] | None = None,
     seed: int = DEFAULT_SEED,
     guidance_scale: float = 1.5,
@@ -102,9 +167,9 @@ def calibrate(
     options: FitOptions | None = None,
     grouping: str = "target",
     schedule: FixedSchedule | None = None,
-    search_images: int = 30,
-    max_evaluations: int = 200,
-    radius: int = 3,
+    search_images: int | None = None,
+    max_evaluations: int | None = None,
+    radius: int | None = None,
     search_seed: int = 0,
     name: str | None = None,
     sampler: Callable[..., torch.Tensor] | None = None,
@@ -113,6 +178,7 @@ def calibrate(
     on_policy: bool | None = None,
     granularity: str | None = None,
     forecaster: Any = None,
+    search: str = "fast",
 ) -> Calibration:
     """Calibrate ``model`` for ``num_steps``-step generations with ``budget`` full steps; write ``out``.
 
@@ -141,11 +207,21 @@ def calibrate(
     generations; step 2 about ``max_evaluations`` cached generations of ``search_images`` images; step 3 well under
     a second per schedule on the embedded model; step 4 ``images`` full-compute and ``images`` cached generations.
 
+    ``search``: how much steps 1-2 may spend (``SEARCH_PLANS``): ``"fast"`` (default: 16 recorded images, 8
+    search images, at most 24 refinement candidates, early stop after 12 without improvement; a FLUX.1-dev
+    calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes, ``planned_cost``) or ``"thorough"`` (the
+    search of 2026-12-06: 40 images, 30 search images, 200 candidates, until a sweep improves nothing). ``images``,
+    ``search_images``, ``max_evaluations`` and ``radius`` given override the plan's. The header records the plan
+    (``calibration_data.search_plan``) and the cost (``calibration_data.cost``).
+
     Example:
         >>> cal = calibrate(load_reference(), budget=8, out="b8.safetensors", images=16)   # doctest: +SKIP
         >>> cal.header["search"]["model_calls"], cal.header["fit"]["rel_error"]            # doctest: +SKIP
     """
     check_budget(budget, num_steps)
+    plan = resolve_plan(search, images, search_images, max_evaluations, radius, 30)
+    images, search_images, max_evaluations, radius = (plan.images, int(plan.search_images or 0),
+                                                      plan.max_evaluations, plan.radius)
     options = options or FitOptions()
     searched_with = None
     if forecaster is not None:
@@ -182,8 +258,8 @@ def calibrate(
                   if search_images > 0 else None)
         # The greedy proxy with one weight per anchor: the same greedy schedule here, ten times faster.
         greedy = ProxyObjective(stats, dataclasses.replace(options, channelwise=False))
-        result = search_schedule(stats, budget, refine=refine, greedy=greedy,
-                                 seed=search_seed, radius=radius, max_evaluations=max_evaluations, progress=progress)
+        result = search_schedule(stats, budget, refine=refine, greedy=greedy, seed=search_seed, radius=radius,
+                                 max_evaluations=max_evaluations, progress=progress, patience=plan.patience)
         full_steps = result.full_steps
     else:
         if schedule.num_steps != num_steps or len(schedule.full_steps) > budget:
@@ -195,6 +271,7 @@ def calibrate(
     data: dict[str, Any] = {**stats.sampling, "images": stats.images, "model_calls": stats.model_calls,
                             "seconds": stats.seconds, "classes": sorted(set(stats.sampling.get("labels", [])))}
     data.pop("labels", None)
+    data["search_plan"] = dataclasses.asdict(plan)
     search_record = None if result is None else result.to_dict()
     data["cost"] = calibration_cost(stats, search_record, search_images)
     if searched_with is not None:

@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -42,61 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..integrations.pipeline import check_pipeline
+from ..integrations.pipeline_call import call_arguments, default_guidance, output_tensor, parameters, resolve_prompts
+from ..integrations.steps import SchedulerSteps
 from ..policy.schedule import FixedSchedule
-from .calibrate import DEFAULT_SEED, calibrate, calibration_labels
+from .calibrate import DEFAULT_SEED, calibrate, calibration_labels, resolve_plan
 from .fit import FitOptions
 from .io import Calibration
 from .record import calibration_targets, record_trajectories
 from .search import check_budget
 
 PROBE_STEPS = 2  # steps of the one-image pipeline call that reads the guidance layout
-
-
-#################################################################################
-#                       Prompts and the pipeline's arguments                    #
-#################################################################################
-
-def _parameters(pipe: Any) -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(pipe.__call__).parameters)
-
-
-def is_class_conditional(pipe: Any) -> bool:
-    """True for a pipeline called with ``class_labels`` (DiT) rather than a text ``prompt``."""
-    return "class_labels" in _parameters(pipe)
-
-
-def resolve_prompts(pipe: Any, prompts: Sequence[str | int]) -> list[Any]:
-    """The calibration items of ``prompts``: text prompts as they are, or for a class-conditional pipeline class
-    ids (each entry an id, a label name of ``pipe.labels``, or several of them comma-separated, as ``taylorseer
-    generate --prompt`` reads them). ``ValueError`` for an empty list or an unknown class.
-
-    Example:
-        >>> resolve_prompts(dit_pipe, ["0, 1", "cat"])      # doctest: +SKIP
-        [0, 1, 3]
-    """
-    from ..generate import _class_labels
-
-    if isinstance(prompts, (str, bytes)) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of prompts (class ids for class-conditional "
-                         f"pipelines), got {prompts!r}")
-    if is_class_conditional(pipe):
-        items: list[Any] = []
-        for prompt in prompts:
-            items += [int(prompt)] if isinstance(prompt, int) else _class_labels(pipe, str(prompt))
-        return items
-    if "prompt" not in _parameters(pipe):
-        raise ValueError(f"{type(pipe).__name__}.__call__ takes neither prompt nor class_labels")
-    bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
-    if bad:
-        raise ValueError(f"text prompts must be non-empty strings, got {bad!r}")
-    return [str(p) for p in prompts]
-
-
-def default_guidance(pipe: Any) -> float:
-    """The guidance scale the pipeline uses when given none (its ``guidance_scale`` default; 1.0 without one)."""
-    parameter = _parameters(pipe).get("guidance_scale")
-    default = None if parameter is None else parameter.default
-    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else 1.0
 
 
 #################################################################################
@@ -119,27 +74,18 @@ class StepTeller:
     manager; leaving it restores the scheduler and removes the hook exactly."""
 
     def __init__(self, pipe: Any, listener: Any, num_steps: int):
-        from ..integrations.pipeline import TimestepCheck
-
         self.pipe, self.num_steps = pipe, num_steps
         self.listener = listener if listener is not None else SilentListener()
         self.scheduler = pipe.scheduler
         self.transformer: nn.Module = pipe.transformer
         self.calls: dict[int, list[int | None]] = {}
-        self._timesteps = TimestepCheck(self.transformer)
-        self._completed = 0
-        self._offset = 0
+        self._steps = SchedulerSteps(self.transformer, self._on_set_timesteps, self._close)
         self._started = False
         self._open: contextlib.ExitStack | None = None
-        self._saved: list[tuple[str, bool, Any]] = []
         self._hook: Any = None
 
     def __enter__(self) -> StepTeller:
-        from ..integrations.pipeline import _then
-
-        for method, after in (("set_timesteps", self._on_set_timesteps), ("step", self._on_step)):
-            self._saved.append((method, method in self.scheduler.__dict__, self.scheduler.__dict__.get(method)))
-            setattr(self.scheduler, method, _then(getattr(self.scheduler, method), after))
+        self._steps.attach(self.scheduler)
         self._hook = self.transformer.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True)
         return self
 
@@ -148,37 +94,24 @@ class StepTeller:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        for method, had_own, value in reversed(self._saved):
-            if had_own:
-                setattr(self.scheduler, method, value)
-            else:
-                self.scheduler.__dict__.pop(method, None)
-        self._saved.clear()
+        self._steps.detach()
 
     def _on_set_timesteps(self) -> None:
         self._close()
-        self._offset = int(getattr(self.scheduler, "begin_index", None) or 0)
-        steps = len(self.scheduler.timesteps) - self._offset
+        steps = self._steps.start()
         if steps != self.num_steps:
             raise RuntimeError(f"{type(self.pipe).__name__} set {steps} scheduler timesteps for "
                                f"num_inference_steps={self.num_steps}: a calibration is per step index, so the "
                                f"pipeline must take one scheduler step per inference step")
-        self._completed, self._started, self.calls = 0, True, {}
-        self._timesteps.reset()
+        self._started, self.calls = True, {}
         self.listener.begin(self.num_steps)
 
-    def _on_step(self) -> None:
-        self._close()
-        self._completed += 1
-
     def _where(self, index: int) -> tuple[float, float | None]:
-        from ..integrations.pipeline import scheduler_point
-
-        timestep, sigma = scheduler_point(self.scheduler, self._offset + index, with_sigma=True)
+        timestep, sigma = self._steps.where(index, with_sigma=True)
         return float(timestep), None if sigma is None else float(sigma)
 
     def _check_timestep(self, index: int, expected: float, args: tuple, kwargs: dict) -> None:
-        mismatch = self._timesteps.mismatch(expected, args, kwargs)
+        mismatch = self._steps.mismatch(expected, args, kwargs)
         if mismatch is not None:
             raise RuntimeError(f"{type(self.pipe).__name__} called its transformer with timestep {mismatch[0]:g} "
                                f"where step {index} of its scheduler has {mismatch[1]:g}: the step cannot be told")
@@ -187,7 +120,7 @@ class StepTeller:
         if not self._started:
             raise RuntimeError(f"{type(self.pipe).__name__} called its transformer before setting the scheduler's "
                                f"timesteps: the step cannot be told")
-        index = self._completed
+        index = self._steps.completed
         if index >= self.num_steps:
             raise RuntimeError(f"{type(self.pipe).__name__} called its transformer after the last of "
                                f"{self.num_steps} scheduler steps")
@@ -243,17 +176,11 @@ class PipelineSampler:
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str | int]):
-        from ..integrations.pipeline import check_pipeline
-
         check_pipeline(pipe)
         self.pipe = pipe
         self.prompts = [str(p) for p in prompts]
         self.items = resolve_prompts(pipe, prompts)
-        parameters = _parameters(pipe)
-        self.class_conditional = "class_labels" in parameters
-        self.takes_guidance = "guidance_scale" in parameters
-        self.per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in parameters),
-                               None)
+        self.takes_guidance = "guidance_scale" in parameters(pipe)
         self.layout: tuple[str, int] | None = None
         self.model_calls = 0
 
@@ -262,21 +189,14 @@ class PipelineSampler:
         bad = [int(i) for i in labels if not 0 <= int(i) < len(self.items)]
         if bad:
             raise ValueError(f"labels {bad} are not indices into the {len(self.items)} calibration prompts")
-        chosen = [self.items[int(i)] for i in labels]
-        kwargs: dict[str, Any] = {"class_labels": chosen} if self.class_conditional else {"prompt": chosen}
-        if self.per_prompt and not self.class_conditional:
-            kwargs[self.per_prompt] = 1
-        if self.takes_guidance:
-            kwargs["guidance_scale"] = float(guidance_scale)
-        elif guidance_scale != 1.0:
+        if not self.takes_guidance and guidance_scale != 1.0:
             raise ValueError(f"{type(self.pipe).__name__} takes no guidance_scale; calibrate with guidance 1.0")
-        return kwargs
+        chosen = [self.items[int(i)] for i in labels]
+        return call_arguments(self.pipe, chosen, guidance_scale=float(guidance_scale) if self.takes_guidance else None)
 
     def run(self, labels: Sequence[int], *, num_steps: int, guidance_scale: float, seed: int,
             listener: Any) -> tuple[torch.Tensor, tuple[str, int]]:
         """One pipeline call telling ``listener`` (None: a listener that records nothing): (images, layout)."""
-        from ..generate import _arrays
-
         kwargs = self.arguments(labels, guidance_scale)
         device = getattr(self.pipe, "device", torch.device("cpu"))
         generator = torch.Generator(device).manual_seed(int(seed))
@@ -288,9 +208,7 @@ class PipelineSampler:
         finally:
             self.pipe._progress_bar_config = saved
         self.model_calls += sum(len(c) for c in teller.calls.values())
-        _, arrays = _arrays(result)
-        images = torch.from_numpy(arrays).movedim(-1, -3) * 2 - 1  # [N, (F,) C, H, W] in [-1, 1]
-        return images, teller.layout(len(labels))
+        return output_tensor(result), teller.layout(len(labels))  # [N, (F,) C, H, W] in [-1, 1]
 
     def probe(self, guidance_scale: float, seed: int) -> tuple[str, int]:
         """Read (and from now on require) the guidance layout: one image, ``PROBE_STEPS`` steps."""
@@ -336,15 +254,15 @@ def calibrate_pipeline(
     *,
     prompts: Sequence[str | int],
     num_steps: int = 50,
-    images: int = 40,
+    images: int | None = None,
     seed: int = DEFAULT_SEED,
     guidance_scale: float | None = None,
     options: FitOptions | None = None,
     grouping: str = "target",
     schedule: FixedSchedule | None = None,
-    search_images: int = 10,
-    max_evaluations: int = 200,
-    radius: int = 3,
+    search_images: int | None = None,
+    max_evaluations: int | None = None,
+    radius: int | None = None,
     search_seed: int = 0,
     name: str | None = None,
     batch_size: int = 8,
@@ -352,13 +270,15 @@ def calibrate_pipeline(
     on_policy: bool | None = None,
     granularity: str = "module",
     forecaster: Any = None,
+    search: str = "fast",
 ) -> Calibration:
     """Calibrate ``pipe.transformer`` for ``num_steps``-step generations of ``pipe`` with ``budget`` full steps;
     write ``out`` (the ``taylorseer.calibration.calibrate`` steps, with ``PipelineSampler`` as the sampler).
 
     ``prompts``: the calibration prompts (class ids or label names for class-conditional pipelines); image ``k``
     takes prompt ``k mod len(prompts)``, ``batch_size`` images per pipeline call, noise seeds ``seed, seed + 1,
-    ...`` per call. ``guidance_scale``: None takes the pipeline's default; generate with the same scale (the
+    ...`` per call. ``search``: ``calibrate``'s plans (a thorough search samples 10 search images here, not
+    30). ``guidance_scale``: None takes the pipeline's default; generate with the same scale (the
     guidance layout, read once by ``PipelineSampler.probe``, is recorded in the file: ``cfg_mode`` and
     ``row_groups`` of its ``calibration_data``). The other arguments are ``calibrate``'s. Cost: one probe call (one
     image, ``PROBE_STEPS`` steps), ``images`` full-compute images, the search's ``max_evaluations`` cached runs of
@@ -370,6 +290,8 @@ def calibrate_pipeline(
         >>> taylorseer.generate.generate(folder, "a red fox", None, 28, calibration="b8.safetensors")  # doctest: +SKIP
     """
     check_budget(budget, num_steps)
+    plan = resolve_plan(search, images, search_images, max_evaluations, radius, 10)
+    images, search_images = plan.images, plan.search_images
     calibration_targets(pipe.transformer, granularity)  # a wrong granularity is refused before the probe call
     sampler = PipelineSampler(pipe, prompts)
     if not sampler.takes_guidance and guidance_scale not in (None, 1.0):
@@ -392,4 +314,5 @@ def calibrate_pipeline(
                      classes=range(len(sampler.items)), seed=seed, guidance_scale=guidance, cfg_mode=cfg_mode,
                      options=options, grouping=grouping, schedule=schedule, search_images=search_images,
                      max_evaluations=max_evaluations, radius=radius, search_seed=search_seed, name=name,
-                     sampler=sampler, progress=progress, stats=stats, on_policy=on_policy, forecaster=forecaster)
+                     sampler=sampler, progress=progress, stats=stats, on_policy=on_policy, forecaster=forecaster,
+                     search=search)

@@ -52,6 +52,49 @@ def check_budget(budget: int, num_steps: int) -> None:
         raise ValueError(f"budget must be an int in [1, num_steps={num_steps}] (full steps), got {budget!r}")
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a calibration may spend, by name (``calibrate(search=NAME)``, ``taylorseer calibrate --search NAME``).
+
+    ``images``: calibration trajectories recorded (full-compute generations); ``search_images``: images each
+    candidate schedule is sampled on (None: the caller's own default, 30 for the embedded model, 10 for a
+    pipeline); ``max_evaluations``: candidates the refinement samples at most (beside the greedy schedule and the
+    power-law starts); ``radius``: largest shift of one full step per move; ``patience``: early stop after that
+    many sampled candidates in a row without improvement (None: run until a whole sweep improves nothing).
+
+    Example:
+        >>> SEARCH_PLANS["fast"].search_images, SEARCH_PLANS["thorough"].max_evaluations
+        (8, 200)
+    """
+
+    name: str
+    images: int
+    search_images: int | None
+    max_evaluations: int
+    radius: int
+    patience: int | None
+
+
+# "fast" (the default) fits a FLUX.1-dev calibration at 50 steps, budget 8, in <= 15 H100 minutes (calibrate.py's
+# projection); "thorough" is the search of 2026-12-06 and before (docs/results/calibration.md, "Cost").
+SEARCH_PLANS = {
+    "fast": SearchPlan("fast", images=16, search_images=8, max_evaluations=24, radius=3, patience=12),
+    "thorough": SearchPlan("thorough", images=40, search_images=None, max_evaluations=200, radius=3, patience=None),
+}
+
+
+def search_plan(name: str) -> SearchPlan:
+    """The ``SearchPlan`` called ``name``; ``ValueError`` naming ``search`` and the plans otherwise.
+
+    Example:
+        >>> search_plan("thorough").images
+        40
+    """
+    if not isinstance(name, str) or name not in SEARCH_PLANS:
+        raise ValueError(f"search must be one of {sorted(SEARCH_PLANS)}, got {name!r}")
+    return SEARCH_PLANS[name]
+
+
 class Objective:
     """A schedule's error (lower is better) and what evaluating it cost: ``model_calls`` (transformer forward
     calls), ``full_calls`` (of which computed in full), ``seconds``; ``evaluations`` counts candidates."""
@@ -267,11 +310,12 @@ def power_schedules(budget: int, num_steps: int, powers: Sequence[float] = (1.0,
 
 
 def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule, num_steps: int, *, seed: int = 0,
-                    radius: int = 3, max_evaluations: int = 200, progress: bool = False,
+                    radius: int = 3, max_evaluations: int = 200, progress: bool = False, patience: int | None = None,
                     ) -> tuple[Schedule, float, list[tuple[Schedule, float]]]:
     """Local search from ``full_steps``: shift one full step (never step 0) by ``-radius .. radius`` steps (keeping
     the order), moves in an order drawn from ``random.Random(seed)`` per sweep; keep a move that lowers the error;
-    stop after a sweep without improvement or ``max_evaluations`` evaluations of new candidates.
+    stop after a sweep without improvement, ``max_evaluations`` evaluations of new candidates, or (early stop)
+    ``patience`` evaluations in a row without improvement (None: no early stop).
 
     Returns (schedule, error, trace of accepted moves). Deterministic for a seed and objective.
 
@@ -284,7 +328,7 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
     error = objective(current)
     trace = [(current, error)]
     seen = {current}
-    evaluated = 0
+    evaluated = since_improved = 0
     bar = tqdm(total=max_evaluations, desc="schedule refinement", disable=not progress, leave=False)
     try:
         while evaluated < max_evaluations:
@@ -303,13 +347,14 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
                 seen.add(candidate)
                 value = objective(candidate)
                 evaluated += 1
+                since_improved += 1
                 bar.update(1)
                 if value < error:
-                    current, error, improved = candidate, value, True
+                    current, error, improved, since_improved = candidate, value, True, 0
                     trace.append((current, error))
                     bar.set_postfix(error=f"{error:.3g}")
                     break  # first improvement: draw new moves around the new schedule
-                if evaluated >= max_evaluations:
+                if evaluated >= max_evaluations or (patience is not None and since_improved >= patience):
                     break
             if not improved:
                 break
@@ -320,10 +365,11 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
 
 def search_schedule(stats: TrajectoryStats, budget: int, *, refine: Objective | None = None,
                     greedy: Objective | None = None, seed: int = 0, radius: int = 3, max_evaluations: int = 200,
-                    multistart: bool = True, progress: bool = True) -> SearchResult:
+                    multistart: bool = True, progress: bool = True, patience: int | None = None) -> SearchResult:
     """Greedy pass with ``greedy`` (default: ``ProxyObjective(stats)``), then local refinement with ``refine``
     (default: the greedy objective) from the best, by ``refine``, of the greedy schedule and (``multistart``) the
-    ``power_schedules`` starts; see the module docstring.
+    ``power_schedules`` starts; ``patience``: the refinement's early stop (``refine_schedule``); see the module
+    docstring.
 
     Example:
         >>> result = search_schedule(stats, 8, refine=SampledObjective(model, stats))   # doctest: +SKIP
@@ -336,7 +382,7 @@ def search_schedule(stats: TrajectoryStats, budget: int, *, refine: Objective | 
     starts = [first] + ([s for s in power_schedules(budget, stats.num_steps) if s != first] if multistart else [])
     origin = min(starts, key=lambda s: (refine(s), starts.index(s)))
     best, error, trace = refine_schedule(refine, origin, stats.num_steps, seed=seed, radius=radius,
-                                         max_evaluations=max_evaluations, progress=progress)
+                                         max_evaluations=max_evaluations, progress=progress, patience=patience)
     objectives = [greedy] if refine is greedy else [greedy, refine]
     psnr = 10 * torch.log10(torch.tensor(4.0 / error)).item() if refine.name == "sampled" and error > 0 else None
     return SearchResult(best, stats.num_steps, budget, seed, refine.name, error, psnr, greedy.name, first,

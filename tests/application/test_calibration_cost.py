@@ -1,0 +1,138 @@
+"""The default (fast) schedule search, its cost header, the thorough plan and bad values (issue 27, item 6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taylorseer.calibration import calibrate, refine_schedule
+from taylorseer.calibration.calibrate import planned_cost
+from taylorseer.forecast import TaylorForecast
+
+NUM_STEPS = 12
+SECONDS_PER_CALL = 7.11 / 28  # the published FLUX.1-dev H100 figure the projection states
+
+
+class CallCounter:
+    """Images through the model (top-level calls) and through its first block (computed in full), counted by
+    forward pre-hooks: a CFG batch [x; x] of 2B rows is B images."""
+
+    def __init__(self, model: torch.nn.Module, rows_per_image: int):
+        self.calls = self.images = self.full_images = 0
+        self.rows_per_image = rows_per_image
+        self.handles = [model.register_forward_pre_hook(self._top, with_kwargs=True),
+                        model.transformer_blocks[0].register_forward_pre_hook(self._block, with_kwargs=True)]
+
+    def _rows(self, args, kwargs) -> int:
+        first = args[0] if args else next(iter(kwargs.values()))
+        return first.shape[0] // self.rows_per_image
+
+    def _top(self, module, args, kwargs):
+        self.calls += 1
+        self.images += self._rows(args, kwargs)
+
+    def _block(self, module, args, kwargs):
+        self.full_images += self._rows(args, kwargs)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_the_default_search_is_the_fast_plan_and_its_cost_header_counts_every_image_call(tiny_dit, tmp_path):
+    counter = CallCounter(tiny_dit, rows_per_image=2)  # guidance 1.5 as one CFG batch
+    try:
+        cal = calibrate(tiny_dit, 4, tmp_path / "fast.safetensors", num_steps=NUM_STEPS, progress=False,
+                        forecaster=TaylorForecast(max_order=2), granularity="output")
+    finally:
+        counter.remove()
+    data = cal.header["calibration_data"]
+    assert data["search_plan"] == {"name": "fast", "images": 16, "search_images": 8, "max_evaluations": 24,
+                                   "radius": 3, "patience": 12}
+    assert data["images"] == 16
+    cost = data["cost"]
+    assert cost["image_calls"] == counter.images  # every image through the model, forecast steps included
+    assert cost["full_image_calls"] == counter.full_images == cost["full_image_steps"]  # one call per step
+    assert cost["recording"]["image_calls"] == 16 * NUM_STEPS
+    assert cost["flux_dev_1024_h100_minutes"] == round(counter.full_images * SECONDS_PER_CALL / 60, 1)
+    search = cal.header["search"]
+    sampled = search["model_calls"] // NUM_STEPS - 1  # candidates beside the search images' reference
+    assert 1 <= sampled <= 1 + 5 + 24  # greedy, power-law starts, at most max_evaluations refinements
+    assert counter.full_images <= planned_cost(4, NUM_STEPS, 16, 8, 24)["full_image_steps"]
+
+
+def test_the_flux_projection_counts_steps_not_cfg_calls(tiny_dit, tmp_path):
+    cal = calibrate(tiny_dit, 4, tmp_path / "split.safetensors", num_steps=NUM_STEPS, progress=False, images=2,
+                    search_images=2, max_evaluations=2, cfg_mode="split", forecaster=TaylorForecast(max_order=1),
+                    granularity="output")
+    cost = cal.header["calibration_data"]["cost"]
+    assert cost["calls_per_step"] == 2
+    assert cost["full_image_steps"] * 2 == cost["full_image_calls"]
+    assert cost["flux_dev_1024_h100_minutes"] == round(cost["full_image_steps"] * SECONDS_PER_CALL / 60, 1)
+
+
+def test_the_default_fits_a_flux_dev_calibration_at_50_steps_budget_8_in_15_h100_minutes():
+    # 16 recorded images x 50 steps + 8 search images x (50 reference steps + 30 candidates x 8 full steps)
+    plan = planned_cost(8, 50, images=16, search_images=8, max_evaluations=24)
+    assert plan["full_image_steps"] == 16 * 50 + 8 * (50 + 30 * 8) == 3120
+    assert plan["flux_dev_1024_h100_minutes"] == round(3120 * SECONDS_PER_CALL / 60, 1) <= 15
+    thorough = planned_cost(8, 50, images=40, search_images=30, max_evaluations=200)
+    assert thorough["flux_dev_1024_h100_minutes"] > 15
+
+
+def test_thorough_is_reachable_and_given_values_override_the_plan(tiny_dit, tmp_path):
+    cal = calibrate(tiny_dit, 4, tmp_path / "thorough.safetensors", num_steps=NUM_STEPS, progress=False,
+                    search="thorough", images=2, search_images=2, max_evaluations=3,
+                    forecaster=TaylorForecast(max_order=1), granularity="output")
+    plan = cal.header["calibration_data"]["search_plan"]
+    assert plan == {"name": "thorough", "images": 2, "search_images": 2, "max_evaluations": 3, "radius": 3,
+                    "patience": None}
+    assert cal.header["calibration_data"]["images"] == 2 and cal.header["calibration_data"]["cost"]["search"][
+        "batch"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"search": "quick"}, "search must be one of ['fast', 'thorough'], got 'quick'"),
+    ({"search": None}, "search must be one of"),
+    ({"images": 0}, "images must be an int >= 1, got 0"),
+    ({"search_images": -1}, "search_images must be an int >= 0, got -1"),
+    ({"max_evaluations": 0}, "max_evaluations must be an int >= 1, got 0"),
+    ({"radius": 1.5}, "radius must be an int >= 1, got 1.5"),
+    ({"images": True}, "images must be an int >= 1, got True"),
+])
+def test_bad_search_values_are_refused_by_name_before_any_model_call(tiny_dit, tmp_path, kwargs, message):
+    counter = CallCounter(tiny_dit, rows_per_image=2)
+    try:
+        with pytest.raises(ValueError) as err:
+            calibrate(tiny_dit, 4, tmp_path / "x.safetensors", num_steps=NUM_STEPS, progress=False, **kwargs)
+    finally:
+        counter.remove()
+    assert message in str(err.value)
+    assert counter.calls == 0 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_patience_stops_the_refinement_after_that_many_candidates_without_improvement():
+    seen = []
+
+    def flat(schedule):  # nothing improves on the start
+        seen.append(schedule)
+        return 1.0
+
+    refine_schedule(flat, (0, 10), num_steps=20, radius=3, patience=4)
+    assert len(seen) == 1 + 4  # the start and 4 candidates
+    seen.clear()
+    refine_schedule(flat, (0, 10), num_steps=20, radius=3)
+    assert len(seen) == 1 + 6  # without patience: the whole sweep, shifts -3..3 of step 10 but 0
+
+
+def test_patience_counts_from_the_last_improvement():
+    seen = []
+
+    def towards_12(schedule):
+        seen.append(schedule)
+        return abs(schedule[1] - 12)
+
+    best, error, trace = refine_schedule(towards_12, (0, 6), num_steps=20, radius=3, patience=2, seed=0)
+    last = seen.index(trace[-1][0])
+    assert len(trace) >= 2  # it improved at least once (every +1..+3 move from step 6 improves)
+    assert len(seen) - 1 - last <= 2  # then at most patience candidates without improvement
