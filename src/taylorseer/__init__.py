@@ -19,9 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .config import PRESET_NAMES, TaylorSeerConfig, preset
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "apply": ".api", "default_config": ".api",

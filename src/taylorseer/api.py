@@ -15,28 +15,22 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, overload
 
 from torch import nn
 
-from .adapters import find_adapter, resolve_targets
-from .config import TaylorSeerConfig, preset
+from .adapters import default_config, resolve_targets, unwrap
+from .auto import plan_speedup
+from .config import TaylorSeerConfig
+from .forecast.linear_file import calibration_of
 from .integrations.pipeline import PipelineHandle, check_pipeline, is_pipeline
-from .parts import CacheConfig
+from .parts import CacheConfig, parts_of
 from .runtime.handle import CacheHandle
-from .runtime.install import unwrap
 
+__all__ = ["apply", "default_config"]  # default_config: the adapters' (the family's preset), re-exported
 
-def default_config(model: nn.Module | Any) -> TaylorSeerConfig:
-    """The recommended config of a model's family (its adapter record's ``preset``), else ``TaylorSeerConfig()``.
-
-    Example:
-        >>> default_config(flux_transformer).name    # doctest: +SKIP
-        'paper_flux'
-    """
-    transformer = getattr(model, "transformer", model)
-    spec = find_adapter(unwrap(transformer)) if isinstance(transformer, nn.Module) else None
-    return preset(spec.preset) if spec is not None and spec.preset else TaylorSeerConfig()
+log = logging.getLogger("taylorseer")
 
 
 @overload
@@ -85,33 +79,33 @@ def apply(model: nn.Module | Any, config: TaylorSeerConfig | CacheConfig | None 
     if speedup is not None or diagnose is not False:
         if not isinstance(diagnose, bool):
             raise TypeError(f"diagnose must be a bool, got {type(diagnose).__name__} {diagnose!r}")
-        from .auto import apply_speedup
-
         if speedup is None:
             handle = apply(model, config, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
         elif config is not None:
             raise ValueError("apply(): speedup and config are mutually exclusive: give config (the method, by hand) "
                              "or speedup=X (the method that reaches X is chosen), not both")
-        else:
-            handle = apply_speedup(model, speedup, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
+        else:  # taylorseer.auto chooses the family and the planner; installed as any config, then told the planner
+            chosen, planner, line = plan_speedup(model, speedup, guidance_scale)
+            handle = apply(model, chosen, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
+            getattr(handle, "cache", handle).planner = planner
+            log.info("%s", line)
         getattr(handle, "cache", handle).diagnose_generations = int(diagnose)
         return handle
-    config = default_config(model) if config is None else config
-    if not isinstance(config, (TaylorSeerConfig, CacheConfig)):
+    given = default_config(model) if config is None else config
+    if not isinstance(given, (TaylorSeerConfig, CacheConfig)):
         raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
-                        f"got {type(config).__name__}")
-    from .calibration.io import calibration_of
-
-    calibration = calibration_of(config)
+                        f"got {type(given).__name__}")
+    parts = parts_of(given)  # the one conversion: below the API everything reads a CacheConfig
+    calibration = calibration_of(parts)
     if calibration is not None:
         calibration.check_sampling(guidance_scale, cfg_mode)
     elif cfg_mode is not None and cfg_mode not in ("batch", "split"):
         raise ValueError(f"cfg_mode must be one of ['batch', 'split'] or None, got {cfg_mode!r}")
     if isinstance(model, nn.Module):
         model = unwrap(model)  # a torch.compile'd module: install on the module it compiles
-        return CacheHandle.install(model, config, resolve_targets(model, config))
+        return CacheHandle.install(model, parts, resolve_targets(model, parts.targets), given)
     if is_pipeline(model) or hasattr(model, "transformer") or hasattr(model, "unet"):
         check_pipeline(model)
-        return PipelineHandle.install(model, config, resolve_targets(unwrap(model.transformer), config))
+        return PipelineHandle.install(model, parts, resolve_targets(unwrap(model.transformer), parts.targets), given)
     raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline with .transformer and .scheduler, "
                     f"got {type(model).__name__}")

@@ -42,8 +42,11 @@ from typing import Any
 
 from torch import nn
 
+from .adapters import default_config, unwrap
 from .calibration.io import Calibration, CalibrationError, load_calibration
+from .forecast import TaylorForecast
 from .models.checkpoint import ASSETS_DIR, CheckpointError, manifest_sha256
+from .parts import CacheConfig, Targets
 from .policy.interval import IntervalPolicy, IntervalSchedule
 from .runtime.switch import FULL_COMPUTE, Choice, Planner, too_few_steps
 
@@ -282,11 +285,6 @@ def plan_speedup(model_or_pipe: Any, speedup: float, guidance_scale: float | Non
     Example:
         >>> config, planner, line = plan_speedup(load_reference(), 6)   # doctest: +SKIP
     """
-    from .api import default_config
-    from .forecast import TaylorForecast
-    from .parts import CacheConfig, Targets
-    from .runtime.install import unwrap
-
     speedup = check_speedup(speedup)
     if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
                                        or not math.isfinite(guidance_scale)):
@@ -322,20 +320,3 @@ def plan_speedup(model_or_pipe: Any, speedup: float, guidance_scale: float | Non
                   f"guidance_scale= to apply to have it checked)"
     line = f"taylorseer: {type(transformer).__name__}: {planner.describe()}{assumed}"
     return config, planner, line
-
-
-def apply_speedup(model_or_pipe: Any, speedup: float, guidance_scale: float | None = None,
-                  cfg_mode: str | None = None) -> Any:
-    """``taylorseer.apply(model_or_pipe, speedup=...)``: install the chosen family, attach its planner, log the
-    choice, return the handle.
-
-    Example:
-        >>> handle = apply_speedup(load_reference(), 6)   # doctest: +SKIP
-    """
-    from .api import apply
-
-    config, planner, line = plan_speedup(model_or_pipe, speedup, guidance_scale)
-    handle = apply(model_or_pipe, config, guidance_scale=guidance_scale, cfg_mode=cfg_mode)
-    getattr(handle, "cache", handle).planner = planner
-    log.info("%s", line)
-    return handle

@@ -92,10 +92,18 @@ class TaylorSeerConfig:
 
     # -- schedule facts --------------------------------------------------------------------------------
     def full_steps(self, num_steps: int) -> int:
-        """Number of fully computed steps in a generation of ``num_steps`` steps."""
-        from .policy.interval import IntervalPolicy  # local: policy stands above config
+        """Number of fully computed steps in a generation of ``num_steps`` steps (the count of ``F`` in
+        ``IntervalPolicy(interval, warmup_steps, tail_steps).pattern(num_steps)``, in closed form: the first
+        ``warmup_steps`` and last ``tail_steps`` steps, and every ``interval``-th step between them).
 
-        return sum(IntervalPolicy.from_config(self).plan(num_steps))
+        Example:
+            >>> TaylorSeerConfig(interval=4, warmup_steps=2).full_steps(10)
+            4
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        forced = min(num_steps, self.warmup_steps + self.tail_steps)
+        return forced + (num_steps - forced) // self.interval
 
     # -- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

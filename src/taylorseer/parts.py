@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, PRESET_NAMES, TaylorSeerConfig, preset
+from .forecast import TaylorForecast, registered_forecasters
+from .policy import IntervalSchedule, build_policy, registered_policies
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,7 @@ class Store:
 
 
 def _registered(kind: str) -> dict[str, type]:
-    if kind == "policy":
-        from .policy import registered_policies
-
-        return registered_policies()
-    from .forecast import registered_forecasters
-
-    return registered_forecasters()
+    return registered_policies() if kind == "policy" else registered_forecasters()
 
 
 @dataclass(frozen=True)
@@ -116,8 +112,6 @@ class CacheConfig:
 
     def full_steps(self, num_steps: int) -> int | None:
         """Fully computed steps of a generation, for static policies (None for adaptive ones)."""
-        from .policy import build_policy
-
         plan = build_policy(self.policy).plan(num_steps)
         return None if plan is None else sum(plan)
 
@@ -183,9 +177,6 @@ def parts_of(config: TaylorSeerConfig | CacheConfig) -> CacheConfig:
     if not isinstance(config, TaylorSeerConfig):
         raise TypeError(f"config must be a TaylorSeerConfig or a CacheConfig (see taylorseer.preset), "
                         f"got {type(config).__name__}")
-    from .forecast import TaylorForecast
-    from .policy import IntervalSchedule
-
     # The reference code takes no differences on full steps with index <= W - 2 (FLUX drops step 1's history).
     history = max(config.warmup_steps - 1, 0) if config.scheme == "reference" else 0
     return CacheConfig(

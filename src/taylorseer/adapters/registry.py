@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
+
+from ..config import TaylorSeerConfig, preset
+from ..parts import CacheConfig, Targets, parts_of
+from .shortcuts import find_shortcut
 
 MODES = ("output", "residual", "skip", "shortcut")
 
@@ -105,6 +110,32 @@ def find_adapter(model: nn.Module) -> AdapterSpec | None:
     return None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or similar holder stands for.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> unwrap(layer) is layer
+        True
+    """
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def default_config(model: nn.Module | Any) -> TaylorSeerConfig:
+    """The recommended config of a model's family (its adapter record's ``preset``), else ``TaylorSeerConfig()``;
+    ``model`` may be a pipeline (its ``.transformer`` is looked up). Re-exported as ``taylorseer.default_config``.
+
+    Example:
+        >>> default_config(nn.Linear(2, 2)).name
+        'custom'
+    """
+    transformer = getattr(model, "transformer", model)
+    spec = find_adapter(unwrap(transformer)) if isinstance(transformer, nn.Module) else None
+    return preset(spec.preset) if spec is not None and spec.preset else TaylorSeerConfig()
+
+
 #################################################################################
 #                               Path patterns                                   #
 #################################################################################
@@ -183,8 +214,15 @@ def suggest_patterns(model: nn.Module) -> list[str]:
     return out
 
 
-def resolve_targets(model: nn.Module, config) -> list[Target]:
-    """The targets for ``model`` under ``config`` (its ``modules`` patterns, else the registered adapter)."""
+def resolve_targets(model: nn.Module, config: Targets | CacheConfig | TaylorSeerConfig) -> list[Target]:
+    """The targets for ``model`` under the ``Targets`` part of ``config`` (a ``Targets``, or a config holding one):
+    its ``modules`` patterns, else the adapter registered for the model's class.
+
+    Example:
+        >>> resolve_targets(model, Targets(granularity="output"))   # doctest: +SKIP
+        [Target(path='', mode='output', inputs=())]
+    """
+    config = config if isinstance(config, Targets) else parts_of(config).targets
     if config.granularity == "output":
         return [Target("", "output")]
     spec = find_adapter(model)
@@ -213,8 +251,6 @@ def resolve_targets(model: nn.Module, config) -> list[Target]:
 
 def _shortcut_targets(model: nn.Module, paths: list[str]) -> list[Target]:
     """Blocks with a registered shortcut whose consumed children are all forecast module targets."""
-    from .shortcuts import find_shortcut
-
     chosen = set(paths)
     out = []
     for name, module in model.named_modules():

@@ -3,7 +3,7 @@ parallel layouts (docs/parallel.md).
 
 - ``layout``: ``ContextParallel`` (degree, kind), ``make_layout`` (the DP x CP ``DeviceMesh``), ``enable``
   (``enable_parallelism`` over this rank's replica, after checks that refuse what cannot run), ``fail_fast``;
-- ``vote``: the probe vote of gated policies, pooled over the ranks that share a sample (the handle uses it);
+- ``vote``: the probe vote of gated policies (now ``taylorseer.runtime.vote``; the handle uses it), kept importable;
 - ``flux``: ``ClassFluxPipeline``, the class-conditional FLUX pipeline the commands run, and the models by name.
 
 This package imports nothing heavy itself; import the submodules.

@@ -20,8 +20,8 @@ for the bias). A step, target or history the table does not hold is a ``ValueErr
 fallback.
 
 The config ``LinearForecast(calibration=PATH, sha256=DIGEST)`` names a calibration file (a JSON-safe reference,
-so bench records and ``CacheConfig.to_json`` stay small); its registered builder reads the table through
-``taylorseer.calibration`` (the only place that does file IO).
+so bench records and ``CacheConfig.to_json`` stay small); its registered builder (``forecast/linear_file.py``, the
+file's format and validated read) reads the table; this module does no file IO.
 
 Example:
     >>> table = LinearTable({"*": {1: StepWeights((0,), torch.tensor([1.0]), None),
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .base import FactorState, check_point, register_forecaster
+from .base import FactorState, check_point
 
 GROUPINGS = ("target", "kind", "all")
 
@@ -153,7 +153,7 @@ class LinearForecaster:
 
     def __init__(self, table: LinearTable, calibration: Any = None):
         self.table = table
-        # The loaded file (``taylorseer.calibration.Calibration``) when built from one: its header says which
+        # The loaded file (``linear_file.CalibrationFile``) when built from one: its header says which
         # model, guidance scale and row layout the weights are for (checked by the handle before any forecast).
         self.calibration = calibration
         self._placed: dict[tuple[str, float, Any, Any], _Placed] = {}
@@ -254,59 +254,3 @@ class _Placed:
 
 def _as(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return feature if feature.dtype == dtype else feature.to(dtype)
-
-
-_BUILT: dict[str, LinearForecaster] = {}  # content SHA-256 of a calibration file -> its forecaster
-_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}  # path -> (its inode and change time, its content SHA-256)
-
-
-def _content_digest(path: str, file_sha256: Any) -> str | None:
-    """The SHA-256 of the file's content (None if it cannot be read), hashed again whenever the file's device,
-    inode, size, modification or *change* time differ from the last hash. The change time (``st_ctime``) is set by
-    the system on every write, rename onto the path or ``utime``, and cannot be set back by a copy or a restore
-    (``cp -p``, ``rsync -t`` keep the modification time only), so a replaced file is always hashed again; an
-    unchanged one is not read at every ``apply``."""
-    import os
-
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # load_calibration names the problem
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    known = _DIGESTS.get(path)
-    if known is not None and known[0] == key:
-        return known[1]
-    try:
-        digest = str(file_sha256(path))
-    except OSError:
-        return None
-    if len(_DIGESTS) >= 64:
-        _DIGESTS.pop(next(iter(_DIGESTS)))
-    _DIGESTS[path] = (key, digest)
-    return digest
-
-
-@register_forecaster(LinearForecast)
-def _build_linear(config: LinearForecast) -> LinearForecaster:
-    # The file is read by the calibration package (file IO and validation live there); imported here, when a
-    # LinearForecast is built, because the calibration package itself builds on the runtime. The forecaster holds
-    # no generation state (that is in FactorState), only its weights placed on a device: one per file *content*
-    # (its SHA-256, whatever its path, size or modification time), so that an apply per generation does not
-    # validate and place the weights again, and a file replaced in place (``cp -p``, ``rsync -t``, a restore) is
-    # never served from the old content.
-    from ..calibration.io import CalibrationError, load_calibration
-    from ..models.checkpoint import file_sha256
-
-    digest = _content_digest(config.calibration, file_sha256)
-    if digest is not None and digest in _BUILT and (not config.sha256 or config.sha256.lower() == digest):
-        return _BUILT[digest]
-    calibration = load_calibration(config.calibration, sha256=config.sha256 or None)
-    if digest is not None and calibration.sha256 != digest:  # replaced between the two reads: read it again
-        raise CalibrationError(f"calibration file {config.calibration}: changed while it was being read; "
-                               f"try again once it is no longer being written")
-    forecaster = LinearForecaster(calibration.table_required(), calibration)
-    while len(_BUILT) >= 8:  # a few recent files (a calibration holds a few MB of weights)
-        _BUILT.pop(next(iter(_BUILT)))
-    if calibration.sha256 is not None:
-        _BUILT[calibration.sha256] = forecaster
-    return forecaster

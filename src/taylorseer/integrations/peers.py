@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -37,14 +38,18 @@ from torch import nn
 
 from ..adapters.registry import resolve_targets
 from ..config import TaylorSeerConfig
+from ..parts import CacheConfig, Targets, parts_of
 from ..policy.interval import IntervalPolicy
 
 
-def adapter_regexes(model: nn.Module, config: TaylorSeerConfig | None = None) -> tuple[list[str], list[str]]:
+def adapter_regexes(model: nn.Module, where: Targets | CacheConfig | TaylorSeerConfig | None = None
+                    ) -> tuple[list[str], list[str]]:
     """``(cache, skip)`` regexes (for ``re.fullmatch``) naming exactly our module-granularity targets of ``model``:
-    forecast modules, and modules that return zeros on forecast steps (diffusers' "skip_predict" mode)."""
-    config = (config or TaylorSeerConfig()).replace(granularity="module")
-    targets = resolve_targets(model, config)
+    forecast modules, and modules that return zeros on forecast steps (diffusers' "skip_predict" mode). ``where``:
+    the ``Targets`` (or a config holding them) whose ``modules`` and ``block_shortcuts`` apply (default: the
+    adapter's); the granularity is always ``module``."""
+    chosen = Targets() if where is None else where if isinstance(where, Targets) else parts_of(where).targets
+    targets = resolve_targets(model, dataclasses.replace(chosen, granularity="module"))
     cache = [re.escape(t.path) for t in targets if t.mode == "output"]
     skip = [re.escape(t.path) for t in targets if t.mode == "skip"]
     return cache, skip

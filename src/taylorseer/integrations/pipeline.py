@@ -26,9 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import math
 import warnings
 from typing import Any
 
@@ -39,88 +36,9 @@ from ..adapters.registry import Target
 from ..config import TaylorSeerConfig
 from ..parts import CacheConfig
 from ..runtime.handle import CacheHandle, CacheStats
+from .steps import SchedulerSteps
 
 _ATTACHED: dict[int, PipelineHandle] = {}  # id(scheduler) -> handle, to refuse wrapping a scheduler twice
-
-
-def _then(original: Any, after: Any) -> Any:
-    """``original`` followed by ``after()``; ``functools.wraps`` keeps its signature visible to ``inspect``
-    (pipelines inspect ``set_timesteps`` for ``sigmas`` / ``timesteps`` support)."""
-
-    @functools.wraps(original)
-    def swapped(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        after()
-        return result
-
-    return swapped
-
-
-def _timestep_position(transformer: nn.Module) -> int | None:
-    """The position of the ``timestep`` argument of the transformer's forward (None if it has none)."""
-    try:
-        names = list(inspect.signature(transformer.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return names.index("timestep") if "timestep" in names else None
-
-
-def _timestep_value(value: Any) -> tuple[float, float] | None:
-    """A transformer call's timestep as a number (the largest entry of a tensor: per-token timesteps hold zeros
-    for conditioning tokens) and the relative tolerance its dtype's rounding needs; None if it is not one."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 0:
-            return None
-        rtol = max(2 * torch.finfo(value.dtype).eps, 1e-5) if value.is_floating_point() else 1e-5
-        return float(value.detach().max()), rtol
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), 1e-5
-    return None
-
-
-def scheduler_point(scheduler: Any, position: int, with_sigma: bool) -> tuple[Any, Any]:
-    """The scheduler's timestep at ``position`` of its ``timesteps`` and, when ``with_sigma``, its sigma (from
-    ``sigmas``, else from ``alphas_cumprod``; None when it has neither)."""
-    timestep = scheduler.timesteps[position]
-    sigma = None
-    if with_sigma:
-        sigmas = getattr(scheduler, "sigmas", None)
-        if sigmas is not None and len(sigmas) > position:
-            sigma = sigmas[position]
-        elif getattr(scheduler, "alphas_cumprod", None) is not None:
-            alpha = scheduler.alphas_cumprod[int(timestep)]
-            sigma = ((1 - alpha) / alpha).sqrt()
-    return timestep, sigma
-
-
-class TimestepCheck:
-    """Whether a transformer call's own ``timestep`` argument is the scheduler's at the expected step, up to the
-    constant factor the pipeline applies (diffusers passes ``t`` or ``t / 1000``: learned at the generation's
-    first call with a non-zero timestep; ``reset`` at each generation) and the rounding of the call's dtype."""
-
-    def __init__(self, transformer: nn.Module):
-        self.position = _timestep_position(transformer)
-        self.ratio: float | None = None
-
-    def reset(self) -> None:
-        self.ratio = None
-
-    def mismatch(self, expected: Any, args: tuple, kwargs: dict) -> tuple[float, float] | None:
-        """None if the call follows the scheduler (or has no readable timestep); else (its timestep, the one
-        expected of it)."""
-        at = self.position
-        called = _timestep_value(kwargs["timestep"] if "timestep" in kwargs else
-                                 args[at] if at is not None and len(args) > at else None)
-        if called is None:
-            return None
-        value, rtol = called
-        expected = float(expected)
-        if self.ratio is None:
-            if expected != 0.0 and value != 0.0 and math.isfinite(value / expected):
-                self.ratio = value / expected
-            return None
-        want = self.ratio * expected
-        return None if abs(value - want) <= rtol * max(abs(value), abs(want)) else (value, want)
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -157,31 +75,27 @@ class PipelineHandle:
         self.pipeline = pipeline
         self.cache = cache
         self.transformer: nn.Module = pipeline.transformer
-        self._scheduler: Any = None
-        self._saved: list[tuple[Any, str, bool, Any]] = []  # (scheduler, method, had own attribute, its value)
+        self._steps = SchedulerSteps(pipeline.transformer, self._on_set_timesteps, self._on_step)
         self._hooks: list[Any] = []
         self._pending = False  # set_timesteps was called; the generation begins at the next transformer call
         self._active = False  # a generation is running: transformer calls are given steps
-        self._completed = 0  # scheduler.step() calls since set_timesteps: the index of the current step
-        self._offset = 0  # scheduler.begin_index (img2img pipelines start inside the schedule)
-        self._num_steps = 0
         self._last_index: int | None = None
         self._branch = 0
         self._open: contextlib.ExitStack | None = None
         self._warned = False
         self._removed = False
-        self._timesteps = TimestepCheck(pipeline.transformer)
 
     # ---------------------------------------------------------------------------------------------------
     # install / remove
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def install(cls, pipeline: Any, config: TaylorSeerConfig | CacheConfig, targets: list[Target]) -> PipelineHandle:
-        """Install the cache on ``pipeline.transformer`` and attach to its scheduler; see the module docstring."""
+    def install(cls, pipeline: Any, parts: CacheConfig, targets: list[Target], given: Any = None) -> PipelineHandle:
+        """Install the cache on ``pipeline.transformer`` and attach to its scheduler; see the module docstring
+        (``parts``: what runs; ``given``: the config as the user wrote it, shown by ``repr`` and ``config``)."""
         check_pipeline(pipeline)
         if id(pipeline.scheduler) in _ATTACHED:
             raise ValueError("taylorseer is already applied to this pipeline's scheduler: remove() that handle first")
-        cache = CacheHandle.install(pipeline.transformer, config, targets)
+        cache = CacheHandle.install(pipeline.transformer, parts, targets, given)
         cache.auto_steps = False  # the scheduler tells the steps
         handle = cls(pipeline, cache)
         try:
@@ -255,61 +169,48 @@ class PipelineHandle:
         if id(scheduler) in _ATTACHED and _ATTACHED[id(scheduler)] is not self:
             raise ValueError("this scheduler is attached to another taylorseer handle: remove() that handle first")
         self._detach()
-        self._scheduler = scheduler
         _ATTACHED[id(scheduler)] = self
-        for method, after in (("set_timesteps", self._on_set_timesteps), ("step", self._on_step)):
-            had_own = method in scheduler.__dict__
-            self._saved.append((scheduler, method, had_own, scheduler.__dict__.get(method)))
-            setattr(scheduler, method, _then(getattr(scheduler, method), after))
+        self._steps.attach(scheduler)
 
     def _detach(self) -> None:
-        for scheduler, method, had_own, value in reversed(self._saved):
-            if had_own:
-                setattr(scheduler, method, value)
-            else:
-                scheduler.__dict__.pop(method, None)
-        self._saved.clear()
-        if self._scheduler is not None and _ATTACHED.get(id(self._scheduler)) is self:
-            del _ATTACHED[id(self._scheduler)]
-        self._scheduler = None
+        scheduler = self._steps.scheduler
+        self._steps.detach()
+        if scheduler is not None and _ATTACHED.get(id(scheduler)) is self:
+            del _ATTACHED[id(scheduler)]
 
     def _on_set_timesteps(self) -> None:
         self._close()  # a call interrupted by a KeyboardInterrupt (torch then runs no forward hook) left one open
-        self._pending, self._active, self._completed = True, False, 0
+        self._pending, self._active = True, False
 
     def _on_step(self) -> None:
-        self._completed += 1
+        pass  # SchedulerSteps counts the step
 
     def _begin(self) -> None:
-        scheduler = self._scheduler
-        self._offset = int(getattr(scheduler, "begin_index", None) or 0)
-        self._num_steps = len(scheduler.timesteps) - self._offset
-        self.cache.begin(self._num_steps)
+        self.cache.begin(self._steps.start())
         self._pending, self._active, self._last_index, self._warned = False, True, None, False
-        self._timesteps.reset()
 
     def _where(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scheduler's timestep and sigma of step ``index`` (sigma only when the abscissa needs it)."""
-        return scheduler_point(self._scheduler, self._offset + index, self.config.abscissa == "sigma")
+        return self._steps.where(index, self.cache.parts.abscissa == "sigma")
 
     # ---------------------------------------------------------------------------------------------------
     # transformer hooks
     # ---------------------------------------------------------------------------------------------------
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._close()  # a call interrupted by a non-Exception (KeyboardInterrupt) may have left one open
-        if self.pipeline.scheduler is not self._scheduler:  # the user swapped the scheduler after apply()
+        if self.pipeline.scheduler is not self._steps.scheduler:  # the user swapped the scheduler after apply()
             self._attach(self.pipeline.scheduler)
-            timesteps = getattr(self._scheduler, "timesteps", None)
+            timesteps = getattr(self._steps.scheduler, "timesteps", None)
             self._pending = timesteps is not None and len(timesteps) > 0
-            self._completed = 0
+            self._steps.completed = 0
         if self._pending:
             self._begin()
         if not self._active:
             return  # not inside a denoising loop: run the original model
-        index = self._completed
-        if index >= self._num_steps:
+        index = self._steps.completed
+        if index >= self._steps.num_steps:
             if not self._warned:
-                warnings.warn(f"transformer called after the last of {self._num_steps} scheduler steps; "
+                warnings.warn(f"transformer called after the last of {self._steps.num_steps} scheduler steps; "
                               f"running it without forecasting", stacklevel=2)
                 self._warned = True
             return
@@ -324,7 +225,7 @@ class PipelineHandle:
 
     def _follows(self, index: int, expected: Any, args: tuple, kwargs: dict) -> bool:
         """Whether this call's timestep is the scheduler's at step ``index``; if not, end the generation."""
-        mismatch = self._timesteps.mismatch(expected, args, kwargs)
+        mismatch = self._steps.mismatch(expected, args, kwargs)
         if mismatch is None:
             return True
         value, want = mismatch

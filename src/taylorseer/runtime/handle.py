@@ -9,7 +9,7 @@ The handle composes the runtime's parts: ``Installation`` (install.py: swap/rest
 per step and branch) and the observers (observers.py: stats, FLOPs, probes).
 
 Example:
-    >>> handle = CacheHandle.install(model, TaylorSeerConfig(interval=4), targets)   # doctest: +SKIP
+    >>> handle = CacheHandle.install(model, parts_of(TaylorSeerConfig(interval=4)), targets)   # doctest: +SKIP
     >>> for i, t in enumerate(timesteps):                                             # doctest: +SKIP
     ...     with handle.step(i, t):
     ...         eps = model(x, t)
@@ -27,13 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.registry import Target
-from ..parts import CacheConfig, parts_of
+from ..adapters.registry import Target, find_adapter, resolve_targets
+from ..adapters.shortcuts import find_shortcut
+from ..parts import CacheConfig
+from ..policy import build_policy
 from .autostep import CallSteps, timestep_argument
 from .engine import Engine, Slot
 from .install import Installation, unwrap
 from .observers import CacheStats, FlopObserver
 from .switch import Planner
+from .vote import probes_for
 
 
 def _block_of(path: str) -> str:
@@ -45,8 +48,6 @@ def _block_of(path: str) -> str:
 
 def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> list[Slot]:
     """Slots in model order, with block groups, the probe group and the slots that call ``engine.enter``."""
-    from ..adapters.shortcuts import find_shortcut
-
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     targets = sorted(targets, key=lambda t: order[t.path])
     groups: dict[str, int] = {}
@@ -77,10 +78,13 @@ def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> l
 class CacheHandle:
     """Owns the forecasting state of one model; created by ``taylorseer.apply``. Use as a context manager."""
 
-    def __init__(self, model: nn.Module, config: Any, targets: list[Target]):
+    def __init__(self, model: nn.Module, parts: CacheConfig, targets: list[Target], given: Any = None):
+        if not isinstance(parts, CacheConfig):
+            raise TypeError(f"CacheHandle takes a CacheConfig (taylorseer.apply converts other configs with "
+                            f"parts_of), got {type(parts).__name__}")
         self.model = model
-        self.config = config
-        self.parts: CacheConfig = parts_of(config)
+        self.parts = parts  # what the runtime reads
+        self.config = parts if given is None else given  # the config as the user gave it (repr, handle.config)
         self.targets = [t for t in targets if t.mode != "shortcut"]  # modules whose outputs are forecast/skipped
         self.shortcuts = [t for t in targets if t.mode == "shortcut"]  # blocks that may take their shortcut
         self.engine = Engine(self.parts, [])
@@ -100,15 +104,14 @@ class CacheHandle:
     # install / remove
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def install(cls, model: nn.Module, config: Any, targets: list[Target]) -> CacheHandle:
-        """Swap the forward of each target module (per instance) and return the handle owning them."""
+    def install(cls, model: nn.Module, parts: CacheConfig, targets: list[Target], given: Any = None) -> CacheHandle:
+        """Swap the forward of each target module (per instance) and return the handle owning them (``given``:
+        the config as the user wrote it, shown by ``repr`` and ``config``; ``parts`` is what runs)."""
         model = unwrap(model)
-        handle = cls(model, config, targets)
+        handle = cls(model, parts, targets, given)
         calibration = getattr(handle.engine.forecaster, "calibration", None)
         if calibration is not None:  # fitted weights: for this model's class, config and weights only
             calibration.check(model=model)  # before the model is touched
-        from ..adapters.registry import find_adapter
-
         spec = find_adapter(model)
         # Read before _install: at output granularity the model's own forward is swapped, hiding its signature.
         argument = timestep_argument(model, spec.timestep_arg if spec else None)
@@ -134,13 +137,11 @@ class CacheHandle:
         slots = self.engine.slots
         if all(self.model.get_submodule(slot.path) is module for slot, module in zip(slots, self._modules)):
             return
-        from ..adapters import resolve_targets
-
         attached = self.auto.saved is not None
         self.auto.detach()
         self._installation.remove()
         self.engine.clear()
-        self._install(resolve_targets(self.model, self.config))
+        self._install(resolve_targets(self.model, self.parts.targets))
         if attached:
             self.auto.attach(self.model)
 
@@ -199,8 +200,6 @@ class CacheHandle:
     def plan(self, num_steps: int) -> list[bool]:
         """The compute (True) / forecast (False) list for a generation of ``num_steps`` steps (static policies;
         ``ValueError`` for adaptive ones, whose decisions depend on what the model computes)."""
-        from ..policy import build_policy
-
         plan = build_policy(self.planner.choose(num_steps).policy).plan(num_steps)
         if plan is None:
             raise ValueError(f"{type(self.parts.policy).__name__} decides during sampling: it has no plan; "
@@ -344,9 +343,7 @@ class CacheHandle:
     # ---------------------------------------------------------------------------------------------------
     def _pool_probes(self) -> None:
         """Under diffusers' context parallelism (``enable_parallelism``, before or after ``apply``) the ranks that
-        share a sample pool their probe sums, so they take the one-process decision (``distributed.vote``)."""
-        from ..distributed.vote import probes_for
-
+        share a sample pool their probe sums, so they take the one-process decision (``runtime/vote.py``)."""
         self.engine.probes = probes_for(self.model, self.engine.probes)
 
     def _begin_engine(self, num_steps: int | None) -> None:

@@ -20,17 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.registry import unwrap as unwrap  # defined with the adapters; importable here as before
 from .engine import Engine, Slot
 
 _is_compiling = torch.compiler.is_compiling  # True inside a graph dynamo traces (it knows this function)
 _INSTALLED: dict[int, Any] = {}  # id(module) -> owner, to refuse applying twice anywhere in one model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or similar holder stands for."""
-    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-        model = model._orig_mod
-    return model
 
 
 class Forward:
