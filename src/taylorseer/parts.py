@@ -25,6 +25,7 @@ from typing import Any
 from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, PRESET_NAMES, TaylorSeerConfig, preset
 from .forecast import TaylorForecast, registered_forecasters
 from .policy import IntervalSchedule, build_policy, registered_policies
+from .policy.interval import config_from_dict, config_to_dict
 
 
 @dataclass(frozen=True)
@@ -116,53 +117,83 @@ class CacheConfig:
         return None if plan is None else sum(plan)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict; the policy and forecaster carry their type name under ``"type"``."""
-        def part(obj: Any) -> dict[str, Any]:
-            values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-            return {"type": type(obj).__name__,
-                    **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
-
-        return {"policy": part(self.policy), "forecaster": part(self.forecaster),
-                "targets": {**dataclasses.asdict(self.targets), "modules": list(self.targets.modules)},
-                "store": dataclasses.asdict(self.store), "abscissa": self.abscissa, "name": self.name}
+        """Plain-JSON dict; the policy and forecaster carry their type name under ``"type"``. The one serialiser
+        of a cache: every part goes through ``config_to_dict`` (as every policy config's own ``to_dict``)."""
+        return {"policy": part_to_dict(self.policy), "forecaster": part_to_dict(self.forecaster),
+                "targets": config_to_dict(self.targets), "store": config_to_dict(self.store),
+                "abscissa": self.abscissa, "name": self.name}
 
     def to_json(self) -> str:
+        """JSON text of ``to_dict()`` (keys sorted)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheConfig:
-        """Inverse of ``to_dict``; unknown part types or fields raise ``ValueError`` naming them."""
+        """Inverse of ``to_dict``; unknown part types or fields raise ``ValueError`` naming them.
+
+        Example:
+            >>> CacheConfig.from_dict({"policy": {"type": "IntervalSchedule", "interval": 5},
+            ...                        "forecaster": {"type": "TaylorForecast"}}).policy.interval
+            5
+        """
         if not isinstance(data, dict):
             raise TypeError(f"CacheConfig.from_dict needs a dict (a JSON object), got {type(data).__name__}")
         allowed = {"policy", "forecaster", "targets", "store", "abscissa", "name"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"unknown CacheConfig field(s) {unknown}; allowed: {sorted(allowed)}")
-
-        def part(kind: str) -> Any:
-            spec = dict(data[kind])
-            registered = _registered(kind)
-            name = spec.pop("type", None)
-            if name not in registered:
-                raise ValueError(f"CacheConfig.{kind}.type must be one of {sorted(registered)}, got {name!r}")
-            part_type = registered[name]
-            names = {f.name for f in dataclasses.fields(part_type)}
-            extra = sorted(set(spec) - names)
-            if extra:
-                raise ValueError(f"unknown {name} field(s) {extra}; allowed: {sorted(names)}")
-            hints = {f.name: f.type for f in dataclasses.fields(part_type)}
-            return part_type(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
-                                for k, v in spec.items()})
-
-        targets = dict(data.get("targets", {}))
-        if "modules" in targets:
-            targets["modules"] = tuple(targets["modules"])
-        return cls(part("policy"), part("forecaster"), Targets(**targets), Store(**data.get("store", {})),
+        missing = [kind for kind in ("policy", "forecaster") if kind not in data]
+        if missing:
+            raise ValueError(f"CacheConfig.from_dict: missing {missing}; a policy and a forecaster are required, "
+                             f"each an object with its \"type\" (one of {sorted(registered_policies())} and "
+                             f"{sorted(registered_forecasters())})")
+        return cls(part_from_dict("policy", data["policy"]), part_from_dict("forecaster", data["forecaster"]),
+                   config_from_dict(Targets, _tuples(Targets, data.get("targets", {}))),
+                   config_from_dict(Store, data.get("store", {})),
                    data.get("abscissa", "step"), data.get("name", "custom"))
 
     @classmethod
     def from_json(cls, text: str) -> CacheConfig:
-        return cls.from_dict(json.loads(text))
+        """Inverse of ``to_json``: ``ValueError`` naming the text if it is not valid JSON; then as ``from_dict``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"CacheConfig.from_json: not valid JSON ({err}) in {text!r:.80}") from None
+        return cls.from_dict(data)
+
+
+def part_to_dict(part: Any) -> dict[str, Any]:
+    """A policy or forecaster config as a plain-JSON dict with its registered type name under ``"type"``.
+
+    Example:
+        >>> part_to_dict(IntervalSchedule(interval=5))
+        {'type': 'IntervalSchedule', 'interval': 5, 'warmup_steps': 2, 'tail_steps': 0}
+    """
+    return {"type": type(part).__name__, **config_to_dict(part)}
+
+
+def part_from_dict(kind: str, data: Any) -> Any:
+    """Inverse of ``part_to_dict`` for ``kind`` ``"policy"`` or ``"forecaster"``: the registered config type named
+    by ``data["type"]``, built from the other keys (``ValueError`` naming an unknown type or key).
+
+    Example:
+        >>> part_from_dict("forecaster", {"type": "TaylorForecast", "max_order": 1}).max_order
+        1
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"CacheConfig.{kind} must be a JSON object with a \"type\", got {type(data).__name__}")
+    spec = dict(data)
+    registered = _registered(kind)
+    name = spec.pop("type", None)
+    if name not in registered:
+        raise ValueError(f"CacheConfig.{kind}.type must be one of {sorted(registered)}, got {name!r}")
+    return config_from_dict(registered[name], _tuples(registered[name], spec))
+
+
+def _tuples(config_type: type, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with JSON lists turned into tuples for the fields the config type declares as tuples."""
+    hints = {f.name: str(f.type) for f in dataclasses.fields(config_type)}
+    return {k: tuple(v) if isinstance(v, list) and "tuple" in hints.get(k, "") else v for k, v in spec.items()}
 
 
 def parts_of(config: TaylorSeerConfig | CacheConfig) -> CacheConfig:
