@@ -1,4 +1,5 @@
-"""The methods and the generation the context-parallel tests run, in one process and under context parallelism.
+"""The methods and the generation the context-parallel tests run, in one process and under context parallelism
+(and the DiT case of the default-group vote).
 
 One generation: the random-weight tiny FLUX (``flux-tiny-random``: 4 heads, 64 image + 4 prompt tokens), classes
 3 and 5, 8 Euler steps, true classifier-free guidance at 2.0 (two transformer calls per step: two branches), one
@@ -84,3 +85,22 @@ def generate(pipe: Any, config: CacheConfig | None, handle: Any = None) -> dict[
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# the default-group probe vote of unsharded ranks (test_distributed.py): a tiny random DiT, a confidence gate
+DIT_POLICY = ConfidenceGate(threshold=0.4, warmup_steps=1, max_forecast=4)
+DIT_SEEDS = (0, 3)  # on the tiny random DiT these two are gated differently when alone
+
+
+def dit_decisions(seed: int) -> list[bool]:
+    """The per-step compute decisions of a gated TaylorSeer sample of classes ``[seed % 10, 3]`` (12 steps) on the
+    tiny random DiT (``DiT-FM-T/4``, weights from seed 0), in whatever process group is current."""
+    import taylorseer
+    from taylorseer.models.reference import build_reference
+    from taylorseer.models.sampler import sample
+
+    torch.manual_seed(0)
+    model = build_reference("DiT-FM-T/4").requires_grad_(False)
+    with taylorseer.apply(model, CacheConfig(DIT_POLICY, TaylorForecast(max_order=1))) as handle:
+        sample(model, torch.tensor([seed % 10, 3]), num_steps=12, seed=seed, listener=handle)
+        return [d["compute"] for d in handle.stats.decisions]

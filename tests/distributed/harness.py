@@ -1,10 +1,11 @@
-"""The CPU harness of the context-parallel tests: gloo process groups in spawned processes, and the two patches
-that let diffusers 0.42.1 run context parallelism on a machine without an accelerator. Both live here only;
-nothing in ``src/`` patches anything.
+"""The CPU harness of the context-parallel tests: a world of gloo processes forked from the test process
+(``fork_world``), the two patches that let diffusers 0.42.1 run context parallelism on a machine without an
+accelerator, and ``emulate_ulysses``, one process reproducing the sharded kernels bit for bit. All live here
+only; nothing in ``src/`` patches anything.
 
 1. ``patch_accelerator_count``: diffusers' ``ModelMixin._resolve_parallel_config`` computes
    ``rank % torch.accelerator.device_count()``, a ``ZeroDivisionError`` on a CPU-only machine. The patch makes the
-   count 1 in the test's own processes. ``test_cp_model.py::test_diffusers_still_needs_the_accelerator_patch``
+   count 1 in the test's forked processes. ``test_cp_model.py::test_two_ranks_equal_one_process``
    checks that diffusers still needs it: when it fails, diffusers stopped dividing by the count and the patch (and
    this paragraph) can go.
 2. ``patch_ring_lse`` (ring tests only): ring attention merges per-block results with their log-sum-exp, and the
@@ -12,22 +13,23 @@ nothing in ``src/`` patches anything.
    returns it calls a CUDA or NPU kernel. The patch gives diffusers' native forward op the log-sum-exp from torch's
    own CPU kernel (``aten._scaled_dot_product_flash_attention_for_cpu``), so diffusers' ring algorithm
    (``TemplatedRingAttention``, unchanged) runs on CPU. Without it, taylorseer refuses ring on CPU before any
-   work, with the reason (``distributed.layout.RING_NEEDS_LSE``); ``test_ring_is_refused_without_a_backend``.
+   work, with the reason (``distributed.layout.RING_NEEDS_LSE``):
+   ``test_cp_model.py::test_ring_and_ulysses_limits_are_refused_before_any_work``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-import tempfile
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-GLOO_TIMEOUT = datetime.timedelta(seconds=20)  # a silent peer is an error after this long (the fault test)
 
 
 def patch_accelerator_count() -> None:
@@ -60,22 +62,113 @@ def patch_ring_lse() -> None:
     attention_dispatch._native_attention_forward_op = forward_op
 
 
-def _entry(rank: int, fn: Callable, world: int, init_file: str, ring: bool, args: tuple) -> None:
+def fork_world(fn: Callable, world: int, *args: Any) -> Any:
+    """Start ``fn(rank, world, *args)`` in ``world`` processes forked from this one (not spawned: they inherit
+    its imported torch and diffusers instead of importing them again, ~5 s of CPU each), with the harness's
+    patches applied in each child only, and return torch's ``ProcessContext`` at once, so this process can work
+    while they run; ``join_world`` waits for them. ``fn`` joins whatever process groups it needs itself."""
+    return mp.start_processes(_forked, args=(fn, world, args), nprocs=world, join=False, start_method="fork")
+
+
+def _forked(rank: int, fn: Callable, world: int, args: tuple) -> None:
     torch.set_num_threads(1)
     patch_accelerator_count()
-    if ring:
-        patch_ring_lse()
+    patch_ring_lse()
+    fn(rank, world, *args)
+
+
+def join_world(context: Any, seconds: float) -> None:
+    """Wait for ``fork_world``'s processes; re-raise the first failure; after ``seconds`` kill them all and
+    raise (a hung world fails the tests instead of hanging them)."""
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            stop_world(context)
+            raise TimeoutError(f"the forked world did not finish within {seconds:.0f} s")
+
+
+def stop_world(context: Any) -> None:
+    """Kill ``fork_world``'s processes that are still running (by their own process objects)."""
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+
+
+def init_file_group(rank: int, world: int, init_file: str, seconds: float) -> None:
+    """Join a gloo group through a shared file (what the model tests use; the commands join through env://)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=GLOO_TIMEOUT)
+                            timeout=datetime.timedelta(seconds=seconds))
+
+
+def torchrun_environment(rank: int, world: int, port: int) -> None:
+    """The environment ``torchrun`` gives rank ``rank`` (env:// rendezvous on 127.0.0.1:``port``), so the
+    commands join their job exactly as under ``torchrun``."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def emulate_ulysses(degree: int, text_tokens: int, image_tokens: int) -> Iterator[None]:
+    """Inside the block, this one process computes exactly what ``degree`` Ulysses ranks of a FLUX transformer
+    compute (test-only; docs/parallel.md, "Hybrid DP x CP and bitwise equality"): every linear layer over a
+    token sequence runs on each rank's rows separately (as a strided view at the two entry layers, where
+    diffusers splits the inputs with ``chunk``, contiguous elsewhere), and attention sees its keys in the order
+    of Ulysses' all-to-all gather (rank 0's text and image tokens, then rank 1's, ...). On this CPU both
+    change the last bits: a linear layer's result for one row depends on how many rows it is given and on their
+    memory layout, and attention's softmax sums depend on the key order. Nothing else differs, so the sharded
+    run and this one are bitwise equal."""
+    functional = torch.nn.functional
+    linear, attention = functional.linear, functional.scaled_dot_product_attention
+    t, i = text_tokens, image_tokens
+
+    def rows(length: int, r: int) -> torch.Tensor:
+        text = torch.arange(r * t // degree, (r + 1) * t // degree)
+        image = torch.arange(r * i // degree, (r + 1) * i // degree)
+        return text if length == t else image if length == i else torch.cat([text, t + image])
+
+    gathered = {n: torch.cat([rows(n, r) for r in range(degree)]) for n in (t, i, t + i)}
+    entry_layers: set[int] = set()
+    at_entry = [False]
+
+    def sharded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] not in gathered:
+            return linear(x, weight, bias)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for r in range(degree):
+            index = rows(x.shape[1], r)
+            part = x[:, int(index[0]):int(index[-1]) + 1] if at_entry[0] else x[:, index]
+            out[:, index] = linear(part, weight, bias)
+        return out
+
+    def gathered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                           **kwargs: Any) -> torch.Tensor:
+        order = gathered[key.shape[-2]]
+        q, k, v = (x.transpose(1, 2)[:, order].transpose(1, 2) for x in (query, key, value))
+        out = attention(q, k, v, *args, **kwargs)
+        return out.transpose(1, 2)[:, order.argsort()].transpose(1, 2)
+
+    def before(module: torch.nn.Module, args: Any) -> None:
+        if type(module).__name__ == "FluxTransformer2DModel":
+            entry_layers.update((id(module.x_embedder), id(module.context_embedder)))
+        if id(module) in entry_layers:
+            at_entry[0] = True
+
+    def after(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if id(module) in entry_layers:
+            at_entry[0] = False
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(before),
+             torch.nn.modules.module.register_module_forward_hook(after)]
+    functional.linear, functional.scaled_dot_product_attention = sharded_linear, gathered_attention
     try:
-        fn(rank, world, *args)
+        yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn(fn: Callable, world: int, *args: Any, ring: bool = False) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in one gloo group (both patches
-    applied in each, the ring one with ``ring=True``); raises if any process fails."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(fn, world, os.path.join(tmp, "init"), ring, args), nprocs=world, join=True)
+        functional.linear, functional.scaled_dot_product_attention = linear, attention
+        for hook in hooks:
+            hook.remove()
