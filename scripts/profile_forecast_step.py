@@ -10,7 +10,8 @@ with and without block shortcuts and for block-residual granularity (O = 2, divi
 with the arguments it gets in the model (captured from a plain call), as on a forecast step, minus the same calls of
 stubs that return a precomputed tensor, divided by the number of targets (CPU time of the thread,
 ``time.thread_time``: robust to other jobs on the machine); the host time of the step context itself
-(``handle.step`` open and close), per step; and the batched pass's tensor ops alone. ``--src DIR`` imports
+(``handle.step`` open and close), per step; and the batched pass's tensor ops alone (the same foreach calls on the
+same factors, timed after each step). Each is the median (``--quantile``) over the forecast steps. ``--src DIR`` imports
 taylorseer from another checkout's ``src/`` (before/after comparisons).
 
 ``--ops``: also the cost of the forecast arithmetic alone, for one module target's feature ([batch, tokens,
@@ -34,13 +35,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quantile", type=float, default=0.5,
+                        help="--python: which quantile of the per-step times (0.5: the median; a low one, e.g. 0.1, "
+                             "is steadier on a loaded machine, where other jobs only add time)")
     parser.add_argument("--ops", action="store_true", help="also time the forecast arithmetic alone")
     args = parser.parse_args()
     if args.src:
         sys.path.insert(0, args.src)
     torch.set_num_threads(args.threads)
     if args.python:
-        _python(max(args.repeats, 200))
+        _python(max(args.repeats, 200), args.quantile)
         return
     import taylorseer
     from taylorseer.models.pretrained import load_reference
@@ -78,11 +82,11 @@ def main() -> None:
         _ops(model, args.batch, args.repeats)
 
 
-def _median(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2]
+def _median(times: list[float], quantile: float = 0.5) -> float:
+    return sorted(times)[min(int(len(times) * quantile), len(times) - 1)]
 
 
-def _python(repeats: int) -> None:
+def _python(repeats: int, quantile: float = 0.5) -> None:
     """The library's time per target on a forecast step of a tiny DiT (see the module docstring)."""
     from diffusers import DiTTransformer2DModel
 
@@ -97,7 +101,8 @@ def _python(repeats: int) -> None:
     def call(t: float) -> torch.Tensor:
         return model(x, timestep=torch.full((1,), t), class_labels=y).sample
 
-    config = taylorseer.TaylorSeerConfig(interval=10**6, warmup_steps=3, max_order=2)
+    # interval 47: steps 3-48 forecast, step 49 computed (a longer interval is switched off at 50 steps)
+    config = taylorseer.TaylorSeerConfig(interval=47, warmup_steps=3, max_order=2)
     with torch.no_grad():
         handle = taylorseer.apply(model, config)
         paths = [t.path for t in handle.targets]
@@ -111,14 +116,14 @@ def _python(repeats: int) -> None:
         handle = taylorseer.apply(model, config)
         wrappers = [(model.get_submodule(p).forward, *captured[p][:2]) for p in paths]
         stubs = [((lambda *a, o=captured[p][2], **k: o), *captured[p][:2]) for p in paths]
-        hooked, stub, context = [], [], []
+        hooked, stub, context, ops = [], [], [], []
         clock = time.thread_time
-        while len(hooked) < repeats:  # generations of 50 steps: 3 full, then 47 forecast steps
+        while len(hooked) < repeats:  # generations of 50 steps: 3 full, then 46 forecast steps (the last is full)
             handle.begin(50)
             for i in range(3):
                 with handle.step(i):
                     call(999.0 - 20 * i)
-            for step in range(3, 50):  # one forecast step = every target called once, in model order
+            for step in range(3, 49):  # one forecast step = every target called once, in model order
                 t0 = clock()
                 with handle.step(step):
                     if step == 3:
@@ -135,17 +140,15 @@ def _python(repeats: int) -> None:
                 for forward, args, kwargs in stubs:
                     forward(*args, **kwargs)
                 stub.append(clock() - start)
+                start = clock()  # the batched pass's tensor work alone: one foreach call per term, same factors
+                out = torch._foreach_add(columns[0], columns[1], alpha=0.5)
+                for column in columns[2:]:
+                    torch._foreach_add_(out, column, alpha=0.25)
+                ops.append(clock() - start)
         forecasts = handle.stats.steps_forecast
         handle.remove()
-        ops = []  # the batched pass's tensor work alone: one foreach call per term over the same factors
-        for _ in range(repeats):
-            start = clock()
-            out = torch._foreach_add(columns[0], columns[1], alpha=0.5)
-            for column in columns[2:]:
-                torch._foreach_add_(out, column, alpha=0.25)
-            ops.append(clock() - start)
-    t = _median(ops)
-    h, s, c = _median(hooked), _median(stub), _median(context)
+    t = _median(ops, quantile)
+    h, s, c = _median(hooked, quantile), _median(stub, quantile), _median(context, quantile)
     n = len(paths)
     print(f"{n} targets, {forecasts} forecast steps per generation: the targets' calls on a forecast step take "
           f"{h * 1e6:.1f} us with the handle (stubs returning a ready tensor: {s * 1e6:.1f} us) -> "

@@ -95,29 +95,36 @@ class IntervalSchedule:
         return config_from_dict(cls, data)
 
 
+_FORECAST, _FULL, _WARMUP = Decision(False, reason="interval"), Decision(True, reason="interval"), \
+    Decision(True, reason="warmup")  # frozen: one object each, shared by every step that takes it
+
+
 @register_policy(IntervalSchedule)
 class IntervalRuntimePolicy(Policy):
-    """Decisions read off ``IntervalPolicy.plan``."""
+    """Decisions read off ``IntervalPolicy.plan``, made once per generation (a list lookup per step). Without
+    ``num_steps`` the list grows by doubling (a plan without a tail is a prefix of every longer one)."""
 
     def __init__(self, config: IntervalSchedule):
         self.schedule = IntervalPolicy(config.interval, config.warmup_steps, config.tail_steps)
-        self._plan: list[bool] = []
+        self._decisions: list[Decision] = []
         self._num_steps: int | None = None
 
     def begin(self, num_steps: int | None) -> None:
         if num_steps is None and self.schedule.tail_steps:
             raise ValueError("tail_steps > 0 needs num_steps: call handle.begin(num_steps) first")
         self._num_steps = num_steps
-        self._plan = self.schedule.plan(num_steps) if num_steps is not None else []
+        self._decisions = self._decide_all(num_steps) if num_steps is not None else []
+
+    def _decide_all(self, num_steps: int) -> list[Decision]:
+        warmup = self.schedule.warmup_steps
+        return [_FORECAST if not full else _WARMUP if i < warmup else _FULL
+                for i, full in enumerate(self.schedule.plan(num_steps))]
 
     def decide(self, info: StepInfo) -> Decision:
-        if info.index >= len(self._plan):
-            self._plan = self.schedule.plan(info.index + 1) if self._num_steps is None else self._plan
-        full = self._plan[info.index]
-        if not full:
-            return Decision(False, reason="interval")
-        reason = "warmup" if info.index < self.schedule.warmup_steps else "interval"
-        return Decision(True, reason=reason)
+        index = info.index
+        if index >= len(self._decisions) and self._num_steps is None:
+            self._decisions = self._decide_all(max(index + 1, 2 * len(self._decisions)))
+        return self._decisions[index]
 
     def plan(self, num_steps: int) -> list[bool]:
         return self.schedule.plan(num_steps)

@@ -102,6 +102,8 @@ class Engine:
         self._prepared = -1  # the call_id whose batched pass ran
         self._plan: tuple = (None, [])
         self._plan_key: tuple | None = None
+        self._bound: tuple | None = None  # (store version, branch) of the entries bound to the slots (eager)
+        self._probe_policy = self.controller.probe_blocks > 0
         self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
                                                                                       None)
         self._first: Slot | None = None
@@ -149,6 +151,7 @@ class Engine:
         self._plan, self._plan_key = (None, []), None  # the plan holds factor tensors: let them go
         for slot in self._slots:
             slot.entry, slot.live, slot.weights = None, False, None
+        self._bound = None
         self.observer.on_bytes(0, 0)
 
     def open(self, index: int, point: float, branch: Any) -> None:
@@ -163,14 +166,17 @@ class Engine:
 
     def _start(self) -> None:
         """A branch starts: settle what its decisions need (one host read at most), bind its forecasts."""
-        self.probes.reset()
+        if self._probe_policy:  # only a probing policy fills the probes
+            self.probes.reset()
         self._fallbacks = 0
         self.call_id += 1
         self.branch_open = False
         self.ready = {}
         self.forecast_hits, self.computed_hits = [], []
-        if self.checks.needed(self.controller.branch) and not self.controller.probing:
-            self._settle(self.checks.read(self)[0])
+        checks = self.checks
+        if (checks.pending or checks.launched) and checks.needed(self.controller.branch) \
+                and not self.controller.probing:
+            self._settle(checks.read(self)[0])
         self.forecasting = self.controller.forecasting
         if self.forecasting:
             self._bind()
@@ -217,9 +223,13 @@ class Engine:
         branch, entries, weights_of = self.controller.branch, self.store.entries, self._weights_of
         point = self.controller.point
         if not self.compiled:  # eager: the factors only (the batched pass reads them)
-            for slot in self._forecast_slots:
-                slot.entry = entries.get((branch, slot.path))
+            bound = (self.store.version, branch)
+            if bound != self._bound:  # between two full steps the same entries: bound already
+                for slot in self._forecast_slots:
+                    slot.entry = entries.get((branch, slot.path))
+                self._bound = bound
             return
+        self._bound = None
         cache: dict[tuple, torch.Tensor] = {}
         measuring = bool(self.measure)
         for slot in self._forecast_slots:
@@ -257,13 +267,17 @@ class Engine:
             self._open_first(slot)
         elif slot.seen == self.call_id and slot.mode != "shortcut":
             self._twice(slot)
-        slot.seen = self.call_id
-        if self.controller.probing and not slot.probe:
-            self._resolve()
-        if self.forecasting:
-            if self._prepared != self.call_id:
+        call_id = slot.seen = self.call_id
+        if self.forecasting:  # (never while probing)
+            if self._prepared != call_id:
                 self._prepare(slot)
             return slot.forecast(self, slot, original, args, kwargs)
+        if self.controller.probing and not slot.probe:
+            self._resolve()
+            if self.forecasting:
+                if self._prepared != call_id:
+                    self._prepare(slot)
+                return slot.forecast(self, slot, original, args, kwargs)
         if slot.mode == "shortcut":
             return original(*args, **kwargs)
         if self.flops is not None:

@@ -90,6 +90,7 @@ class StepController:
         self.probing = False
         self.observation: Observation | None = None
         self.forced = False  # the runtime computed a target of a forecast branch in full (fallback)
+        self._info: StepInfo | None = None
 
     # -- generation ------------------------------------------------------------------------------------
     def begin(self, num_steps: int | None) -> None:
@@ -123,15 +124,18 @@ class StepController:
 
     def _decide(self, branch: Any) -> Decision:
         self.branch = branch
-        self.decision = self._policy(branch).decide(self.info())
+        assert self.index is not None
+        self._info = StepInfo(self.index, self.num_steps, self.point, branch)  # one per (step, branch): frozen
+        self.decision = self._policy(branch).decide(self._info)
         self.probing = self.decision.probe
         self.observation = None
         self.forced = False
         return self.decision
 
     def info(self) -> StepInfo:
-        assert self.index is not None
-        return StepInfo(self.index, self.num_steps, self.point, self.branch)
+        """The open (step, branch) as the policy was told it when the branch opened."""
+        assert self.index is not None and self._info is not None
+        return self._info
 
     @property
     def forecasting(self) -> bool:
