@@ -41,3 +41,19 @@ def test_the_runtime_takes_a_cache_config_and_apply_converts_once():
         assert handle.config is given  # what the user gave, shown by repr
         assert isinstance(handle.parts, CacheConfig) and handle.parts == parts_of(given)  # what runs
         assert handle.engine.parts is handle.parts
+
+
+def test_cache_config_reads_every_part_through_one_serialiser():
+    cfg = parts_of(TaylorSeerConfig(interval=3, modules=("blocks.*.attn",), factor_dtype="float16"))
+    data = cfg.to_dict()
+    assert data["policy"] == {"type": "IntervalSchedule", "interval": 3, "warmup_steps": 2, "tail_steps": 0}
+    assert data["targets"] == {"granularity": "module", "modules": ["blocks.*.attn"], "block_shortcuts": True}
+    assert CacheConfig.from_dict(data) == cfg
+    with pytest.raises(ValueError, match=r"Targets.from_dict: unknown keys \['granularty'\]"):
+        CacheConfig.from_dict({**data, "targets": {"granularty": "block"}})
+    with pytest.raises(ValueError, match=r"TaylorForecast.from_dict: unknown keys \['order'\]"):
+        CacheConfig.from_dict({**data, "forecaster": {"type": "TaylorForecast", "order": 2}})
+    with pytest.raises(ValueError, match=r"missing \['forecaster'\]"):
+        CacheConfig.from_dict({"policy": data["policy"]})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CacheConfig.from_json('{"policy": ')
