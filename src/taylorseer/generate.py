@@ -11,8 +11,8 @@ steps before the pipeline is loaded and against the transformer before anything 
 ``out_dir`` (one above the highest number any file there starts with) and writes ``NNN-baseline-K.png``,
 ``NNN-taylorseer-K.png`` and the facts as ``NNN.json``, each file created exclusively.
 
-``family_of`` says which adapter record (and so which preset) a model has, from its config files alone (no weights
-loaded): a registered transformer class name, a local model or pipeline folder, or a hub id (needs internet).
+Loading, the call's arguments and reading its output are ``taylorseer.integrations.pipeline_call``'s; which preset
+a model's family has, ``taylorseer.integrations.family``'s.
 
 Every failure the user can cause (bad path, unknown hub id, unsupported model, unknown or out-of-range class label,
 malformed or unavailable device, an output folder that is an existing file) raises ``FileNotFoundError`` or
@@ -25,6 +25,7 @@ Example:
     (['out/001-taylorseer-0.png'], 2.4, 33.9)
 """
 
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,66 +44,25 @@ import torch
 
 from . import __version__
 from ._extras import MissingExtraError
-from .adapters.registry import AdapterSpec, find_adapter, registered_adapters
+from .adapters.registry import find_adapter
 from .api import apply, default_config
 from .config import PRESET_NAMES, TaylorSeerConfig, preset
-from .integrations.pipeline import check_pipeline
+from .devices import resolve_device
+from .integrations.family import preset_reason
+from .integrations.pipeline_call import call_arguments, check_supported, load_pipeline, output_arrays
 from .parts import CacheConfig
 from .runtime.install import unwrap
 
 if TYPE_CHECKING:
     from .calibration.io import Calibration
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d+|mps")
-DEVICES = "cpu, cuda, cuda:N, mps"
-AUTO_DEVICE = "auto"  # cuda when available, else cpu
 FAMILY = "family"  # config="family": the preset recommended for the model's transformer family
 WARMUP_STEPS = 2  # steps of the untimed full-compute call before a timed comparison
 
 
 #################################################################################
-#                       Devices, output folders, loading                        #
+#                                 Output folders                                #
 #################################################################################
-
-def resolve_device(device: str) -> str:
-    """``auto``: ``cuda`` if a CUDA device is visible, else ``cpu``; any other name is checked by ``check_device``
-    and returned as given.
-
-    Example:
-        >>> resolve_device("cpu")
-        'cpu'
-    """
-    if device == AUTO_DEVICE:
-        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-    check_device(device)
-    return device
-
-
-def check_device(device: str) -> None:
-    """Refuse, with one line naming the allowed devices, a ``device`` that is malformed or not available here.
-
-    Allowed: ``cpu``, ``cuda``, ``cuda:N`` (N < the number of visible CUDA devices), ``mps``.
-
-    Example:
-        >>> check_device("cpu")
-    """
-    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"device {device!r} is not available: no CUDA device visible (torch {torch.__version__}, "
-                             f"{build}); allowed here: cpu")
-        if ":" in device and int(device.split(":")[1]) >= count:
-            raise ValueError(f"device {device!r} is not available: {count} CUDA device(s) visible, allowed: cpu, "
-                             f"cuda, cuda:0..cuda:{count - 1}")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' is not available here (torch.backends.mps.is_available() is False); "
-                         "allowed here: cpu" + (", cuda" if torch.cuda.is_available() else ""))
-
 
 def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> None:
     """Refuse a folder path that cannot be created: an existing file, or one below an existing file."""
@@ -116,269 +75,6 @@ def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> None:
             if not os.access(part, os.W_OK | os.X_OK):
                 raise ValueError(f"{name} {str(path)!r}: {str(part)!r} is not writable")
             return
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    """diffusers' info/warning logs off while loading (the caller prints what matters)."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
-def load_pipeline(model: str, device: str = "cpu", dtype: str | None = None) -> Any:
-    """``DiffusionPipeline.from_pretrained(model)`` on ``device`` with one-line errors.
-
-    ``model`` is a local pipeline folder (with ``model_index.json``) or a Hugging Face Hub id ``owner/name``.
-    ``dtype`` is one of ``float32``, ``float16``, ``bfloat16`` (None: as saved); ``device`` one of ``DEVICES``.
-    Raises ``FileNotFoundError`` (no such folder / not a pipeline folder / not loadable from the hub) or
-    ``ValueError`` (bad dtype or device, or the pipeline cannot be built, e.g. a missing optional dependency).
-    """
-    from diffusers import DiffusionPipeline
-
-    from .distributed.flux import build_model, is_builtin
-
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)} or None, got {dtype!r}")
-    check_device(device)
-    if is_builtin(model):  # a model built from a config by name (taylorseer.distributed.flux.BUILTIN_MODELS)
-        if dtype not in (None, "float32"):
-            raise ValueError(f"model {model!r} runs in float32, got dtype {dtype!r}")
-        return build_model(model).to(device)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"model {model!r} is not a diffusers pipeline folder (no model_index.json)")
-        source = str(path)
-    elif _HUB_ID.fullmatch(model) and not model.startswith((".", "/", "~")):
-        source = model
-    else:
-        raise FileNotFoundError(f"model {model!r} is neither an existing folder nor a Hugging Face Hub id "
-                                f"(owner/name)")
-    kwargs = {"torch_dtype": _DTYPES[dtype]} if dtype else {}
-    try:
-        with _quiet_diffusers():
-            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except OSError as error:  # hub: not found, not cached, offline; disk: unreadable files
-        raise FileNotFoundError(f"could not load model {model!r}: {_one_line(error)}") from None
-    except (ImportError, ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"could not build the pipeline of {model!r}: {_one_line(error)}") from None
-    return pipe.to(device)
-
-
-#################################################################################
-#              Which family a model is: its config files, no weights            #
-#################################################################################
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """A model's transformer class, where that name was read, and the adapter record registered for it.
-
-    Example:
-        >>> family = family_of("FluxTransformer2DModel")
-        >>> family.preset, family.reason
-        ('paper_flux', "the paper's FLUX.1-dev setting (W=3, N=6, O=1)")
-    """
-
-    class_name: str
-    source: str  # "class name", a config file's path, or "hub owner/name: model_index.json"
-    adapter: AdapterSpec
-
-    @property
-    def preset(self) -> str:
-        """The preset recommended for the family ('' if the record names none)."""
-        return self.adapter.preset
-
-    @property
-    def reason(self) -> str:
-        """Why that preset (see ``preset_reason``)."""
-        return preset_reason(self.adapter)
-
-
-def preset_reason(spec: AdapterSpec) -> str:
-    """Why a family has its preset: the adapter record's notes without their ``preset:`` label.
-
-    Example:
-        >>> preset_reason(registered_adapters()["DiTTransformer2DModel"])
-        "the paper's DiT-XL/2 setting (W=2, N=4, O=4)"
-    """
-    notes = spec.notes.strip()
-    return notes[len("preset:"):].strip() if notes.startswith("preset:") else notes
-
-
-def _adapter_named(class_name: str) -> AdapterSpec | None:
-    """The record registered for a class name, or for the nearest registered base of the diffusers class so named."""
-    registry = registered_adapters()
-    if class_name in registry:
-        return registry[class_name]
-    try:
-        import diffusers
-
-        cls = getattr(diffusers, class_name, None)
-    except Exception:  # a lazily imported diffusers class with a missing optional dependency
-        cls = None
-    if isinstance(cls, type):
-        return next((registry[base.__name__] for base in cls.__mro__ if base.__name__ in registry), None)
-    return None
-
-
-def _class_from_config(data: Any, source: str) -> str:
-    """The transformer class named by a parsed ``model_index.json`` (a pipeline) or ``config.json`` (a model)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source} holds no JSON object")
-    if source.endswith("model_index.json"):
-        entry = data.get("transformer")
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str)):
-            kind = "a UNet pipeline (taylorseer targets diffusion transformers)" if "unet" in data else \
-                "a pipeline without a transformer"
-            raise ValueError(f"{source} describes {data.get('_class_name', 'a pipeline')}, {kind}")
-        return entry[1]
-    if not isinstance(data.get("_class_name"), str):
-        raise ValueError(f"{source} names no _class_name: not a diffusers model config")
-    return data["_class_name"]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {str(path)!r}: {_one_line(error)}") from None
-
-
-def _local_class(folder: Path) -> tuple[str, str]:
-    for name in ("model_index.json", "config.json", "transformer/config.json"):
-        if (folder / name).is_file():
-            source = str(folder / name)
-            return _class_from_config(_read_json(folder / name), source), source
-    raise FileNotFoundError(f"model {str(folder)!r} is not a diffusers model or pipeline folder (no model_index.json, "
-                            f"config.json or transformer/config.json)")
-
-
-def _hub_class(repo: str) -> tuple[str, str]:
-    """The class read from a hub repo's ``model_index.json`` or ``config.json``: the local cache first, then the
-    hub (needs internet; offline this fails after huggingface_hub's retries, or at once with HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    error: BaseException | None = None
-    for local_only in (True, False):
-        for name in ("model_index.json", "config.json"):
-            try:
-                path = hf_hub_download(repo, name, local_files_only=local_only)
-            except LocalEntryNotFoundError as missing:  # not cached (or offline): try the next way
-                error = missing
-                continue
-            except EntryNotFoundError:  # the repo has no such file: try the next file
-                continue
-            except Exception as failed:  # repo not found, gated, network: nothing more to try
-                error = failed
-                break
-            return _class_from_config(_read_json(Path(path)), f"hub {repo}: {name}"), f"hub {repo}: {name}"
-    why = _one_line(error) if error is not None else "it has neither model_index.json nor config.json"
-    raise FileNotFoundError(f"could not read the config of hub model {repo!r} ({why}); offline, a local path is "
-                            f"needed: the folder of the saved pipeline or model, or its transformer class name")
-
-
-def family_of(model: str) -> ModelFamily:
-    """The family of ``model``: a registered transformer class name (``FluxTransformer2DModel``), a local diffusers
-    pipeline or model folder (its ``model_index.json``, ``config.json`` or ``transformer/config.json`` is read for
-    the class; no weights are loaded), or a Hugging Face Hub id (its config is downloaded: needs internet).
-
-    Raises ``FileNotFoundError`` (no such folder, no config there, hub config unreadable) or ``ValueError`` (a
-    model without a transformer, or a transformer class with no taylorseer adapter), each one line.
-
-    Example:
-        >>> family_of("WanTransformer3DModel").preset
-        'paper_wan'
-    """
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"model must be a class name, a folder or a hub id, got {model!r}")
-    path = Path(model).expanduser()
-    if model.isidentifier() and not path.exists():
-        class_name, source = model, "class name"
-    elif path.is_dir():
-        class_name, source = _local_class(path)
-    elif path.exists():
-        raise ValueError(f"model {model!r} is a file; a model or pipeline folder (or a class name) is expected")
-    elif _HUB_ID.fullmatch(model) and not model.startswith((".", "/", "~")):
-        class_name, source = _hub_class(model)
-    else:
-        raise FileNotFoundError(f"model {model!r} is neither a transformer class name, an existing folder nor a "
-                                f"Hugging Face Hub id (owner/name)")
-    spec = _adapter_named(class_name)
-    if spec is None and source == "class name":
-        raise ValueError(f"model {model!r} is neither a registered transformer class name nor an existing folder "
-                         f"nor a Hugging Face Hub id (owner/name); registered classes: {sorted(registered_adapters())}")
-    if spec is None:
-        raise ValueError(f"{class_name} (read from {source}) has no taylorseer adapter; registered transformer "
-                         f"classes: {sorted(registered_adapters())}")
-    return ModelFamily(class_name, source, spec)
-
-
-#################################################################################
-#                      What a pipeline is called with                           #
-#################################################################################
-
-def _supported(pipe: Any, config: TaylorSeerConfig | CacheConfig | None) -> None:
-    try:
-        check_pipeline(pipe)
-    except ValueError as error:
-        raise ValueError(f"unsupported model: {error}") from None
-    if find_adapter(pipe.transformer) is None and not (config and (config.modules or config.granularity == "output")):
-        raise ValueError(f"unsupported model: no taylorseer adapter for {type(pipe.transformer).__name__}; supported "
-                         f"transformers: {sorted(registered_adapters())} (or pass modules=... / granularity='output')")
-
-
-def _class_labels(pipe: Any, prompt: str | None) -> list[int]:
-    """Class ids from a prompt: comma-separated integers or label names (``pipe.labels``); None: class 0."""
-    if prompt is None or not prompt.strip():
-        return [0]
-    labels = []
-    num_classes = getattr(getattr(pipe.transformer, "config", None), "num_embeds_ada_norm", None)
-    for item in (part.strip() for part in prompt.split(",")):
-        if item.isdigit():
-            if isinstance(num_classes, int) and int(item) >= num_classes:
-                raise ValueError(f"class id {item} is out of range: {type(pipe.transformer).__name__} has classes "
-                                 f"0-{num_classes - 1}")
-            labels.append(int(item))
-        elif item in getattr(pipe, "labels", {}):
-            labels.append(pipe.labels[item])
-        else:
-            known = sorted(getattr(pipe, "labels", {}))
-            raise ValueError(f"unknown class label {item!r}: pass a class id or one of {known[:8]}"
-                             + (f" (+{len(known) - 8} more)" if len(known) > 8 else ""))
-    return labels
-
-
-def _call_arguments(pipe: Any, prompt: str | None, num_images: int, guidance_scale: float | None) -> dict:
-    parameters = inspect.signature(pipe.__call__).parameters
-    if "class_labels" in parameters:  # DiT: class-conditional
-        kwargs: dict[str, Any] = {"class_labels": _class_labels(pipe, prompt) * num_images}
-    elif "prompt" in parameters:
-        if not prompt:
-            raise ValueError(f"{type(pipe).__name__} needs a text prompt (--prompt)")
-        kwargs = {"prompt": prompt}
-        if "num_images_per_prompt" in parameters:
-            kwargs["num_images_per_prompt"] = num_images
-        elif "num_videos_per_prompt" in parameters:
-            kwargs["num_videos_per_prompt"] = num_images
-    else:
-        raise ValueError(f"unsupported model: {type(pipe).__name__}.__call__ takes neither prompt nor class_labels")
-    if guidance_scale is not None:
-        if "guidance_scale" not in parameters:
-            raise ValueError(f"{type(pipe).__name__} takes no guidance_scale")
-        kwargs["guidance_scale"] = guidance_scale
-    return kwargs
 
 
 
@@ -402,22 +98,6 @@ def next_run_number(out_dir: str | Path) -> int:
     numbers = [int(m.group(1)) for name in names if (m := _RUN_NUMBER.match(name))]
     return max(numbers, default=0) + 1
 
-
-def _arrays(result: Any) -> tuple[str, np.ndarray]:
-    """``("images", [N, H, W, C])`` or ``("frames", [N, F, H, W, C])`` float arrays in [0, 1] of a pipeline output."""
-    for kind in ("images", "frames"):
-        value = getattr(result, kind, None)
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            value = value.float().cpu().numpy()
-        elif not isinstance(value, np.ndarray):  # PIL images, or lists of frames
-            value = np.stack([np.stack([np.asarray(f) for f in v]) if kind == "frames" else np.asarray(v)
-                              for v in value]).astype(np.float32) / 255.0
-        if value.ndim == (5 if kind == "frames" else 4) - 1 and value.shape[-1] not in (1, 3, 4):
-            value = value[..., None]  # grayscale without a channel axis
-        return kind, np.clip(value.astype(np.float32), 0.0, 1.0)
-    raise ValueError(f"unsupported model: its output {type(result).__name__} has neither images nor frames")
 
 
 def _save(kind: str, arrays: np.ndarray, out_dir: Path, stem: str) -> list[str]:
@@ -476,12 +156,12 @@ def _run(pipe: Any, call: dict[str, Any], config: TaylorSeerConfig | CacheConfig
     pipe.set_progress_bar_config(disable=not progress, desc=label)
     if config is None:
         result, seconds = _timed_call(pipe, call, seed, device, steps)
-        return (*_arrays(result), seconds, None)
+        return (*output_arrays(result), seconds, None)
     with apply(pipe, config) as handle:
         flops = handle.count_flops() if measure_flops else contextlib.nullcontext()
         with flops:
             result, seconds = _timed_call(pipe, call, seed, device, steps)
-        return (*_arrays(result), seconds, handle.stats.to_dict())
+        return (*output_arrays(result), seconds, handle.stats.to_dict())
 
 
 def _psnr(accelerated: np.ndarray, baseline: np.ndarray) -> tuple[float | None, str | None]:
@@ -653,8 +333,8 @@ def generate(
         run_config, guidance_scale = _calibrated_config(pipe, cal, guidance_scale)
     else:
         run_config, reason = _resolve_config(pipe, config, overrides or {})
-    _supported(pipe, run_config)
-    call = _call_arguments(pipe, prompt, num_images, guidance_scale)
+    check_supported(pipe, run_config)
+    call = call_arguments(pipe, prompt, per_prompt=num_images, guidance_scale=guidance_scale)
     compared = None
     if baseline:  # one-time costs (allocator, kernels, caches) go to an untimed short call, not to either run
         pipe.set_progress_bar_config(disable=not progress, desc="warm-up (untimed)")

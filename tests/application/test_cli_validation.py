@@ -183,13 +183,13 @@ def test_config_flags_name_the_flag_and_the_field(no_work, capsys, tmp_path):
 
 
 def test_class_ids_out_of_range_are_refused():
-    from taylorseer.generate import _class_labels
+    from taylorseer.integrations.pipeline_call import class_labels
 
     pipe = SimpleNamespace(labels={"t-shirt": 0, "boot": 9},
                            transformer=SimpleNamespace(config=SimpleNamespace(num_embeds_ada_norm=10)))
-    assert _class_labels(pipe, "0, 9, boot") == [0, 9, 9]
+    assert class_labels(pipe, "0, 9, boot") == [0, 9, 9]
     with pytest.raises(ValueError, match="class id 10 is out of range: .* has classes 0-9"):
-        _class_labels(pipe, "3, 10")
+        class_labels(pipe, "3, 10")
 
 
 def test_generate_api_checks_device_and_out_dir_before_loading(monkeypatch, tmp_path):
@@ -207,10 +207,13 @@ def test_generate_api_checks_device_and_out_dir_before_loading(monkeypatch, tmp_
 
 
 def test_cli_device_syntax_matches_the_api():
-    import taylorseer.generate as gen
+    import taylorseer.devices as api  # the one table: the API's checks and the cli's argparse types read it
 
-    assert cli_module._DEVICE.pattern == gen.DEVICE_PATTERN.pattern and cli_module.DEVICES == gen.DEVICES
-    assert cli_module.DTYPES == tuple(gen._DTYPES)
+    assert cli_module.DEVICE_PATTERN.pattern == api.DEVICE_PATTERN.pattern and cli_module.DEVICES == api.DEVICES
+    assert cli_module.DTYPES == api.WEIGHT_DTYPES == ("float32", "float16", "bfloat16")
+    assert api.torch_dtype("bfloat16") is torch.bfloat16 and api.torch_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        api.torch_dtype("int8")
 
 
 #################################################################################

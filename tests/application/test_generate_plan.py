@@ -40,6 +40,7 @@ import taylorseer.generate as gen
 from taylorseer.adapters.registry import registered_adapters
 from taylorseer.api import default_config
 from taylorseer.cli import main
+from taylorseer.integrations.family import family_of
 from taylorseer.policy.interval import IntervalPolicy
 from taylorseer.runtime.autostep import RootForward
 from taylorseer.runtime.install import Forward
@@ -351,14 +352,14 @@ def test_family_of_a_hub_id_reads_its_downloaded_config(tmp_path, monkeypatch):
         return str(files[filename])
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    family = gen.family_of("Qwen/Qwen-Image")
+    family = family_of("Qwen/Qwen-Image")
     assert (family.class_name, family.preset) == ("QwenImageTransformer2DModel", "paper_flux")
     assert family.source == "hub Qwen/Qwen-Image: model_index.json"
     assert calls == [("Qwen/Qwen-Image", "model_index.json", True), ("Qwen/Qwen-Image", "config.json", True),
                      ("Qwen/Qwen-Image", "model_index.json", False)]
     files.clear()  # a bare transformer repo: no model_index.json, a config.json
     files["config.json"] = _write_json(tmp_path / "config.json", {"_class_name": "ChromaTransformer2DModel"})
-    assert gen.family_of("someone/chroma-transformer").source == "hub someone/chroma-transformer: config.json"
+    assert family_of("someone/chroma-transformer").source == "hub someone/chroma-transformer: config.json"
 
 
 def test_family_of_a_hub_id_offline_says_a_local_path_is_needed(monkeypatch, capsys):
@@ -371,7 +372,7 @@ def test_family_of_a_hub_id_offline_says_a_local_path_is_needed(monkeypatch, cap
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="offline, a local path is needed") as caught:
-        gen.family_of("black-forest-labs/FLUX.1-dev")
+        family_of("black-forest-labs/FLUX.1-dev")
     assert "\n" not in str(caught.value)
     _cli_refuses(["plan", "--model", "black-forest-labs/FLUX.1-dev"], capsys, "argument --model",
                  "could not read the config of hub model 'black-forest-labs/FLUX.1-dev'", "the folder of the saved")
@@ -380,7 +381,7 @@ def test_family_of_a_hub_id_offline_says_a_local_path_is_needed(monkeypatch, cap
 def test_family_of_a_subclass_of_a_registered_class(monkeypatch):
     subclass = type("MyFluxTransformer2DModel", (diffusers.FluxTransformer2DModel,), {})
     monkeypatch.setattr(diffusers, "MyFluxTransformer2DModel", subclass, raising=False)
-    family = gen.family_of("MyFluxTransformer2DModel")
+    family = family_of("MyFluxTransformer2DModel")
     assert family.adapter is registered_adapters()["FluxTransformer2DModel"] and family.preset == "paper_flux"
 
 

@@ -42,13 +42,14 @@ def _prompt_list(values: list[str] | None) -> list[str]:
 def _check_pipeline_model(flag: str, model: str) -> None:
     """``model`` names a diffusers pipeline: a folder with model_index.json or a hub id; its transformer family
     has an adapter (config files only: no weights loaded)."""
-    from ..generate import _HUB_ID, family_of
+    from ..integrations.family import family_of
+    from ..integrations.pipeline_call import is_hub_id
 
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"argument {flag}: {model!r} is not a diffusers pipeline folder (no model_index.json)")
-    elif not _HUB_ID.fullmatch(model) or model.startswith((".", "/", "~")):
+    elif not is_hub_id(model):
         raise ValueError(f"argument {flag}: {model!r} is neither an existing folder nor a Hugging Face Hub id "
                          f"(owner/name)")
     try:
@@ -87,7 +88,7 @@ def _check_calibrate(args: argparse.Namespace) -> None:
             raise ValueError("argument --prompt: --model needs the calibration prompts (--prompt, repeatable or "
                              "'|'-separated; class ids or label names for class-conditional DiT pipelines)")
         _check_pipeline_model("--model", args.model)
-        from ..generate import resolve_device
+        from ..devices import resolve_device
 
         try:
             args.device = resolve_device(args.device or "auto")
@@ -181,7 +182,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
                         on_policy=False if args.teacher_forced else None, **search)
     else:
         from ..calibration.pipeline import calibrate_pipeline
-        from ..generate import load_pipeline
+        from ..integrations.pipeline_call import load_pipeline
 
         pipe = load_pipeline(args.model, args.device, args.dtype)
         cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,

@@ -6,20 +6,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerConfig, preset
+from ..devices import DEVICE_PATTERN, DEVICES, WEIGHT_DTYPES
 
 EMBEDDED_MODELS = ("dit", "flux")  # the shipped references, by name
 
-# The same set as taylorseer.generate.DEVICE_PATTERN (which also checks availability); kept here so that parsing
-# needs no torch import.
-_DEVICE = re.compile(r"cpu|cuda|cuda:\d+|mps")
-DEVICES = "cpu, cuda, cuda:N, mps"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = WEIGHT_DTYPES  # --dtype: a pipeline's weights (the one table: taylorseer.devices)
 CONFIG_FLAGS = {"interval": "--interval", "max_order": "--order", "warmup_steps": "--warmup",
                  "tail_steps": "--tail", "scheme": "--scheme", "abscissa": "--abscissa",
                  "granularity": "--granularity", "modules": "--modules"}
@@ -71,8 +67,8 @@ def nonnegative_float(text: str) -> float:
 
 def device_type(text: str) -> str:
     """argparse type: a torch device name, one of ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (availability is checked
-    after parsing, by ``taylorseer.generate.check_device``)."""
-    if not _DEVICE.fullmatch(text):
+    after parsing, by ``taylorseer.devices.check_device``)."""
+    if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be one of {DEVICES}, got {text!r}")
     return text
 
@@ -81,7 +77,7 @@ def device_or_auto(text: str) -> str:
     """argparse type: ``auto`` (cuda when available, else cpu) or a device name accepted by ``device_type``."""
     if text == "auto":
         return text
-    if not _DEVICE.fullmatch(text):
+    if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be one of auto, {DEVICES}, got {text!r}")
     return text
 

@@ -28,7 +28,7 @@ def _check_plan(args: argparse.Namespace) -> None:
         raise ValueError(f"argument --steps: num_steps must be an integer >= 1, got {args.steps}")
     args.family = None
     if args.model is not None:
-        from ..generate import family_of
+        from ..integrations.family import family_of
 
         try:
             args.family = family_of(args.model)
@@ -45,7 +45,8 @@ def _check_generate(args: argparse.Namespace) -> None:
     (a ``TaylorSeerConfig`` from --preset, ``"family"`` for the model family's preset, None for --no-cache or
     --calibration) and ``args.overrides`` (the field flags given, applied to the family's preset once the model is
     loaded). --calibration: the file must load and be for --steps steps (its model is checked after loading)."""
-    from ..generate import FAMILY, resolve_device
+    from ..devices import resolve_device
+    from ..generate import FAMILY
 
     try:
         args.device = resolve_device(args.device)

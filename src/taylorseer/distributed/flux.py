@@ -38,14 +38,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ..models.flux_pipeline import flux_pipeline
+from ..models.flux_pipeline import class_call, flux_pipeline
 from ..models.flux_reference import (
     FLUX_MODELS,
     IMAGE_SIZE,
-    NULL_CLASS,
     NUM_CLASSES,
     ClassPrompts,
-    pack,
     unpack,
 )
 
@@ -115,16 +113,9 @@ class ClassFluxPipeline:
             noise = torch.stack([torch.randn(shape, generator=g) for g in generator])
         else:
             noise = torch.randn((len(labels), *shape), generator=generator)
-        device = self.transformer.device
-        seq, pooled = self.prompts(labels)
-        call: dict[str, Any] = {"prompt_embeds": seq.to(device), "pooled_prompt_embeds": pooled.to(device)}
-        if guidance_scale > 1.0:
-            null_seq, null_pooled = self.prompts(torch.full_like(labels, NULL_CLASS))
-            call.update(negative_prompt_embeds=null_seq.to(device),
-                        negative_pooled_prompt_embeds=null_pooled.to(device), true_cfg_scale=float(guidance_scale))
-        tokens = self.flux(latents=pack(noise).to(device), height=PIPELINE_SIZE, width=PIPELINE_SIZE,
-                           num_inference_steps=int(num_inference_steps), output_type="latent", return_dict=False,
-                           **call)[0]
+        call = class_call(self.prompts, labels, noise, num_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          device=self.transformer.device)
+        tokens = self.flux(**call)[0]
         images = unpack(tokens.float().cpu()).clamp(-1, 1)  # [N, 1, 16, 16]
         result: Any = images if output_type == "pt" else ((images.permute(0, 2, 3, 1) + 1) / 2).numpy()
         if output_type == "np":

@@ -97,16 +97,7 @@ class FluxReference:
         if tuple(noise.shape) != (len(labels), 1, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"noise must have shape {(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE)}, "
                              f"got {tuple(noise.shape)}")
-        with torch.no_grad():
-            seq, pooled = self.prompts(labels)
-            call: dict[str, Any] = {"prompt_embeds": seq, "pooled_prompt_embeds": pooled}
-            if guidance_scale > 1.0:
-                null_seq, null_pooled = self.prompts(torch.full_like(labels, NULL_CLASS))
-                call.update(negative_prompt_embeds=null_seq, negative_pooled_prompt_embeds=null_pooled,
-                            true_cfg_scale=float(guidance_scale))
-        call.update(latents=pack(noise.float()), height=PIPELINE_SIZE, width=PIPELINE_SIZE,
-                    num_inference_steps=int(num_steps), output_type="latent", return_dict=False)
-        return call
+        return class_call(self.prompts, labels, noise, num_steps=num_steps, guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def generate(self, class_labels: torch.Tensor, *, num_steps: int = DEFAULT_STEPS,
@@ -118,6 +109,35 @@ class FluxReference:
                                    seed=seed)
         tokens = self.pipe(**call)[0]
         return unpack(tokens.float()).clamp(-1, 1)
+
+
+def class_call(prompts: ClassPrompts, labels: torch.Tensor, noise: torch.Tensor, *, num_steps: int,
+               guidance_scale: float, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The keyword arguments of one ``FluxPipeline`` call for class ids ``labels`` ``[N]`` (checked by the caller)
+    from the starting ``noise`` ``[N, 1, 16, 16]``: the class rows of ``prompts`` as ``prompt_embeds`` /
+    ``pooled_prompt_embeds``, the null class as the negative prompt with ``true_cfg_scale`` when
+    ``guidance_scale > 1`` (two transformer calls per step), the noise packed to tokens, 128x128 "pixels" (a 16x16
+    latent), ``num_steps`` steps, latent output as a tuple. Tensors go to ``device`` (None: where they are).
+    Used by ``FluxReference`` and the commands' ``ClassFluxPipeline``.
+
+    Example:
+        >>> call = class_call(ref.prompts, torch.tensor([3]), flux_noise(1, 0), num_steps=28, guidance_scale=2.0)
+        >>> sorted(call)[:3]                                                   # doctest: +SKIP
+        ['height', 'latents', 'negative_pooled_prompt_embeds']
+    """
+    def on(x: torch.Tensor) -> torch.Tensor:
+        return x if device is None else x.to(device)
+
+    with torch.no_grad():
+        seq, pooled = prompts(labels)
+        call: dict[str, Any] = {"prompt_embeds": on(seq), "pooled_prompt_embeds": on(pooled)}
+        if guidance_scale > 1.0:
+            null_seq, null_pooled = prompts(torch.full_like(labels, NULL_CLASS))
+            call.update(negative_prompt_embeds=on(null_seq), negative_pooled_prompt_embeds=on(null_pooled),
+                        true_cfg_scale=float(guidance_scale))
+    call.update(latents=on(pack(noise.float())), height=PIPELINE_SIZE, width=PIPELINE_SIZE,
+                num_inference_steps=int(num_steps), output_type="latent", return_dict=False)
+    return call
 
 
 def flux_noise(num_images: int, seed: int) -> torch.Tensor:

@@ -66,6 +66,7 @@ def sample(
     listener: StepListener | None = None,
     progress: bool = False,
     guidance_cache: GuidanceCache | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images in [-1, 1] ([N, 1, S, S], S the model's ``sample_size``) for ``class_labels`` [N] with DDIM.
 
@@ -85,6 +86,10 @@ def sample(
     #11.2), so the handle would barely forecast. With ``cfg_mode="split"`` each branch is its own call and keeps
     its own factors, so the two combine: a half step simply makes no unconditional call (pass the handle as
     ``listener``: with untold steps a generation that ends on a half step keeps its factors until the next one).
+
+    ``noise``: the starting x_T ``[N, C, S, S]`` (on the model's device; the labels and timesteps follow it)
+    instead of ``initial_noise(N, seed)``, e.g. per-sample noise of a data-parallel run (``taylorseer sample``);
+    the same noise gives bitwise the same images as the seed that drew it.
     """
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {list(CFG_MODES)}, got {cfg_mode!r}")
@@ -94,12 +99,13 @@ def sample(
     both = _guidance_plan(model, guidance_cache, guidance_scale, num_steps, cfg_mode)
     estimate = guidance_cache.estimate if guidance_cache is not None else ""
     known: list[tuple[int, torch.Tensor]] = []  # the last two computed (step, eps_cond - eps_uncond)
+    config: Any = model.config  # diffusers' config of the model (untyped; nn.Module types attributes Tensor | Module)
+    x = _check_noise(noise, class_labels) if noise is not None else initial_noise(len(class_labels), seed,
+                                                                                   config.sample_size)
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
-    labels = class_labels.long()
+    labels = class_labels.long().to(x.device)
     null = torch.full_like(labels, NULL_CLASS)
-    config: Any = model.config  # diffusers' config of the model (untyped; nn.Module types attributes Tensor | Module)
-    x = initial_noise(len(labels), seed, config.sample_size)
     if listener is not None:
         listener.begin(num_steps)
     guided = guidance_scale != 1.0
@@ -117,6 +123,14 @@ def sample(
     return x.clamp(-1, 1)
 
 
+def _check_noise(noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 4 or len(noise) != len(labels):
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a tensor [N, C, S, S] with N = {len(labels)} (one per class label), "
+                         f"got {shape}")
+    return noise
+
+
 def _check_interval(interval: tuple[int, int] | None) -> tuple[float, float]:
     if interval is None:
         return -math.inf, math.inf
@@ -129,7 +143,7 @@ def _check_interval(interval: tuple[int, int] | None) -> tuple[float, float]:
 
 
 def _eps(model, x, t: int, y) -> torch.Tensor:
-    return model(x, timestep=torch.full((len(y),), t), class_labels=y).sample
+    return model(x, timestep=torch.full((len(y),), t, device=x.device), class_labels=y).sample
 
 
 def _branches(model, x, t: int, labels, null, cfg_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
