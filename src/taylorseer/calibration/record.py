@@ -60,20 +60,32 @@ class TrajectoryStats:
     seconds: float = 0.0
     sampling: dict[str, Any] = field(default_factory=dict)
     granularity: str = "module"
+    anchor: str | None = None
 
-    def add(self, target: str, features: torch.Tensor) -> None:
+    def add(self, target: str, features: torch.Tensor, anchor_features: torch.Tensor | None = None) -> None:
         """Fold one target's trajectory ``[num_steps, rows, ..., C]`` into its group's Gram (``rows`` divisible by
-        ``row_groups``)."""
+        ``row_groups``). With an ``anchor`` (the anchored forecaster's regressor, ``forecast/anchored.py``), the
+        anchor target's trajectory of the same shape comes too, and the Gram is over both:
+        ``[R, C, 2 num_steps + 1, 2 num_steps + 1]``, index ``num_steps + i`` the anchor's feature at step ``i``."""
         if features.dim() < 3 or features.shape[0] != self.num_steps:
             raise ValueError(f"target {target!r}: expected features [num_steps={self.num_steps}, rows, ..., C], got "
                              f"shape {tuple(features.shape)}")
         if features.shape[1] % self.row_groups:
             raise ValueError(f"target {target!r}: {features.shape[1]} rows do not split into {self.row_groups} row "
                              f"groups")
+        if (self.anchor is None) != (anchor_features is None):
+            raise ValueError(f"target {target!r}: anchor_features are needed exactly when the stats have an anchor "
+                             f"(anchor={self.anchor!r})")
+        if anchor_features is not None and anchor_features.shape != features.shape:
+            raise ValueError(f"target {target!r}: its features {tuple(features.shape)} and the anchor "
+                             f"{self.anchor!r}'s {tuple(anchor_features.shape)} differ in shape: the anchored fit "
+                             f"pairs them element by element")
         group = group_of(target, self.grouping)
         self.targets[target] = group
         x = features.reshape(self.num_steps, self.row_groups, -1, features.shape[-1]).double()  # [S, R, P, C]
-        x = torch.cat([x, torch.ones_like(x[:1])], dim=0)  # [S + 1, R, P, C]
+        if anchor_features is not None:
+            x = torch.cat([x, anchor_features.reshape(x.shape).double()], dim=0)  # [2S, R, P, C]
+        x = torch.cat([x, torch.ones_like(x[:1])], dim=0)  # [S + 1, R, P, C] (2S + 1 with an anchor)
         gram = torch.einsum("irpc,jrpc->rcij", x, x)
         if group in self.gram:
             if self.gram[group].shape != gram.shape:
@@ -86,14 +98,15 @@ class TrajectoryStats:
 
     def merge(self, other: TrajectoryStats) -> TrajectoryStats:
         """The statistics of both recordings together (same steps and grouping)."""
-        mine = (self.num_steps, self.grouping, self.row_groups, self.granularity)
-        theirs = (other.num_steps, other.grouping, other.row_groups, other.granularity)
+        mine = (self.num_steps, self.grouping, self.row_groups, self.granularity, self.anchor)
+        theirs = (other.num_steps, other.grouping, other.row_groups, other.granularity, other.anchor)
         if mine != theirs:
-            raise ValueError(f"cannot merge trajectories of (steps, grouping, row groups, granularity) {theirs} into "
-                             f"{mine}")
+            raise ValueError(f"cannot merge trajectories of (steps, grouping, row groups, granularity, anchor) "
+                             f"{theirs} into {mine}")
         out = TrajectoryStats(self.num_steps, self.grouping, self.row_groups,
                               {k: v.clone() for k, v in self.gram.items()}, dict(self.targets), dict(self.rows),
-                              self.images, self.model_calls, self.seconds, dict(self.sampling), self.granularity)
+                              self.images, self.model_calls, self.seconds, dict(self.sampling), self.granularity,
+                              self.anchor)
         for group, gram in other.gram.items():
             out.gram[group] = out.gram[group] + gram if group in out.gram else gram.clone()
             out.rows[group] = out.rows.get(group, 0) + other.rows[group]
@@ -251,6 +264,7 @@ def record_trajectories(
     sampler: Callable[..., torch.Tensor] | None = None,
     progress: bool = True,
     granularity: str = "module",
+    anchor: str | None = None,
 ) -> TrajectoryStats:
     """Sample ``labels`` at full compute (``num_steps`` DDIM steps, noise from ``seed``) and return the running
     normal equations of every target's trajectory.
@@ -261,7 +275,8 @@ def record_trajectories(
     ``guidance_scale != 1``, whose halves are [cond; uncond]; else 1). ``granularity``: which features are
     recorded (``calibration_targets``; the file's forecasts are then made at that granularity). ``sampler``
     defaults to the embedded model's DDIM sampler (``taylorseer.models.sampler.sample``; any function with its
-    signature works).
+    signature works). ``anchor``: a target path whose trajectory is every other target's extra regressor (the
+    anchored forecaster's Grams, ``TrajectoryStats.add``; the anchor itself gets no Gram).
     Memory: one batch of trajectories (``num_steps`` x batch x CFG rows x tokens x channels x targets floats)
     plus the Gram matrices.
 
@@ -272,23 +287,28 @@ def record_trajectories(
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {list(GROUPINGS)}, got {grouping!r}")
     targets = calibration_targets(model, granularity)
+    if anchor is not None and anchor not in [t.path for t in targets]:
+        raise ValueError(f"anchor must be one of the {granularity}-granularity targets "
+                         f"{[t.path for t in targets][:4]}..., got {anchor!r}")
     labels = torch.as_tensor(labels).long()
     calls_per_step, row_groups = _layout(guidance_scale, cfg_mode, row_groups)
-    stats = TrajectoryStats(num_steps, grouping, row_groups, granularity=granularity)
+    stats = TrajectoryStats(num_steps, grouping, row_groups, granularity=granularity, anchor=anchor)
     start = time.perf_counter()
     batches = list(torch.split(labels, batch_size))
     with TrajectoryRecorder(model, targets) as recorder:
         for b, chunk in enumerate(tqdm(batches, desc="calibration trajectories", disable=not progress)):
             sampler(model, chunk, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
                     cfg_mode=cfg_mode, listener=recorder)
-            for path, features in recorder.take().items():
-                stats.add(path, features)
+            taken = recorder.take()
+            fresh = None if anchor is None else taken.pop(anchor)
+            for path, features in taken.items():
+                stats.add(path, features, fresh)
             stats.images += len(chunk)
             stats.model_calls += num_steps * calls_per_step
     stats.seconds = time.perf_counter() - start
     stats.sampling = {"labels": labels.tolist(), "seed": seed, "batch_size": batch_size, "num_steps": num_steps,
                       "guidance_scale": guidance_scale, "cfg_mode": cfg_mode, "row_groups": row_groups,
-                      "granularity": granularity}
+                      "granularity": granularity, **({} if anchor is None else {"anchor": anchor})}
     return stats
 
 
