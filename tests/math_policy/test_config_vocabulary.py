@@ -57,3 +57,25 @@ def test_cache_config_reads_every_part_through_one_serialiser():
         CacheConfig.from_dict({"policy": data["policy"]})
     with pytest.raises(ValueError, match="not valid JSON"):
         CacheConfig.from_json('{"policy": ')
+
+
+def test_one_naming_rule_for_part_configs_and_the_objects_built_from_them():
+    # docs/design.md "Parts": a forecaster config <X>Forecast builds an <X>Forecaster; a policy config <C> builds
+    # a <C>Policy. Builders that are functions (a forecaster that reads a file) name their return type.
+    import typing
+
+    from taylorseer.forecast import base as forecast_base
+    from taylorseer.policy import base as policy_base
+
+    def built_name(builder):
+        if isinstance(builder, type):
+            return builder.__name__
+        return str(typing.get_type_hints(builder).get("return", type(None)).__name__)
+
+    forecasters = dict(forecast_base._FORECASTERS)
+    policies = dict(policy_base._POLICIES)
+    assert len(forecasters) >= 6 and len(policies) >= 6
+    for config, builder in forecasters.items():
+        assert config.__name__.endswith("Forecast") and built_name(builder) == config.__name__ + "er", config
+    for config, builder in policies.items():
+        assert built_name(builder) == config.__name__ + "Policy", config

@@ -86,7 +86,7 @@ class AnchorSchedule:
 
 
 @register_policy(AnchorSchedule)
-class AnchorPolicy(Policy):
+class AnchorSchedulePolicy(Policy):
     """``AnchorSchedule``'s decisions: full on the schedule's steps (reason ``"schedule"``), a probe that is always
     resolved to "forecast" elsewhere (reason ``"anchor"``)."""
 
@@ -103,9 +103,10 @@ class AnchorPolicy(Policy):
 
     def decide(self, info: StepInfo) -> Decision:
         if self._plan is None:
-            raise RuntimeError("AnchorPolicy: call begin(num_steps) before the first decide()")
+            raise RuntimeError("AnchorSchedulePolicy: call begin(num_steps) before the first decide()")
         if not 0 <= info.index < len(self._plan):
-            raise ValueError(f"AnchorPolicy: step {info.index} is outside the schedule's {len(self._plan)} steps")
+            raise ValueError(f"AnchorSchedulePolicy: step {info.index} is outside the schedule's "
+                             f"{len(self._plan)} steps")
         if self._plan[info.index]:
             return Decision(True, reason="schedule")
         return Decision(False, probe=True, reason="anchor")
@@ -116,3 +117,7 @@ class AnchorPolicy(Policy):
 
     def plan(self, num_steps: int) -> list[bool]:
         return self.config.plan(num_steps)
+
+
+# The former name (issue 21: the runtime object of a policy config <C> is <C>Policy).
+AnchorPolicy = AnchorSchedulePolicy

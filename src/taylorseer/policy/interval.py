@@ -100,7 +100,7 @@ _FORECAST, _FULL, _WARMUP = Decision(False, reason="interval"), Decision(True, r
 
 
 @register_policy(IntervalSchedule)
-class IntervalRuntimePolicy(Policy):
+class IntervalSchedulePolicy(Policy):
     """Decisions read off ``IntervalPolicy.plan``, made once per generation (a list lookup per step). Without
     ``num_steps`` the list grows by doubling (a plan without a tail is a prefix of every longer one)."""
 
@@ -171,3 +171,7 @@ def config_from_dict(config_type: type[C], data: Mapping[str, Any]) -> C:
     if missing:
         raise ValueError(f"{name}.from_dict: missing keys {missing}; required keys are {required}")
     return config_type(**dict(data))
+
+
+# The former name (issue 21: the runtime object of a policy config <C> is <C>Policy).
+IntervalRuntimePolicy = IntervalSchedulePolicy

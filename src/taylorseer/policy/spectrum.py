@@ -104,7 +104,7 @@ def spectrum_for_budget(full_steps: int, num_steps: int = 50, growth: float = 1.
 
 
 @register_policy(SpectrumSchedule)
-class SpectrumPolicy(Policy):
+class SpectrumSchedulePolicy(Policy):
     """``SpectrumSchedule``'s decisions, read off its plan (reason ``"spectrum"``; ``"warmup"`` first)."""
 
     def __init__(self, config: SpectrumSchedule):
@@ -118,11 +118,16 @@ class SpectrumPolicy(Policy):
 
     def decide(self, info: StepInfo) -> Decision:
         if self._plan is None:
-            raise RuntimeError("SpectrumPolicy: call begin(num_steps) before the first decide()")
+            raise RuntimeError("SpectrumSchedulePolicy: call begin(num_steps) before the first decide()")
         if not 0 <= info.index < len(self._plan):
-            raise ValueError(f"SpectrumPolicy: step {info.index} is outside the generation's {len(self._plan)} steps")
+            raise ValueError(f"SpectrumSchedulePolicy: step {info.index} is outside the generation's "
+                             f"{len(self._plan)} steps")
         reason = "warmup" if info.index < self.config.warmup_steps else "spectrum"
         return Decision(self._plan[info.index], reason=reason)
 
     def plan(self, num_steps: int) -> list[bool]:
         return self.config.plan(num_steps)
+
+
+# The former name (issue 21: the runtime object of a policy config <C> is <C>Policy).
+SpectrumPolicy = SpectrumSchedulePolicy
