@@ -1,10 +1,10 @@
 """The typed parts of a cache: a policy (when), a forecaster (what), targets (where), a store (how kept).
 
-``CacheConfig`` holds one of each; ``apply(model, CacheConfig(...))`` takes it directly, and every
-``TaylorSeerConfig`` (and preset) is a convenient way to build one (``TaylorSeerConfig.parts()``), with
-bit-identical results. Each part is a frozen, validated dataclass; the policy and forecaster types are looked up
-in their registries, so a new one is usable here without editing this file. Round-trips through JSON with the
-part's type name.
+``CacheConfig`` holds one of each and is the one config type below the API: ``apply(model, CacheConfig(...))``
+takes it directly, and every ``TaylorSeerConfig`` (and preset) is a builder of one (``parts_of(config)``, which
+``apply`` calls once at entry), with bit-identical results. Each part is a frozen, validated dataclass; the policy
+and forecaster types are looked up in their registries, so a new one is usable here without editing this file.
+Round-trips through JSON with the part's type name.
 
 Example:
     >>> from taylorseer.forecast import TaylorForecast
@@ -90,7 +90,9 @@ class CacheConfig:
         if self.abscissa not in ABSCISSAE:
             raise ValueError(f"CacheConfig.abscissa must be one of {list(ABSCISSAE)}, got {self.abscissa!r}")
 
-    # The fields the adapters and integrations read, under the names TaylorSeerConfig gives them.
+    # Shims: TaylorSeerConfig's flat names, read by code written for either config type. Nothing below the API
+    # reads them (adapters and runtime read ``targets`` / ``store``); kept while a caller above it still does
+    # (docs/design.md "Parts"). Prefer ``config.targets.granularity`` etc.
     @property
     def granularity(self) -> str:
         return self.targets.granularity
@@ -106,10 +108,6 @@ class CacheConfig:
     @property
     def factor_dtype(self) -> str | None:
         return self.store.factor_dtype
-
-    def parts(self) -> CacheConfig:
-        """Itself (so that code can call ``config.parts()`` on either config type)."""
-        return self
 
     def full_steps(self, num_steps: int) -> int | None:
         """Fully computed steps of a generation, for static policies (None for adaptive ones)."""
