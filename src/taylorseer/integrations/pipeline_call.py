@@ -38,6 +38,7 @@ import torch
 
 from ..adapters.registry import find_adapter, registered_adapters
 from ..devices import WEIGHT_DTYPES, check_device, torch_dtype
+from ..parts import parts_of
 from .pipeline import check_pipeline
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub id, owner/name
@@ -131,7 +132,10 @@ def check_supported(pipe: Any, config: Any = None) -> None:
         check_pipeline(pipe)
     except ValueError as error:
         raise ValueError(f"unsupported model: {error}") from None
-    if find_adapter(pipe.transformer) is None and not (config and (config.modules or config.granularity == "output")):
+    if find_adapter(pipe.transformer) is not None:
+        return
+    where = None if config is None else parts_of(config).targets  # the config's Targets part
+    if not (where and (where.modules or where.granularity == "output")):
         raise ValueError(f"unsupported model: no taylorseer adapter for {type(pipe.transformer).__name__}; supported "
                          f"transformers: {sorted(registered_adapters())} (or pass modules=... / granularity='output')")
 
