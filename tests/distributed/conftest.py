@@ -1,8 +1,9 @@
 """The session's one distributed run (world.py) and the one-process references it is compared with.
 
-``cp_run`` forks the 4-process world once, then computes in this process, while the world runs: every method of
-cases.py alone, a few of them with the sharded kernels emulated (harness.emulate_ulysses), ``taylorseer
-generate`` and ``taylorseer sample`` alone (the sample also emulating K = 2), and the DiT vote cases alone.
+``cp_run`` starts the 4-process world once (forked from a fork server), then computes in this process, while the
+world runs: every method of cases.py alone, a few of them with the sharded kernels emulated
+(harness.emulate_ulysses), ``taylorseer generate`` and ``taylorseer sample`` alone (the sample also emulating
+K = 2), and the DiT vote cases alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import cases
 import pytest
 import torch
 import world
-from harness import emulate_ulysses, fork_world, free_port, join_world, stop_world
+from harness import emulate_ulysses, fork_world, free_port, join_world, stop_fork_server, stop_world
 
 WORLD_SECONDS = 600  # the world is killed (and the tests fail) if it has not finished by then
 
@@ -48,8 +49,12 @@ def cp_run(tmp_path_factory):
         alone["dit"] = [cases.dit_decisions(seed) for seed in cases.DIT_SEEDS]
     except BaseException:
         stop_world(context)
+        stop_fork_server()
         raise
-    join_world(context, WORLD_SECONDS)
+    try:
+        join_world(context, WORLD_SECONDS)
+    finally:
+        stop_fork_server()
     alone["world_seconds"] = time.monotonic() - start
     torch.save(alone, folder / "alone.pt")  # kept with the world's records (pytest --basetemp) for reading them
     return folder, alone

@@ -1,4 +1,4 @@
-"""The CPU harness of the context-parallel tests: a world of gloo processes forked from the test process
+"""The CPU harness of the context-parallel tests: a world of gloo processes forked from a fork server
 (``fork_world``), the two patches that let diffusers 0.42.1 run context parallelism on a machine without an
 accelerator, and ``emulate_ulysses``, one process reproducing the sharded kernels bit for bit. All live here
 only; nothing in ``src/`` patches anything.
@@ -63,11 +63,16 @@ def patch_ring_lse() -> None:
 
 
 def fork_world(fn: Callable, world: int, *args: Any) -> Any:
-    """Start ``fn(rank, world, *args)`` in ``world`` processes forked from this one (not spawned: they inherit
-    its imported torch and diffusers instead of importing them again, ~5 s of CPU each), with the harness's
-    patches applied in each child only, and return torch's ``ProcessContext`` at once, so this process can work
-    while they run; ``join_world`` waits for them. ``fn`` joins whatever process groups it needs itself."""
-    return mp.start_processes(_forked, args=(fn, world, args), nprocs=world, join=False, start_method="fork")
+    """Start ``fn(rank, world, *args)`` in ``world`` processes and return torch's ``ProcessContext`` at once, so
+    this process can work while they run; ``join_world`` waits for them. The processes are forked from a fork
+    server that imported torch, diffusers and ``fn``'s module once (not spawned: none imports them again, ~5 s of
+    CPU each; not forked from this process: its threads, e.g. torch.compile's workers in a full test session,
+    cannot leave a lock held in a child). The harness's patches are applied in each child only; ``fn`` joins
+    whatever process groups it needs itself, and takes picklable arguments."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "diffusers", "taylorseer.distributed.flux",
+                                    "taylorseer.cli", fn.__module__])
+    return mp.start_processes(_forked, args=(fn, world, args), nprocs=world, join=False, start_method="forkserver")
 
 
 def _forked(rank: int, fn: Callable, world: int, args: tuple) -> None:
@@ -92,6 +97,17 @@ def stop_world(context: Any) -> None:
     for process in context.processes:
         if process.is_alive():
             process.kill()
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server ``fork_world`` started and wait for it (so it does not outlive the tests, and a CPU
+    count of this process's children includes it and the world it forked). Private API of ``multiprocessing``,
+    Python >= 3.8; a no-op without it."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def init_file_group(rank: int, world: int, init_file: str, seconds: float) -> None:

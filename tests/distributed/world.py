@@ -1,7 +1,8 @@
-"""The one world of the distributed tests: 4 processes forked once (harness.fork_world) run every case in turn and
-write what each rank saw; the test process computes the one-process references meanwhile (conftest.py), and the
-tests compare. One world instead of a spawn per case: no process imports torch and diffusers again, and the
-4 processes keep both cores busy while the test process works.
+"""The one world of the distributed tests: 4 processes started once (harness.fork_world, forked from a fork server
+that imported torch and diffusers) run every case in turn and write what each rank saw; the test process computes
+the one-process references meanwhile (conftest.py), and the tests compare. One world instead of a spawn per case:
+no process imports torch and diffusers again, and the 4 processes keep both cores busy while the test process
+works.
 
 The phases, in order (every rank runs ``run``):
 
