@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taylorseer.calibration import CalibrationError
-from taylorseer.eval.bench import Method, _Context, _quality, _run, calibrated_methods, default_grid
+from taylorseer.eval.bench import Method, RunContext, calibrated_methods, default_grid, quality, run_method
 from taylorseer.models.pretrained import load_reference
 from taylorseer.models.sampler import sample
 
@@ -39,10 +39,10 @@ def _classes(text: str | None) -> list[int]:
     return out
 
 
-def _images(ctx: _Context, method: Method, path: Path | None) -> tuple[torch.Tensor, int | None]:
+def _images(ctx: RunContext, method: Method, path: Path | None) -> tuple[torch.Tensor, int | None]:
     if path is not None and path.exists():
         return load_file(str(path))["images"].float(), None
-    run = _run(ctx, method, ctx.labels)
+    run = run_method(ctx, method)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -80,7 +80,7 @@ def main() -> None:
             refused.append((Path(path).name, str(err)))
     suffix = f"-c{args.classes}" if args.classes else ""
     for seed in args.seed:
-        ctx = _Context(model, sample, labels, seed, args.cfg_scale, "batch")
+        ctx = RunContext(model, sample, labels, seed, args.cfg_scale, "batch")
         print(f"\n{args.images} images (classes {args.classes or '0-9'}), seed {seed}, DDIM-{args.steps}, "
               f"CFG {args.cfg_scale}\n")
         print("| method | full steps | PSNR dB | SSIM | FID to full | FID-FMNIST | class acc | seconds |")
@@ -93,7 +93,7 @@ def main() -> None:
             images, _ = _images(ctx, method, path)
             is_ref = reference is None
             reference = images if is_ref else reference
-            q, _ = _quality(images, reference, labels, is_reference=is_ref)
+            q, _ = quality(images, reference, labels, is_reference=is_ref)
             psnr = "ref" if is_ref else f"{q['psnr']:.2f}"
             print(f"| {method.name} | {method.full_steps()} | {psnr} | {q['ssim']:.4f} | {q['fid_to_full']:.4f} | "
                   f"{q['fid_fmnist']:.3f} | {q['class_accuracy']:.3f} | {time.perf_counter() - start:.0f} |",

@@ -23,7 +23,7 @@ import time
 import torch
 
 import taylorseer
-from taylorseer.eval.bench import INSTALLERS, Method, calibrated_methods, default_grid, machine_facts
+from taylorseer.eval.bench import Method, calibrated_methods, default_grid, installer_for, machine_facts
 from taylorseer.models.pretrained import load_reference
 from taylorseer.models.sampler import sample
 from taylorseer.runtime.measure import count_flops
@@ -55,7 +55,7 @@ def main() -> None:
 
     def run(method: Method, count: bool = False) -> tuple[float, float, int | None]:
         """One generation (install and removal not timed, as in the bench): wall s, CPU s, FLOPs if counted."""
-        installed = INSTALLERS[method.family](model, method)
+        installed = installer_for(method)(model, method)
 
         def after(module: torch.nn.Module, args: tuple, output: object) -> None:
             if not count:

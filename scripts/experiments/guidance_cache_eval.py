@@ -25,9 +25,10 @@ import torch
 
 from taylorseer import TaylorSeerConfig
 from taylorseer.eval import metrics
-from taylorseer.eval.bench import Method, _Context, _run, default_grid
+from taylorseer.eval.bench import Method, RunContext, default_grid, run_method
 from taylorseer.models.pretrained import load_reference
 from taylorseer.models.sampler import sample
+from taylorseer.parts import parts_of
 from taylorseer.policy import GuidanceCache, IntervalPolicy
 
 WARMUP = 2  # the bench grid's TaylorSeer warm-up, used for the guidance cache too
@@ -57,7 +58,7 @@ def _units(num_steps: int, ts_plan: list[bool] | None, gc_plan: list[bool] | Non
 def _ts(interval: int, warmup: int, steps: int) -> Method:
     name = f"ts-O2-N{interval}-divided" + ("" if warmup == WARMUP else f"-w{warmup}")
     config = TaylorSeerConfig(interval=interval, warmup_steps=warmup, max_order=2, scheme="divided", name=name)
-    return Method(name, "taylorseer", config, steps)
+    return Method(name, parts_of(config), steps)
 
 
 def _rows(steps: int) -> list[Row]:
@@ -121,11 +122,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     reference, full_flops = None, None
     for row in rows:
-        def context(count: int, row: Row = row) -> _Context:
-            return _Context(model, _sampler(row.cache), labels[:count], args.seed, args.cfg_scale, row.cfg_mode)
+        def context(count: int, row: Row = row) -> RunContext:
+            return RunContext(model, _sampler(row.cache), labels[:count], args.seed, args.cfg_scale, row.cfg_mode)
 
-        flops = _run(context(args.flop_images), row.method, labels[:args.flop_images], count=True).flops
-        run = _run(context(args.images), row.method, labels)
+        flops = run_method(context(args.flop_images), row.method, labels[:args.flop_images], count=True).flops
+        run = run_method(context(args.images), row.method, labels)
         full_flops = flops if full_flops is None else full_flops
         if reference is None:
             reference = run.images

@@ -13,14 +13,13 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from taylorseer.eval.bench import INSTALLERS, Method, run_bench
+from taylorseer.eval.peer_grid import peer_methods
 from taylorseer.integrations.diffusers_caches import (
     PEER_FAMILIES,
     FirstBlockCacheSettings,
     MagCacheSettings,
-    PeerCacheMethod,
     apply_diffusers_cache,
     calibrate_mag_ratios,
-    peer_methods,
 )
 from taylorseer.models.sampler import sample
 
@@ -182,7 +181,7 @@ def test_models_the_caches_cannot_take_are_refused_with_the_reason(tiny_dit):
         apply_diffusers_cache(tiny_dit, MagCacheSettings(0.1), STEPS)
     no_blocks = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="at least 1 blocks"):
-        INSTALLERS["magcache"](no_blocks, PeerCacheMethod("m", "magcache", MagCacheSettings(0.1), STEPS))
+        INSTALLERS["magcache"](no_blocks, Method("m", MagCacheSettings(0.1), STEPS))
     with apply_diffusers_cache(tiny_dit, FirstBlockCacheSettings(0.1), STEPS), pytest.raises(ValueError,
                                                                                            match="already has"):
         apply_diffusers_cache(tiny_dit, FirstBlockCacheSettings(0.2), STEPS)
@@ -198,9 +197,9 @@ def test_settings_and_methods_are_validated():
     with pytest.raises(ValueError, match="retention_ratio"):
         MagCacheSettings(0.1, retention_ratio=1.5)
     with pytest.raises(ValueError, match="needs its settings"):
-        PeerCacheMethod("x", "fora", FirstBlockCacheSettings(0.1))
+        Method("x", FirstBlockCacheSettings(0.1), family="fora")
     with pytest.raises(ValueError, match="needs its settings"):
-        PeerCacheMethod("x", "magcache", FirstBlockCacheSettings(0.1))
+        Method("x", FirstBlockCacheSettings(0.1), family="magcache")
     methods = peer_methods(50)
     assert [m.family for m in methods] == ["firstblockcache"] * 5 + ["magcache"] * 5 + ["seacache"] * 4
     assert all(isinstance(m, Method) and m.num_steps == 50 for m in methods)
@@ -213,9 +212,9 @@ def test_bench_runs_the_peers_on_a_deep_copy_and_records_their_steps(tiny_dit, t
     layout = _layout(tiny_dit)
     # thresholds that skip on this model: a peer equal to the reference gets PSNR = inf, which the bench's JSON
     # writer (allow_nan=False) refuses
-    methods = [Method("full", "full", None, STEPS),
-               PeerCacheMethod("fbcache-t1", "firstblockcache", FirstBlockCacheSettings(1.0), STEPS),
-               PeerCacheMethod("magcache-t1", "magcache", MagCacheSettings(1.0, 3, 0.0, calibration_images=2), STEPS)]
+    methods = [Method("full", None, STEPS),
+               Method("fbcache-t1", FirstBlockCacheSettings(1.0), STEPS),
+               Method("magcache-t1", MagCacheSettings(1.0, 3, 0.0, calibration_images=2), STEPS)]
     records = run_bench(tiny_dit, methods, num_images=2, repeats=1, out_path=tmp_path / "r.jsonl",
                         progress=False, probe_images=1, save_samples=False)
     by_name = {r["name"]: r for r in records}
@@ -287,7 +286,8 @@ def test_bench_records_cache_dit_version_steps_and_block_call_fraction(tiny_dit,
 
     before = copy.deepcopy(tiny_dit.state_dict())
     settings = _cache_dit_settings(full_steps=(0, 3, 6), calibrator="taylorseer", warmup_steps=0)
-    methods = [Method("full", "full", None, STEPS), Method("cd", PEER_FAMILY, settings, STEPS)]
+    methods = [Method("full", None, STEPS), Method("cd", settings, STEPS)]
+    assert methods[1].family == PEER_FAMILY
     out = tmp_path / "records.jsonl"
     records = run_bench(tiny_dit, methods, num_images=2, repeats=1, out_path=out, progress=False,
                         save_samples=False, probe_images=1)
@@ -305,6 +305,7 @@ def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, caps
 
     import taylorseer.integrations.cache_dit as cd
     from taylorseer.eval.bench import Method, default_grid, run_bench
+    from taylorseer.eval.peer_grid import cache_dit_methods
     from taylorseer.models.reference import build_reference
 
     real = importlib.import_module
@@ -316,11 +317,11 @@ def test_without_cache_dit_the_peers_are_skipped_with_one_line(monkeypatch, caps
 
     monkeypatch.setattr(cd.importlib, "import_module", no_cache_dit)
     assert cd.cache_dit_version() is None
-    assert cd.cache_dit_methods(50, {"cal": (0, 10)}) == []
+    assert cache_dit_methods(50, {"cal": (0, 10)}) == []
     capsys.readouterr()
     grid = default_grid(num_steps=50)
     assert "cache-dit" not in capsys.readouterr().err  # building a grid (also for `sample`'s names) prints nothing
-    run_bench(build_reference("DiT-FM-T/4"), [Method("full", "full", None, 2)], num_images=1, repeats=1,
+    run_bench(build_reference("DiT-FM-T/4"), [Method("full", None, 2)], num_images=1, repeats=1,
               out_path=tmp_path / "r.jsonl", save_samples=False)  # a bench run says it, once
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "cache-dit" in line] == [

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from taylorseer.eval import bench
+from taylorseer.eval import bench, records
 from taylorseer.eval.bench import Method, default_grid, run_bench
 from taylorseer.eval.report import (
     IncompleteRunError,
@@ -146,8 +146,8 @@ def test_a_failing_method_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatc
 
     monkeypatch.setitem(bench.INSTALLERS, "diffusers-peer", broken)
     grid = default_grid(quick=True, num_steps=4)
-    methods = [grid[0], next(m for m in grid if m.family == "diffusers-peer"), Method("ddim-2", "fewer-steps",
-                                                                                       num_steps=2)]
+    methods = [grid[0], next(m for m in grid if m.family == "diffusers-peer"), Method("ddim-2", None, 2,
+                                                                                       family="fewer-steps")]
     records = run_bench(build_reference("DiT-FM-T/4"), methods, num_images=2, repeats=1, out_path=tmp_path / "r.jsonl",
                         progress=False, save_samples=False)
     peer = records[1]
@@ -243,12 +243,12 @@ def test_full_grid_has_last_step_full_variants_with_a_ddim_of_equal_model_calls(
 
     by_name = {m.name: m for m in default_grid(num_steps=50)}
     for name in ("fora-N5-tail1", "ts-O1-N5-divided-tail1", "ts-O2-N5-divided-tail1"):
-        cfg = by_name[name].config
+        cfg = by_name[name].config.policy  # a CacheConfig's IntervalSchedule
         assert (cfg.interval, cfg.warmup_steps, cfg.tail_steps) == (5, 2, 1)
         plan = IntervalPolicy(cfg.interval, cfg.warmup_steps, cfg.tail_steps).plan(50)
         assert plan[-1] and not plan[-2]  # the last step computed, the one before it still forecast
         assert by_name[name].full_steps() == sum(plan) == 12
-    assert by_name["fora-N5-tail1"].config.max_order == 0
+    assert by_name["fora-N5-tail1"].config.forecaster.max_order == 0
     assert by_name["ddim-12"].num_steps == 12
 
 def test_bench_cli_rejects_an_unknown_method_in_one_line(capsys):
@@ -286,8 +286,8 @@ def test_an_interrupted_bench_leaves_no_run_end_and_report_refuses_it(tmp_path, 
         return plain(model, method)
 
     monkeypatch.setitem(bench.INSTALLERS, "fewer-steps", interrupt_at_ddim3)
-    methods = [Method("full", "full", num_steps=4), Method("ddim-2", "fewer-steps", num_steps=2),
-               Method("ddim-3", "fewer-steps", num_steps=3)]
+    methods = [Method("full", None, 4), Method("ddim-2", None, 2, family="fewer-steps"),
+               Method("ddim-3", None, 3, family="fewer-steps")]
     out = tmp_path / "r.jsonl"
     with pytest.raises(KeyboardInterrupt):
         run_bench(build_reference("DiT-FM-T/4"), methods, num_images=2, repeats=1, out_path=out, progress=False,
@@ -338,7 +338,7 @@ def test_a_half_written_last_line_is_skipped_with_a_warning(bench_run, tmp_path)
     with pytest.warns(PartialRecordWarning):
         assert len(read_run(path, allow_incomplete=True).records) == 4
     # The next run first ends the partial line, so its own records stay whole (the old line is skipped, warned).
-    bench._end_partial_line(path)
+    records.end_partial_line(path)
     for row in later:
         bench.append_record(path, {**row, "run_id": "20990102T000000Z-2-fedcba"})
     with pytest.warns(PartialRecordWarning, match=rf"line {len(rows) + 6}"):
@@ -378,7 +378,8 @@ def test_the_committed_results_are_legacy_runs_that_report():
 #################################################################################
 
 def _grid_records(num_steps=50):
-    return [{**m.to_dict(), "error": None} for m in default_grid(num_steps=num_steps)]
+    """The grid's methods as the bench records them (its ``to_dict`` and ``knobs``), before any measurement."""
+    return [{**m.to_dict(), "knobs": m.knobs(), "error": None} for m in default_grid(num_steps=num_steps)]
 
 
 def test_method_labels_are_human_and_unique_over_the_grid():
@@ -430,13 +431,13 @@ def _synthetic():
     """Measured-looking records of the full grid at N=5 (step abscissa) with made-up but ordered values."""
     out = []
     for rec in _grid_records():
-        order, interval = (rec["config"] or {}).get("max_order"), (rec["config"] or {}).get("interval")
+        order, interval = rec["knobs"].get("max_order"), rec["knobs"].get("interval")
         speed = 50 / (rec["num_steps"] if rec["config"] is None else 1 + 49 / (interval or 1))
         out.append({**rec, "flops_speedup": speed, "wall_speedup": 0.8 * speed, "num_images": 8,
                     "psnr": None if rec["family"] == "full" else 20 + 5 * (order or 0) - speed,
                     "fid_fmnist": 10 + speed / 10 - (order or 0) / 10,
                     "peak_cache_bytes": (order + 1) * 10**6 // {"block": 2, "output": 500}.get(
-                        (rec["config"] or {}).get("granularity"), 1) if order is not None else 0})
+                        rec["knobs"].get("granularity"), 1) if order is not None else 0})
     return out
 
 

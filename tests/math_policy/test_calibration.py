@@ -520,13 +520,14 @@ def test_bias_and_row_groups_round_trip(tiny_dit, tmp_path):
 #################################################################################
 
 def test_bench_builds_calibrated_methods_and_refuses_the_wrong_guidance_layout(saved, tiny_dit):
-    from taylorseer.eval.bench import CACHED_FAMILIES, INSTALLERS, calibrated_methods
+    from taylorseer.eval.bench import calibrated_methods
+    from taylorseer.eval.install import applies_config
 
     cal, _ = saved
     methods = calibrated_methods(cal.path, tiny_dit, NUM_STEPS)
     assert [m.name for m in methods] == ["tiny-b4", "tiny-b4-taylor2"]
     assert all(m.family == "calibrated" and m.full_steps() == len(SCHEDULE) for m in methods)
-    assert "calibrated" in CACHED_FAMILIES and "calibrated" in INSTALLERS
+    assert all(applies_config(m) for m in methods)  # a cached family, installed by taylorseer.apply
     assert isinstance(methods[0].config.forecaster, LinearForecast)
     assert methods[1].config.forecaster == TaylorForecast(max_order=2)
     with pytest.raises(CalibrationError, match="guided CFG batch.*guidance_scale=1.0"):

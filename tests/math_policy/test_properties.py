@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -25,11 +26,28 @@ from hypothesis import strategies as st
 import taylorseer
 from taylorseer import TaylorSeerConfig
 from taylorseer.config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, SCHEMES
-from taylorseer.forecast import AdamsForecast, CorrectorForecast, HermiteForecast, TaylorForecast, build_forecaster
+from taylorseer.forecast import (
+    AdamsForecast,
+    CorrectorForecast,
+    HermiteForecast,
+    LinearForecast,
+    TaylorForecast,
+    build_forecaster,
+    registered_forecasters,
+)
 from taylorseer.parts import CacheConfig, Store, Targets, parts_of
-from taylorseer.policy import ConfidenceGate, ErrorBudget, FixedSchedule, IntervalSchedule, build_policy
+from taylorseer.policy import (
+    AnchorSchedule,
+    ConfidenceGate,
+    ErrorBudget,
+    FixedSchedule,
+    IntervalSchedule,
+    build_policy,
+    registered_policies,
+)
 
 TOLERANCE = 1e-9
+NEEDS_A_FILE = {LinearForecast}  # a calibration file (tests/math_policy/test_calibration.py round-trips it)
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -141,8 +159,9 @@ def test_hermite_is_exact_on_constants_and_at_one_over_root_two_on_linear(order,
 
 
 @SETTINGS
-@given(st.sampled_from([TaylorForecast(3), AdamsForecast(3), HermiteForecast(3), CorrectorForecast()]),
-       st.data())
+@given(st.sampled_from([{TaylorForecast: TaylorForecast(3), AdamsForecast: AdamsForecast(3),
+                          HermiteForecast: HermiteForecast(3)}.get(t) or t()
+                         for t in registered_forecasters().values() if t not in NEEDS_A_FILE]), st.data())
 def test_forecasts_are_new_tensors_and_leave_the_state_alone(config, data):
     forecaster = build_forecaster(config)
     points = data.draw(distinct_points(4, monotone=True))
@@ -202,22 +221,36 @@ taylorseer_configs = st.builds(
 POSITIVE = st.floats(1e-6, 10.0, allow_nan=False, allow_infinity=False)
 probe_fields = dict(warmup_steps=st.integers(0, 5), tail_steps=st.integers(0, 3), max_forecast=st.integers(1, 8),
                     probe_blocks=st.integers(1, 3))
-policies = st.one_of(
-    st.builds(IntervalSchedule, interval=st.integers(1, 10), warmup_steps=st.integers(0, 5),
-              tail_steps=st.integers(0, 3)),
-    st.builds(ConfidenceGate, threshold=POSITIVE, **probe_fields),
-    st.builds(ErrorBudget, budget=POSITIVE, **probe_fields),
-    st.text(alphabet="Ff", min_size=1, max_size=30).map(lambda p: "F" + p[1:]).flatmap(
+# Field strategies of the registered parts that take more than their defaults; every other registered part is
+# built with its defaults (``st.builds(T)``), so a new part joins these properties without an edit here.
+POLICY_STRATEGIES = {
+    IntervalSchedule: st.builds(IntervalSchedule, interval=st.integers(1, 10), warmup_steps=st.integers(0, 5),
+                                tail_steps=st.integers(0, 3)),
+    ConfidenceGate: st.builds(ConfidenceGate, threshold=POSITIVE, **probe_fields),
+    ErrorBudget: st.builds(ErrorBudget, budget=POSITIVE, **probe_fields),
+    FixedSchedule: st.text(alphabet="Ff", min_size=1, max_size=30).map(lambda p: "F" + p[1:]).flatmap(
         lambda p: NAME.map(lambda name: FixedSchedule.from_pattern(p, name))),
-)
-forecasters = st.one_of(
-    st.builds(TaylorForecast, max_order=st.integers(0, 6), scheme=st.sampled_from(SCHEMES),
-              history_from_step=st.integers(0, 4)),
-    st.builds(AdamsForecast, order=st.integers(1, 4), slope_at=st.sampled_from(["midpoint", "newer"])),
-    st.builds(HermiteForecast, max_order=st.integers(0, 6), scale=st.floats(0.01, 0.99),
-              scheme=st.sampled_from(SCHEMES)),
-    st.builds(CorrectorForecast, calibrate=st.booleans()),
-)
+    AnchorSchedule: st.builds(AnchorSchedule.from_interval, st.integers(1, 10), st.integers(1, 5),
+                              st.integers(12, 60)),
+}
+FORECASTER_STRATEGIES = {
+    TaylorForecast: st.builds(TaylorForecast, max_order=st.integers(0, 6), scheme=st.sampled_from(SCHEMES),
+                              history_from_step=st.integers(0, 4)),
+    AdamsForecast: st.builds(AdamsForecast, order=st.integers(1, 4), slope_at=st.sampled_from(["midpoint", "newer"])),
+    HermiteForecast: st.builds(HermiteForecast, max_order=st.integers(0, 6), scale=st.floats(0.01, 0.99),
+                               scheme=st.sampled_from(SCHEMES)),
+    CorrectorForecast: st.builds(CorrectorForecast, calibrate=st.booleans()),
+}
+
+
+def registered_strategies(registered: dict[str, type], known: dict[type, Any]) -> Any:
+    """One strategy over every registered part type: its entry in ``known``, else built with its defaults."""
+    types = [t for t in registered.values() if t not in NEEDS_A_FILE]
+    return st.one_of(*(known[t] if t in known else st.builds(t) for t in types))
+
+
+policies = registered_strategies(registered_policies(), POLICY_STRATEGIES)
+forecasters = registered_strategies(registered_forecasters(), FORECASTER_STRATEGIES)
 cache_configs = st.builds(
     CacheConfig, policy=policies, forecaster=forecasters,
     targets=st.builds(Targets, granularity=st.sampled_from(GRANULARITIES),

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import FluxPipeline
@@ -28,10 +28,14 @@ from torch import nn
 
 from ..calibration.pipeline import StepTeller
 from ..config import TaylorSeerConfig, preset
+from ..integrations.diffusers_caches import read_printed_ratios
 from ..models.flux_pipeline import DEFAULT_GUIDANCE, FluxReference, flux_pipeline
 from ..models.flux_reference import unpack
+from ..parts import parts_of
 from ..runtime.install import unwrap
-from .bench import Installed, Method, register_installer
+from .bench import run_bench
+from .install import Installed, register_installer
+from .methods import Method
 
 FLUX_BUDGETS = {28: (5, 6, 8), 50: (6, 8, 11)}  # full steps per step count (the issue's budgets)
 HOOK_KINDS = ("taylorseer", "firstblock", "mag", "sea")
@@ -79,6 +83,7 @@ class HookSettings:
 
     kind: str
     params: dict[str, Any] = field(default_factory=dict)
+    family: ClassVar[str] = "diffusers-hook"  # the bench family (eval.methods.PeerSettings)
 
     def __post_init__(self) -> None:
         if self.kind not in HOOK_KINDS:
@@ -127,15 +132,13 @@ def mag_ratios(sampler: FluxSampler, num_steps: int, guidance_scale: float, imag
     (``MagCacheConfig(calibrate=True)``: nothing skipped, the ratios printed at the end of a generation)."""
     from diffusers.hooks import MagCacheConfig
 
-    from ..integrations.diffusers_caches import _read_printed_ratios
-
     clone = copy.deepcopy(sampler.ref.transformer)
     clone.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=num_steps))
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         sampler(clone, torch.arange(images) % 10, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed)
     clone.disable_cache()
-    return _read_printed_ratios(buffer.getvalue(), num_steps)
+    return read_printed_ratios(buffer.getvalue(), num_steps)
 
 
 #################################################################################
@@ -167,23 +170,23 @@ def flux_grid(num_steps: int = 28, ratios: list[float] | None = None) -> list[Me
         ['full', 'euler-8', 'euler-6']
     """
     budgets = FLUX_BUDGETS.get(num_steps, (max(2, num_steps // 6),))
-    methods = [Method("full", "full", None, num_steps)]
-    methods += [Method(f"euler-{b}", "fewer-steps", None, b) for b in sorted(budgets, reverse=True)]
+    methods = [Method("full", None, num_steps)]
+    methods += [Method(f"euler-{b}", None, b, family="fewer-steps") for b in sorted(budgets, reverse=True)]
     for b in budgets:
         base = interval_for(b, num_steps)
         if base is None:
             continue
         n = base.interval
-        methods.append(Method(f"fora-N{n}", "fora", base.replace(max_order=0, name=f"fora-N{n}"), num_steps))
+        methods.append(Method(f"fora-N{n}", parts_of(base.replace(max_order=0, name=f"fora-N{n}")), num_steps))
         for granularity in ("module", "block", "output"):
             for order in (1, 2):
                 suffix = "" if granularity == "module" else f"-{granularity}"
                 name = f"ts-O{order}-N{n}{suffix}"
                 cfg = base.replace(max_order=order, granularity=granularity, name=name)
-                methods.append(Method(name, "taylorseer", cfg, num_steps))
+                methods.append(Method(name, parts_of(cfg), num_steps))
     flux = preset("paper_flux")
-    methods.append(Method("paper_flux", "preset", flux, num_steps))
-    methods.append(Method("fora-paper_flux", "fora", flux.replace(max_order=0, name="fora-paper_flux"), num_steps))
+    methods.append(Method("paper_flux", parts_of(flux), num_steps, family="preset"))
+    methods.append(Method("fora-paper_flux", parts_of(flux.replace(max_order=0, name="fora-paper_flux")), num_steps))
     hooks = [HookSettings("taylorseer", {"cache_interval": flux.interval, "disable_cache_before_step":
                                          flux.warmup_steps, "max_order": flux.max_order,
                                          "taylor_factors_dtype": torch.float32}),
@@ -196,16 +199,64 @@ def flux_grid(num_steps: int = 28, ratios: list[float] | None = None) -> list[Me
     for hook in hooks:
         tag = "-".join(f"{v}" for k, v in hook.params.items()
                        if k in ("threshold", "cache_interval"))
-        methods.append(Method(f"diffusers-{hook.kind}-{tag}", "diffusers-hook", hook, num_steps))
+        methods.append(Method(f"diffusers-{hook.kind}-{tag}", hook, num_steps))
     return methods
+
+
+def register_cache_dit_pipeline() -> None:
+    """cache-dit runs on the FLUX reference as its users run it on a FLUX model: ``cache_dit.enable_cache(pipe,
+    ...)`` on a ``FluxPipeline`` around the transformer (cache-dit's registered Flux adapter), with
+    ``enable_separate_cfg=True`` because the reference samples true CFG as two transformer calls per step (cond,
+    then uncond; cache-dit keeps a cache per branch)."""
+    from ..integrations.cache_dit import register_pipeline
+
+    register_pipeline("FluxTransformer2DModel", flux_pipeline, separate_cfg=True)
+
+
+register_cache_dit_pipeline()
+
+
+def cache_dit_flux_methods(num_steps: int = 50, schedules: dict[str, tuple[int, ...]] | None = None
+                           ) -> list[Method]:
+    """cache-dit on the FLUX reference (pipeline path): its own threshold rule at Fn=1 (thresholds 0.08, its
+    default, to 0.8: reuse, TaylorSeer O=1, O=2), fixed-interval step masks (warm-up 2) at the full steps that fit
+    the issue's budgets with Fn=1 (about 1/12 of a step on every step: 4 full steps at 16 %, 7 at 22 % of 50;
+    ``FLUX_CACHE_DIT_MASKS``), and each schedule of ``schedules`` (name -> full steps) as a static step mask with
+    Fn/Bn and every calibrator. Empty without cache-dit.
+
+    Example:
+        >>> [m.name for m in cache_dit_flux_methods(50)][:1]   # doctest: +SKIP
+        ['cachedit-F1B0-reuse-t0.08']
+    """
+    from ..integrations.cache_dit import CacheDitSettings, cache_dit_version
+    from ..policy.interval import IntervalPolicy
+
+    if cache_dit_version() is None:
+        return []
+    methods = [Method(f"cachedit-{s.label()}", s, num_steps) for s in
+               (CacheDitSettings(1, 0, threshold=t, calibrator=c, taylorseer_order=o, warmup_steps=2)
+                for t in (0.08, 0.2, 0.4, 0.8) for c, o in (("none", 1), ("taylorseer", 1), ("taylorseer", 2)))]
+    masks: dict[str, tuple[int, ...]] = {}
+    for full in FLUX_CACHE_DIT_MASKS.get(num_steps, ()):
+        n = next(n for n in range(2, num_steps + 1) if sum(IntervalPolicy(n, 2).plan(num_steps)) <= full)
+        masks[f"N{n}"] = tuple(i for i, f in enumerate(IntervalPolicy(n, 2).plan(num_steps)) if f)
+    choices = ((1, 0, "none", 1), (1, 0, "taylorseer", 1), (1, 0, "taylorseer", 2), (1, 0, "foca", 1),
+               (1, 0, "dmd", 1), (1, 1, "taylorseer", 1), (2, 0, "taylorseer", 1))
+    for name, steps in {**masks, **(schedules or {})}.items():
+        for fn, bn, calibrator, order in (choices if name in (schedules or {}) else choices[:3]):
+            s = CacheDitSettings(fn, bn, full_steps=steps, calibrator=calibrator, taylorseer_order=order,
+                                 warmup_steps=0)
+            methods.append(Method(f"cachedit-{s.label()}@{name}", s, num_steps))
+    return methods
+
+
+FLUX_CACHE_DIT_MASKS = {50: (4, 7), 28: (3, 5)}  # full steps of cache-dit's interval masks on the FLUX bench
 
 
 def run_flux_bench(ref: FluxReference, methods: list[Method], *, num_images: int = 64, seed: int = 0,
                    repeats: int = 2, guidance_scale: float = DEFAULT_GUIDANCE, out_path: str = "bench.jsonl",
                    threads: int | None = 1, progress: bool = True) -> list[dict[str, Any]]:
     """``run_bench`` on the flow-matching reference through ``FluxPipeline`` (records say ``model: flux``)."""
-    from .bench import run_bench
-
     return run_bench(ref.transformer, methods, num_images=num_images, seed=seed, threads=threads, repeats=repeats,
                      out_path=out_path, progress=progress, sampler=FluxSampler(ref), guidance_scale=guidance_scale,
                      cfg_mode="split", model_name="flux")

@@ -18,7 +18,8 @@ and starts a new generation after ``num_inference_steps`` calls. ``CacheDitPeer`
 told step and raises if a step makes other than one call (cache-dit's count would then drift from the told step).
 
 cache-dit is optional (the ``peers`` extra: ``pip install "taylorseer[peers]"``). ``cache_dit_version()`` is None
-without it, and ``cache_dit_methods`` then returns no method (the bench prints one line saying so).
+without it, and ``eval.peer_grid.cache_dit_methods`` then returns no method (the bench prints one line saying
+so).
 
 Example:
     >>> settings = CacheDitSettings(fn_blocks=1, calibrator="taylorseer")
@@ -31,11 +32,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -113,6 +113,7 @@ class CacheDitSettings:
     mask_policy: str = "static"
     calibrator: str = "none"
     taylorseer_order: int = 1
+    separate_cfg: bool | None = None
     family: ClassVar[str] = PEER_FAMILY
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class CacheDitSettings:
             raise ValueError(f"CacheDitSettings.threshold must be a finite number >= 0, got {t!r}")
         if self.calibrator not in CALIBRATORS:
             raise ValueError(f"CacheDitSettings.calibrator must be one of {list(CALIBRATORS)}, got {self.calibrator!r}")
+        if self.separate_cfg not in (None, True, False):
+            raise ValueError(f"CacheDitSettings.separate_cfg must be None, True or False, got {self.separate_cfg!r}")
         if self.mask_policy not in MASK_POLICIES:
             raise ValueError(f"CacheDitSettings.mask_policy must be one of {list(MASK_POLICIES)}, "
                              f"got {self.mask_policy!r}")
@@ -149,8 +152,10 @@ class CacheDitSettings:
         out["full_steps"] = list(self.full_steps) if self.full_steps is not None else None
         return out
 
-    def cache_config(self, num_steps: int) -> Any:
-        """cache-dit's ``DBCacheConfig`` for a ``num_steps``-step generation (CFG as one batch)."""
+    def cache_config(self, num_steps: int, separate_cfg: bool = False) -> Any:
+        """cache-dit's ``DBCacheConfig`` for a ``num_steps``-step generation: CFG as one batch, or with
+        ``separate_cfg`` (the settings' own value wins when not None) two calls per step, cond then uncond, each
+        with its own cache (cache-dit's ``enable_separate_cfg``)."""
         cache_dit = _require()
         mask = None
         if self.full_steps is not None:
@@ -163,7 +168,8 @@ class CacheDitSettings:
             Fn_compute_blocks=self.fn_blocks, Bn_compute_blocks=self.bn_blocks,
             residual_diff_threshold=float(self.threshold), max_warmup_steps=self.warmup_steps,
             max_cached_steps=self.max_cached_steps, max_continuous_cached_steps=self.max_continuous_cached_steps,
-            enable_separate_cfg=False, num_inference_steps=num_steps, steps_computation_mask=mask,
+            enable_separate_cfg=bool(separate_cfg if self.separate_cfg is None else self.separate_cfg),
+            num_inference_steps=num_steps, steps_computation_mask=mask,
             steps_computation_policy=self.mask_policy)
 
     def calibrator_config(self) -> Any:
@@ -184,10 +190,13 @@ class CacheDitSettings:
 
 class CacheDitPeer:
     """cache-dit's DBCache installed on ``model``; told the steps like a ``CacheHandle``. Build with
-    ``apply_cache_dit``."""
+    ``apply_cache_dit``. ``adapter``: what ``enable_cache`` was given (a ``BlockAdapter``, or the pipeline on the
+    pipeline path); ``calls_per_step``: the model calls cache-dit counts per step (2 with separate CFG)."""
 
-    def __init__(self, model: nn.Module, adapter: Any, settings: CacheDitSettings, num_steps: int):
+    def __init__(self, model: nn.Module, adapter: Any, settings: CacheDitSettings, num_steps: int,
+                 calls_per_step: int = 1):
         self.model, self.adapter, self.settings, self.num_steps = model, adapter, settings, num_steps
+        self.calls_per_step = calls_per_step
         self._calls = 0
         self._index: int | None = None
         self._removed = False
@@ -210,9 +219,10 @@ class CacheDitPeer:
             yield
         finally:
             calls, self._index = self._calls, None
-            if calls != 1:
-                raise RuntimeError(f"step {index} made {calls} model calls: cache-dit counts one call per step with "
-                                   f"enable_separate_cfg=False (sample with cfg_mode='batch')")
+            if calls != self.calls_per_step:
+                raise RuntimeError(f"step {index} made {calls} model calls: cache-dit was installed for "
+                                   f"{self.calls_per_step} per step (enable_separate_cfg="
+                                   f"{self.calls_per_step == 2}; one CFG batch per step is cfg_mode='batch')")
 
     def _on_call(self, module: nn.Module, args: tuple) -> None:
         self._calls += 1
@@ -247,13 +257,35 @@ class CacheDitPeer:
         self._removed = True
 
 
+# Transformer classes whose users run cache-dit on a diffusers pipeline: class name -> (a builder of that pipeline
+# around the transformer, whether its sampler runs CFG as two calls per step). ``register_pipeline`` fills it.
+PIPELINES: dict[str, tuple[Callable[[nn.Module], Any], bool]] = {}
+
+
+def register_pipeline(transformer_class: str, builder: Callable[[nn.Module], Any], separate_cfg: bool) -> None:
+    """Run cache-dit on ``transformer_class`` models through their pipeline, as its users do:
+    ``cache_dit.enable_cache(builder(model), ...)`` (cache-dit's registered adapter for the pipeline class), with
+    ``enable_separate_cfg=separate_cfg`` unless the settings say otherwise.
+
+    Example:
+        >>> register_pipeline("FluxTransformer2DModel", flux_pipeline, separate_cfg=True)   # doctest: +SKIP
+    """
+    if not isinstance(transformer_class, str) or not transformer_class or not callable(builder):
+        raise ValueError(f"register_pipeline needs a class name and a builder, got {transformer_class!r}, {builder!r}")
+    PIPELINES[transformer_class] = (builder, bool(separate_cfg))
+
+
 def apply_cache_dit(model: nn.Module, settings: CacheDitSettings, num_steps: int, *, adapter: Any = None
                     ) -> CacheDitPeer:
     """Install cache-dit's DBCache on ``model`` in place with ``settings`` for ``num_steps``-step generations.
 
-    ``adapter``: a ``cache_dit.BlockAdapter`` for ``model`` (None: cache-dit's registered adapter for the model's
-    class). ``ValueError`` naming why when cache-dit has no adapter for the class, or when ``Fn + Bn`` exceeds the
-    model's blocks; ``ImportError`` without cache-dit.
+    ``adapter``: a ``cache_dit.BlockAdapter`` for ``model`` (None: for a class with a registered pipeline
+    (``register_pipeline``, e.g. the FLUX reference's ``FluxPipeline``) cache-dit's pipeline path,
+    ``cache_dit.enable_cache(pipe, ...)``; else cache-dit's registered adapter for the model's class).
+    On the pipeline path cache-dit patches the pipeline *class*'s ``__call__`` to reset its caches per generation,
+    so every pipeline of that class around ``model`` samples with the cache until ``remove()``. ``ValueError``
+    naming why when cache-dit has no adapter for the class, or when ``Fn + Bn`` exceeds the model's blocks;
+    ``ImportError`` without cache-dit.
 
     Example:
         >>> peer = apply_cache_dit(copy.deepcopy(dit), CacheDitSettings(), 50)   # doctest: +SKIP
@@ -263,19 +295,31 @@ def apply_cache_dit(model: nn.Module, settings: CacheDitSettings, num_steps: int
         raise TypeError(f"settings must be CacheDitSettings, got {type(settings).__name__}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    config, calibrator = settings.cache_config(num_steps), settings.calibrator_config()
+    pipeline = PIPELINES.get(type(model).__name__) if adapter is None else None
+    separate = pipeline[1] if pipeline is not None else False
+    separate = separate if settings.separate_cfg is None else settings.separate_cfg
+    config, calibrator = settings.cache_config(num_steps, separate), settings.calibrator_config()
     with _quiet():
+        if pipeline is not None:
+            pipe = pipeline[0](model)
+            _check_blocks(cache_dit.BlockAdapterRegister.get_adapter(pipe), settings, model)
+            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+            return CacheDitPeer(model, pipe, settings, num_steps, 2 if separate else 1)
         if adapter is None:
             adapter = cache_dit.BlockAdapterRegister.get_adapter(model)
         if adapter is None:
             raise ValueError(f"cache-dit {cache_dit_version()} has no block adapter for {type(model).__name__}; "
                              f"pass adapter=cache_dit.BlockAdapter(transformer=..., blocks=..., forward_pattern=...)")
-        blocks = sum(len(b) for b in _block_lists(adapter))
-        if settings.fn_blocks + settings.bn_blocks > blocks:
-            raise ValueError(f"CacheDitSettings: fn_blocks + bn_blocks = {settings.fn_blocks + settings.bn_blocks} "
-                             f"exceeds the {blocks} blocks of {type(model).__name__}")
+        _check_blocks(adapter, settings, model)
         cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
-    return CacheDitPeer(model, adapter, settings, num_steps)
+    return CacheDitPeer(model, adapter, settings, num_steps, 2 if separate else 1)
+
+
+def _check_blocks(adapter: Any, settings: CacheDitSettings, model: nn.Module) -> None:
+    blocks = sum(len(b) for b in _block_lists(adapter))
+    if settings.fn_blocks + settings.bn_blocks > blocks:
+        raise ValueError(f"CacheDitSettings: fn_blocks + bn_blocks = {settings.fn_blocks + settings.bn_blocks} "
+                         f"exceeds the {blocks} blocks of {type(model).__name__}")
 
 
 def _block_lists(adapter: Any) -> list[Any]:
@@ -301,47 +345,3 @@ MASK_INTERVALS = (16, 24)
 # with a searched schedule as its step mask: Fn/Bn and every calibrator
 MASKED = ((1, 0, "none", 1), (1, 0, "taylorseer", 1), (1, 0, "taylorseer", 2), (1, 0, "foca", 1), (1, 0, "dmd", 1),
           (1, 1, "taylorseer", 1), (2, 0, "taylorseer", 2))
-
-
-def cache_dit_methods(num_steps: int = 50, schedules: dict[str, tuple[int, ...]] | None = None,
-                      own_rule: bool = True) -> list[Any]:
-    """Bench methods of family ``cache-dit``: its own threshold rule (``OWN_RULE``), the fixed-interval masks of
-    ``MASK_INTERVALS`` (Fn=1, TaylorSeer O=1/O=2), and, for each named schedule of
-    ``schedules`` (name -> full steps, e.g. a calibration file's), that schedule as a static step mask with the
-    ``MASKED`` Fn/Bn/calibrator choices (``own_rule=False``: these alone). Empty when cache-dit is not installed.
-
-    Example:
-        >>> [m.name for m in cache_dit_methods(50)][:1] if cache_dit_version() else []   # doctest: +SKIP
-        ['cachedit-F1B0-reuse-t0.12']
-    """
-    from ..eval.bench import Method
-
-    if cache_dit_version() is None:
-        return []
-    from ..policy.interval import IntervalPolicy
-
-    methods = [Method(f"cachedit-{s.label()}", PEER_FAMILY, s, num_steps) for s in OWN_RULE] if own_rule else []
-    named = {f"N{n}": tuple(i for i, full in enumerate(IntervalPolicy(n, 2).plan(num_steps)) if full)
-             for n in MASK_INTERVALS} if own_rule else {}
-    for name, steps in named.items():
-        for calibrator, order in (("taylorseer", 1), ("taylorseer", 2)):
-            s = CacheDitSettings(1, 0, full_steps=steps, calibrator=calibrator, taylorseer_order=order, warmup_steps=0)
-            methods.append(Method(f"cachedit-{s.label()}@{name}", PEER_FAMILY, s, num_steps))
-    for name, steps in (schedules or {}).items():
-        for fn, bn, calibrator, order in MASKED:
-            s = CacheDitSettings(fn, bn, full_steps=steps, calibrator=calibrator, taylorseer_order=order,
-                                 warmup_steps=0)
-            methods.append(Method(f"cachedit-{s.label()}@{name}", PEER_FAMILY, s, num_steps))
-    return methods
-
-
-def install_method(model: nn.Module, method: Any) -> Any:
-    """cache-dit on a deep copy of ``model`` (the bench's model is never touched)."""
-    from ..eval.bench import Installed
-
-    settings = method.config
-    if not isinstance(settings, CacheDitSettings):
-        raise ValueError(f"method {method.name!r} has no CacheDitSettings: {settings!r}")
-    clone = copy.deepcopy(model)
-    peer = apply_cache_dit(clone, settings, method.num_steps)
-    return Installed(clone, peer, peer.remove, peer.stats)

@@ -46,147 +46,32 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import hashlib
 import io
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..eval.bench import Installed, Method, register_installer
+from ..models.reference import NUM_CLASSES
+from ..models.sampler import sample
+from .diffusers_settings import (
+    FirstBlockCacheSettings,
+    MagCacheSettings,
+    PeerSettings,
+    SeaCacheSettings,
+    _check_int,
+)
+
+__all__ = ["PEER_FAMILIES", "DiffusersCache", "FirstBlockCacheSettings", "MagCacheSettings", "PeerSettings",
+           "PeerStats", "SeaCacheSettings", "apply_diffusers_cache", "calibrate_mag_ratios", "read_printed_ratios"]
 
 PEER_FAMILIES = ("firstblockcache", "magcache")
 # diffusers' lists of block containers (``hooks._common``), repeated here only to validate before applying
 _BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks",
                 "temporal_transformer_blocks")
-
-
-#################################################################################
-#                                    Settings                                   #
-#################################################################################
-
-def _check_float(name: str, value: Any, low: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class FirstBlockCacheSettings:
-    """diffusers' FirstBlockCache: skip the remaining blocks while the first block's residual changes little.
-
-    ``threshold``: the largest relative change ``mean|r - r_prev| / mean|r_prev|`` of the first block's residual
-    (``r_prev`` from the last fully computed step) at which the remaining blocks are skipped; diffusers computes
-    when the change is ``> threshold``, so 0 skips only a step whose residual did not change at all.
-
-    Example:
-        >>> FirstBlockCacheSettings(threshold=0.1).to_dict()
-        {'threshold': 0.1}
-    """
-
-    threshold: float = 0.05
-    family: ClassVar[str] = "firstblockcache"
-
-    def __post_init__(self) -> None:
-        _check_float("threshold", self.threshold)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class MagCacheSettings:
-    """diffusers' MagCache: skip all blocks (reuse the last residual) while the accumulated magnitude error is small.
-
-    ``threshold``: the largest accumulated error ``sum |1 - prod ratios|`` over consecutive skipped steps;
-    ``max_skip_steps``: at most this many consecutive skipped steps (K in the paper); ``retention_ratio``: the first
-    ``int(retention_ratio * num_steps + 0.5)`` steps are always computed. ``mag_ratios``: the per-step residual
-    magnitude ratios of the checkpoint (None: calibrate them on the model when installed, with
-    ``calibration_generations`` generations of ``calibration_images`` images each; see ``calibrate_mag_ratios``).
-    Threshold 0 or ``max_skip_steps`` 0 never skips (unless a ratio is exactly 1).
-
-    Example:
-        >>> MagCacheSettings(threshold=0.06, retention_ratio=0.04).to_dict()["max_skip_steps"]
-        3
-    """
-
-    threshold: float = 0.06
-    max_skip_steps: int = 3
-    retention_ratio: float = 0.2
-    mag_ratios: tuple[float, ...] | None = None
-    calibration_generations: int = 2
-    calibration_images: int = 8
-    family: ClassVar[str] = "magcache"
-
-    def __post_init__(self) -> None:
-        _check_float("threshold", self.threshold)
-        _check_int("max_skip_steps", self.max_skip_steps, 0)
-        _check_float("retention_ratio", self.retention_ratio)
-        if self.retention_ratio > 1:
-            raise ValueError(f"retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
-        if self.mag_ratios is not None:
-            ratios = tuple(self.mag_ratios)
-            if not ratios or not all(isinstance(r, (int, float)) and math.isfinite(r) for r in ratios):
-                raise ValueError("mag_ratios must be None or a non-empty sequence of finite numbers")
-            object.__setattr__(self, "mag_ratios", tuple(float(r) for r in ratios))
-        _check_int("calibration_generations", self.calibration_generations, 1)
-        _check_int("calibration_images", self.calibration_images, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``mag_ratios`` as a list or None)."""
-        out = asdict(self)
-        out["mag_ratios"] = list(self.mag_ratios) if self.mag_ratios is not None else None
-        return out
-
-
-@dataclass(frozen=True)
-class SeaCacheSettings:
-    """diffusers' SeaCache (``diffusers.hooks.SeaCacheConfig``, arXiv 2602.18993): skip the whole block stack (reuse,
-    or with ``residual_order=1`` extrapolate, the last residuals) while the accumulated relative change of a
-    spectral-evolution-aware indicator of the *input latent* stays below ``threshold``; at most
-    ``max_consecutive_cached`` skips in a row; the first ``retention_steps`` and last ``cache_end_steps`` steps full.
-
-    SeaCache reads the flow-matching sigma in [0, 1] from the cache context. Our DDIM sampler tells the VP sigma
-    ``s = sqrt((1 - alpha_bar) / alpha_bar)``; the peer passes ``s / (1 + s)``, the flow-matching sigma with the same
-    signal-to-noise ratio (``x0 + s * eps`` up to scale). Told unconverted (s > 1 in early steps), SeaCache runs in
-    its fail-open mode (every step full). Its indicator is built from each sample's latent as one frame
-    ``(C, 1, H, W)``.
-
-    Example:
-        >>> SeaCacheSettings(threshold=0.5, max_consecutive_cached=8).to_dict()["residual_order"]
-        1
-    """
-
-    threshold: float = 0.25
-    max_consecutive_cached: int = 2
-    residual_order: int = 1
-    retention_steps: int = 1
-    cache_end_steps: int = 1
-    family: ClassVar[str] = "seacache"
-
-    def __post_init__(self) -> None:
-        _check_float("threshold", self.threshold)
-        for name in ("max_consecutive_cached", "retention_steps", "cache_end_steps"):
-            _check_int(name, getattr(self, name), 0)
-        if self.residual_order not in (0, 1):
-            raise ValueError(f"residual_order must be 0 or 1, got {self.residual_order!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return asdict(self)
-
-
-PeerSettings = FirstBlockCacheSettings | MagCacheSettings | SeaCacheSettings
-
 
 #################################################################################
 #                                   The peer                                    #
@@ -219,7 +104,6 @@ class PeerStats:
                 "steps_forecast": self.steps_skipped, "steps_full_observed": self.steps_full_observed,
                 "peak_cache_bytes": self.peak_cache_bytes, "pattern": self.pattern()}
 
-
 def _hook_names(family: str) -> tuple[str, ...]:
     """(leader hook, block hook, ...) names diffusers registers for ``family``."""
     if family == "seacache":
@@ -239,19 +123,16 @@ def _hook_names(family: str) -> tuple[str, ...]:
 
     return _MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK
 
-
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks diffusers' step caches hook: every block of the ``ModuleList`` children named like blocks."""
     return [block for name, child in model.named_children() if name in _BLOCK_LISTS and isinstance(child, nn.ModuleList)
             for block in child]
-
 
 def _scalar(value: Any) -> float | None:
     """A told timestep or sigma as a float for ``CacheContext`` (None when it is not one number)."""
     if isinstance(value, torch.Tensor):
         return float(value) if value.numel() == 1 else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
 
 def _tensor_bytes(value: Any, seen: set[int]) -> int:
     if isinstance(value, torch.Tensor):
@@ -263,7 +144,6 @@ def _tensor_bytes(value: Any, seen: set[int]) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_tensor_bytes(v, seen) for v in value)
     return 0
-
 
 class DiffusersCache:
     """diffusers' FirstBlockCache or MagCache hooks installed on ``model``, told the steps like a ``CacheHandle``.
@@ -414,10 +294,8 @@ class DiffusersCache:
     def _on_watched(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._watched_calls += 1
 
-
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
     return [(m, "_diffusers_hook" in vars(m), "forward" in vars(m)) for m in model.modules()]
-
 
 def _restore(snapshot: list[tuple[nn.Module, bool, bool]]) -> None:
     """Delete the registries and instance forwards diffusers left on modules that had none (only where no hook
@@ -433,7 +311,6 @@ def _restore(snapshot: list[tuple[nn.Module, bool, bool]]) -> None:
     for module, had_registry, _ in snapshot:
         if had_registry:
             vars(module)["_diffusers_hook"].invalidate_child_registries_cache()
-
 
 def apply_diffusers_cache(model: nn.Module, settings: PeerSettings, num_steps: int, *,
                           calibrate: bool = False) -> DiffusersCache:
@@ -509,7 +386,6 @@ def apply_diffusers_cache(model: nn.Module, settings: PeerSettings, num_steps: i
         raise ValueError(f"diffusers' {settings.family} hooked no first block of {kind}")
     return DiffusersCache(model, settings, num_steps, leader, snapshot)
 
-
 def _raw_vision(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """SeaCache's visual latents: each sample of an image batch ``[B, C, H, W]`` as one frame ``(C, 1, H, W)``
     (a video batch ``[B, C, T, H, W]`` as it is)."""
@@ -519,7 +395,6 @@ def _raw_vision(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tens
                          f"{None if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
     return [xi.unsqueeze(1) if x.dim() == 4 else xi for xi in x]
 
-
 #################################################################################
 #                              MagCache calibration                             #
 #################################################################################
@@ -527,14 +402,12 @@ def _raw_vision(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tens
 _CALIBRATION_MARK = "[MagCache] Calibration Complete"
 _CALIBRATIONS: dict[tuple, tuple[float, ...]] = {}  # (weights digest, settings) -> ratios: a pure memo
 
-
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256(type(model).__name__.encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
 
 def calibrate_mag_ratios(model: nn.Module, num_steps: int, generations: int = 2, num_images: int = 8,
                          guidance_scale: float = 1.5, cfg_mode: str = "batch") -> tuple[float, ...]:
@@ -550,9 +423,6 @@ def calibrate_mag_ratios(model: nn.Module, num_steps: int, generations: int = 2,
         >>> len(ratios), ratios[0]                                  # doctest: +SKIP
         (50, 1.0)
     """
-    from ..models.reference import NUM_CLASSES
-    from ..models.sampler import sample
-
     _check_int("generations", generations, 1)
     _check_int("num_images", num_images, 1)
     key = (_weights_digest(model), num_steps, generations, num_images, float(guidance_scale), cfg_mode)
@@ -566,13 +436,12 @@ def calibrate_mag_ratios(model: nn.Module, num_steps: int, generations: int = 2,
             with contextlib.redirect_stdout(printed):
                 sample(model, labels, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                        cfg_mode=cfg_mode, listener=cache)
-        runs.append(_read_printed_ratios(printed.getvalue(), num_steps))
+        runs.append(read_printed_ratios(printed.getvalue(), num_steps))
     ratios = tuple(sum(run[i] for run in runs) / len(runs) for i in range(num_steps))
     _CALIBRATIONS[key] = ratios
     return ratios
 
-
-def _read_printed_ratios(text: str, num_steps: int) -> list[float]:
+def read_printed_ratios(text: str, num_steps: int) -> list[float]:
     """The list diffusers prints on the line after its calibration mark (the first branch's, if several)."""
     lines = text.splitlines()
     marks = [i for i, line in enumerate(lines) if _CALIBRATION_MARK in line]
@@ -582,95 +451,3 @@ def _read_printed_ratios(text: str, num_steps: int) -> list[float]:
     if not isinstance(ratios, list) or len(ratios) != num_steps:
         raise RuntimeError(f"MagCache calibration printed {ratios!r}, expected a list of {num_steps} ratios")
     return [float(r) for r in ratios]
-
-
-#################################################################################
-#                                 Bench methods                                 #
-#################################################################################
-
-# Chosen on the shipped checkpoint (load_reference(), DDIM 50 steps, CFG 1.5 as one doubled batch, the bench's
-# 8 images of classes 0..7, seed 0): threshold -> full steps of 50 (PSNR dB vs full compute), measured
-#   FirstBlockCache        0.05 -> 25 (29.4)   0.14 -> 11 (18.5)   0.2 -> 8 (14.8)
-#   MagCache, K=8, r=0.04  0.06 -> 21 (27.0)   0.3  -> 11 (17.7)   0.8 -> 8 (16.7)
-# i.e. near 8 and 11 full steps (our N=7 / N=5 grid points) plus diffusers' default threshold (for MagCache with
-# our K and retention). Added for the calibrated comparison at 6 and 10 full steps (2026-12-01, the bench's 16
-# images, seed 0): FirstBlockCache 0.16 -> 10, 0.3 -> 6; MagCache 0.4 -> 10, 1.2 -> 7 (with at most K=8 skips in a
-# row and 2 steps always computed, 7 is the fewest it reached: 2.0 also gives 7). The counts are adaptive: other
-# images, seeds or weights give other counts (each record's steps_full is measured). The calibrated MagCache
-# ratios of that model fall from 0.996 (step 1) to 0.964 (step 45), then rise to 1.013 and 1.704 at the last two
-# steps, which therefore cut most skip runs short.
-FBCACHE_THRESHOLDS = (0.05, 0.14, 0.16, 0.2, 0.3)
-MAGCACHE_THRESHOLDS = (0.06, 0.3, 0.4, 0.8, 1.2)
-MAGCACHE_MAX_SKIP = 8
-MAGCACHE_RETENTION = 0.04  # int(0.04 * 50 + 0.5) = 2 steps always computed: our grid's warm-up
-# SeaCache (threshold, max consecutive skips), measured on the shipped checkpoint (2 images, seed 0, DDIM 50, CFG
-# 1.5 batch; 2026-12-06): (1.0, 8) -> 7 full steps, (0.5, 8) -> 8, (0.5, 5) -> 11, (0.25, 4) -> 14. With its default
-# of 2 consecutive skips it keeps >= 17 of 50 steps full (0.25 -> 19, 1.0 -> 18).
-SEACACHE_SETTINGS = ((1.0, 8), (0.5, 8), (0.5, 5), (0.25, 4))
-
-
-@dataclass(frozen=True)
-class PeerCacheMethod(Method):
-    """A bench ``Method`` of diffusers' adaptive step caches whose ``config`` is checked to be the settings of its
-    family (``FirstBlockCacheSettings`` for "firstblockcache", ``MagCacheSettings`` for "magcache"). Its number of
-    full steps is known only after a generation: ``full_steps()`` is None, the record's ``steps_full`` is measured.
-
-    Example:
-        >>> PeerCacheMethod("fbcache-t0.1", "firstblockcache", FirstBlockCacheSettings(0.1)).to_dict()["config"]
-        {'threshold': 0.1}
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # family in the bench's FAMILIES, a config, num_steps
-        settings = self.config
-        if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings)) \
-                or settings.family != self.family:
-            raise ValueError(f"method {self.name!r}: family {self.family!r} needs its settings, got {settings!r}")
-
-
-def peer_methods(num_steps: int = 50) -> list[PeerCacheMethod]:
-    """The bench methods of diffusers' FirstBlockCache, MagCache and SeaCache at the chosen settings.
-
-    MagCache runs with ``max_skip_steps=MAGCACHE_MAX_SKIP`` and ``retention_ratio=MAGCACHE_RETENTION`` (diffusers'
-    defaults, 3 and 0.2, keep at least 20 of 50 steps full) and ratios calibrated on the benchmarked model when
-    installed. SeaCache runs at the ``SEACACHE_SETTINGS`` (threshold, consecutive skips).
-
-    Example:
-        >>> [m.name for m in peer_methods(50)]
-        ['fbcache-t0.05', 'fbcache-t0.14', 'fbcache-t0.16', 'fbcache-t0.2', 'fbcache-t0.3', 'magcache-t0.06', \
-'magcache-t0.3', 'magcache-t0.4', 'magcache-t0.8', 'magcache-t1.2', 'seacache-t1-k8', 'seacache-t0.5-k8', \
-'seacache-t0.5-k5', 'seacache-t0.25-k4']
-    """
-    _check_int("num_steps", num_steps, 1)
-    fbc = [PeerCacheMethod(f"fbcache-t{t:g}", "firstblockcache", FirstBlockCacheSettings(t), num_steps)
-           for t in FBCACHE_THRESHOLDS]
-    mag = [PeerCacheMethod(f"magcache-t{t:g}", "magcache",
-                           MagCacheSettings(t, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION), num_steps)
-           for t in MAGCACHE_THRESHOLDS]
-    sea = [PeerCacheMethod(f"seacache-t{t:g}-k{k}", "seacache", SeaCacheSettings(t, k), num_steps)
-           for t, k in SEACACHE_SETTINGS]
-    return fbc + mag + sea
-
-
-def _install_cache(model: nn.Module, method: Method) -> Installed:
-    """diffusers' FirstBlockCache / MagCache on a deep copy of ``model`` (the bench's model is never touched).
-
-    MagCache without ``mag_ratios`` is first calibrated on the copy (``calibrate_mag_ratios``, memoised per
-    weights). A model the cache cannot take raises ``ValueError`` saying why, which the bench records as the
-    method's ``error``.
-    """
-    settings = method.config
-    if not isinstance(settings, (FirstBlockCacheSettings, MagCacheSettings, SeaCacheSettings)):
-        raise ValueError(f"method {method.name!r} has no diffusers cache settings: {settings!r}")
-    clone = copy.deepcopy(model)
-    if isinstance(settings, MagCacheSettings) and settings.mag_ratios is None:
-        ratios = calibrate_mag_ratios(clone, method.num_steps, settings.calibration_generations,
-                                      settings.calibration_images)
-        settings = MagCacheSettings(settings.threshold, settings.max_skip_steps, settings.retention_ratio, ratios)
-    cache = apply_diffusers_cache(clone, settings, method.num_steps)
-    return Installed(clone, cache, cache.remove, lambda: cache.stats.to_dict())
-
-
-register_installer("firstblockcache", _install_cache)
-register_installer("magcache", _install_cache)
-register_installer("seacache", _install_cache)
