@@ -4,10 +4,12 @@
         --calibration docs/results/flux/calibration/ts2-output-b6-s28.safetensors --out docs/results/flux/heldout.jsonl
 
 Methods are named as in ``taylorseer bench --model flux`` (``eval.flux.flux_grid``, plus the methods of each
-``--calibration`` file). The noise seed (default 5000) is disjoint from the bench's (0), the calibrations' (1000+)
-and the model card's (2000): these images were seen by no search or fit. Images are generated in batches of
-``--batch`` (the seed of batch k is ``seed + k``); full compute runs once per step count. One JSON line per method:
-PSNR (dB, on all images at once), class accuracy, FID-FMNIST, FID to full, FLOPs fraction from one counted image.
+``--calibration`` file, and ``anchor1@NAME`` for each ``--anchored`` file: the hybrid with anchored weights). The
+noise seed (default 5000) is disjoint from the bench's (0), the calibrations' (1000+), the anchored search's dev
+images (3000) and the model card's (2000): these images were seen by no search or fit. Images are generated in
+batches of ``--batch`` (the seed of batch k is ``seed + k``); full compute runs once per step count. One JSON line
+per method: PSNR (dB, on all images at once), class accuracy, FID-FMNIST, FID to full, FLOPs fraction from one
+counted image.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from taylorseer.api import apply
 from taylorseer.eval import metrics
 from taylorseer.eval.bench import calibrated_methods, schedule_companions
 from taylorseer.eval.flux import FluxSampler, flux_grid
+from taylorseer.eval.methods import Method
+from taylorseer.forecast.anchored import anchored_config
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 from taylorseer.runtime.measure import count_flops
 
@@ -50,6 +54,9 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--methods", required=True, help="comma-separated method names")
     parser.add_argument("--calibration", action="append", default=[])
+    parser.add_argument("--anchored", action="append", default=[],
+                        help="an anchored calibration (scripts/flux_anchor.py): method anchor1@NAME, the hybrid with "
+                             "its fitted anchored weights")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="JSONL file, appended to")
     args = parser.parse_args()
@@ -61,6 +68,9 @@ def main() -> None:
         grid.update({m.name: m for m in calibrated_methods(path, ref.transformer, args.steps,
                                                           guidance_scale=args.cfg_scale, cfg_mode="split")})
     grid.update({m.name: m for m in schedule_companions(list(grid.values()))})  # anchor1@..., spectrum-fc@...
+    for path in args.anchored:
+        config = anchored_config(path)
+        grid[f"anchor1@{config.name}"] = Method(f"anchor1@{config.name}", config, args.steps)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in grid]
     if unknown:
