@@ -43,10 +43,10 @@ from typing import Any
 from torch import nn
 
 from .adapters import default_config, unwrap
-from .calibration.io import Calibration, CalibrationError, load_calibration
 from .forecast import TaylorForecast
+from .forecast.linear_file import CalibrationError, CalibrationFile, read_calibration
 from .models.checkpoint import ASSETS_DIR, CheckpointError, manifest_sha256
-from .parts import CacheConfig, Targets
+from .parts import CacheConfig, Targets, calibrated_config, searched_forecaster
 from .policy.interval import IntervalPolicy, IntervalSchedule
 from .runtime.switch import FULL_COMPUTE, Choice, Planner, too_few_steps
 
@@ -88,7 +88,7 @@ def default_calibration_path(name: str) -> Path:
 class Known:
     """A calibration usable on this model: where it came from (``"user"`` cache or ``"shipped"``) and the file."""
 
-    calibration: Calibration
+    calibration: CalibrationFile
     source: str
 
     @property
@@ -116,7 +116,7 @@ class Known:
 
     def family(self) -> tuple[str, Any]:
         """(granularity, forecaster config): what a handle installs for it."""
-        config = self.calibration.cache_config()
+        config = calibrated_config(self.calibration)
         return config.targets.granularity, config.forecaster
 
 
@@ -142,10 +142,10 @@ def find_calibrations(model: nn.Module, guidance_scale: float | None = None,
         for path in _files(directory):
             try:
                 sha = manifest_sha256(f"calibrations/{path.name}") if source == "shipped" else None
-                cal = load_calibration(path, sha256=sha, model=model)
+                cal = read_calibration(path, sha256=sha, model=model)
                 if guidance_scale is not None:
                     cal.check_sampling(guidance_scale)
-                if cal.kind == "schedule" and cal.searched_with is None:
+                if cal.kind == "schedule" and searched_forecaster(cal) is None:
                     raise CalibrationError(f"{path} holds a schedule without the forecaster it was searched for")
             except (CalibrationError, CheckpointError) as err:
                 skipped.append((str(path), str(err)))

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, PRESET_NAMES, TaylorSeerConfig, preset
-from .forecast import TaylorForecast, registered_forecasters
+from .forecast import LinearForecast, TaylorForecast, registered_forecasters
+from .forecast.linear_file import CalibrationError, CalibrationFile
 from .policy import IntervalSchedule, build_policy, registered_policies
 from .policy.interval import config_from_dict, config_to_dict
 
@@ -89,25 +90,6 @@ class CacheConfig:
             raise TypeError(f"CacheConfig.store must be a Store, got {type(self.store).__name__}")
         if self.abscissa not in ABSCISSAE:
             raise ValueError(f"CacheConfig.abscissa must be one of {list(ABSCISSAE)}, got {self.abscissa!r}")
-
-    # Shims: TaylorSeerConfig's flat names, read by code written for either config type. Nothing below the API
-    # reads them (adapters and runtime read ``targets`` / ``store``); kept while a caller above it still does
-    # (docs/design.md "Parts"). Prefer ``config.targets.granularity`` etc.
-    @property
-    def granularity(self) -> str:
-        return self.targets.granularity
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return self.targets.modules
-
-    @property
-    def block_shortcuts(self) -> bool:
-        return self.targets.block_shortcuts
-
-    @property
-    def factor_dtype(self) -> str | None:
-        return self.store.factor_dtype
 
     def full_steps(self, num_steps: int) -> int | None:
         """Fully computed steps of a generation, for static policies (None for adaptive ones)."""
@@ -216,6 +198,47 @@ def parts_of(config: TaylorSeerConfig | CacheConfig) -> CacheConfig:
         abscissa=config.abscissa,
         name=config.name,
     )
+
+
+def searched_forecaster(calibration: CalibrationFile) -> Any:
+    """For a calibration file whose schedule was searched for a formula forecaster (``calibrate(...,
+    forecaster=...)``), that forecaster's config (from its header); else None. ``CalibrationError`` if the header
+    names a forecaster that is not registered.
+
+    Example:
+        >>> searched_forecaster(read_calibration("ts2-output-b8-s50.safetensors"))   # doctest: +SKIP
+        TaylorForecast(max_order=2, scheme='divided', history_from_step=0)
+    """
+    spec = (calibration.header.get("forecaster") or {}).get("searched_with")
+    if spec is None:
+        return None
+    try:
+        return part_from_dict("forecaster", spec)
+    except (TypeError, ValueError) as err:
+        raise CalibrationError(f"{calibration.path or 'the calibration'}: its header names an unknown forecaster "
+                               f"{spec!r}: {err}") from err
+
+
+def calibrated_config(calibration: CalibrationFile, forecaster: Any = None, name: str | None = None) -> CacheConfig:
+    """The ``CacheConfig`` a calibration file stands for (``Calibration.cache_config``): its ``FixedSchedule`` with
+    its ``LinearForecast`` (the file must have been saved or loaded, so that the config can name it), or with
+    ``forecaster`` (any forecaster config; for a schedule searched for a formula forecaster, that one by default),
+    at the file's granularity, in step units.
+
+    Example:
+        >>> calibrated_config(read_calibration("ts2-output-b8-s50.safetensors")).policy.num_steps   # doctest: +SKIP
+        50
+    """
+    searched = searched_forecaster(calibration) if forecaster is None and calibration.table is None else None
+    forecaster = forecaster if forecaster is not None else searched
+    if forecaster is None:
+        calibration.table_required()
+        if calibration.path is None:
+            raise CalibrationError("save the calibration first (save_calibration): LinearForecast names a file")
+        forecaster = LinearForecast(calibration.path, calibration.sha256 or "")
+    label = name or calibration.header.get("name") or "calibrated"
+    return CacheConfig(calibration.schedule, forecaster, Targets(granularity=calibration.granularity),
+                       abscissa="step", name=label)
 
 
 def load_config(spec: str | os.PathLike | dict | TaylorSeerConfig | CacheConfig) -> CacheConfig:

@@ -291,8 +291,8 @@ def test_cases_are_varied():
     for case in cases:
         parts = case.parts
         for key, value in (("model", case.model), ("forecaster", type(parts.forecaster).__name__),
-                           ("policy", type(parts.policy).__name__), ("granularity", parts.granularity),
-                           ("abscissa", parts.abscissa), ("dtype", parts.factor_dtype),
+                           ("policy", type(parts.policy).__name__), ("granularity", parts.targets.granularity),
+                           ("abscissa", parts.abscissa), ("dtype", parts.store.factor_dtype),
                            ("config", type(case.config).__name__)):
             seen[key].add(value)
         seen["cfg"].update(g.cfg for g in case.generations)
@@ -311,7 +311,7 @@ def test_case(seed: int) -> None:
     target = model_of(case.model)
     before = traces(case)
     adaptive = not isinstance(case.parts.policy, IntervalSchedule)
-    if adaptive and case.parts.granularity == "output":
+    if adaptive and case.parts.targets.granularity == "output":
         with pytest.raises(ValueError, match="adaptive policy needs module or block granularity"):
             taylorseer.apply(target, case.config)
         assert traces(case) == before

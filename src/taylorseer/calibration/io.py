@@ -26,7 +26,7 @@ from torch import nn
 
 from .._version import __version__
 from ..config import GRANULARITIES
-from ..forecast.linear import LinearForecast, LinearTable
+from ..forecast.linear import LinearTable
 from ..forecast.linear_file import (
     FORMAT,
     HEADER_KEY,
@@ -40,7 +40,7 @@ from ..forecast.linear_file import (
     tensor_digest,
 )
 from ..models.checkpoint import file_sha256, save_tensors
-from ..parts import CacheConfig, Targets
+from ..parts import CacheConfig, calibrated_config, searched_forecaster
 from ..policy.schedule import FixedSchedule
 
 __all__ = ["FORMAT", "HEADER_KEY", "KINDS", "Calibration", "CalibrationError", "CalibrationFile", "calibration_of",
@@ -55,31 +55,15 @@ class Calibration(CalibrationFile):
     @property
     def searched_with(self) -> Any:
         """For a schedule searched for a formula forecaster (``calibrate(..., forecaster=...)``), that forecaster's
-        config; else None."""
-        spec = (self.header.get("forecaster") or {}).get("searched_with")
-        if spec is None:
-            return None
-        try:
-            return CacheConfig.from_dict({"policy": {"type": "FixedSchedule", **self.header["schedule"]},
-                                          "forecaster": spec}).forecaster
-        except (TypeError, ValueError) as err:
-            raise CalibrationError(f"{self.path or 'the calibration'}: its header names an unknown forecaster "
-                                   f"{spec!r}: {err}") from err
+        config; else None (``parts.searched_forecaster``)."""
+        return searched_forecaster(self)
 
     def cache_config(self, forecaster: Any = None, name: str | None = None) -> CacheConfig:
         """A ``CacheConfig``: the file's ``FixedSchedule`` with its ``LinearForecast`` (the file must have been
         saved or loaded, so that the config can name it), or with ``forecaster`` (any forecaster config; for a
-        schedule searched for a formula forecaster, that one by default), at the file's ``granularity``."""
-        if forecaster is None and self.table is None and self.searched_with is not None:
-            forecaster = self.searched_with
-        if forecaster is None:
-            self.table_required()
-            if self.path is None:
-                raise CalibrationError("save the calibration first (save_calibration): LinearForecast names a file")
-            forecaster = LinearForecast(self.path, self.sha256 or "")
-        label = name or self.header.get("name") or "calibrated"
-        return CacheConfig(self.schedule, forecaster, Targets(granularity=self.granularity), abscissa="step",
-                           name=label)
+        schedule searched for a formula forecaster, that one by default), at the file's ``granularity``
+        (``parts.calibrated_config``)."""
+        return calibrated_config(self, forecaster, name)
 
 
 def new_header(kind: str, name: str, model: nn.Module, schedule: FixedSchedule, **fields: Any) -> dict[str, Any]:
