@@ -1,7 +1,8 @@
 """``python tests/distributed/cp_report.py BASETEMP``: the numbers of docs/parallel.md from a run of the distributed
 tests kept with ``python -m pytest tests/distributed --basetemp BASETEMP``: per method and layout the worst rank's
 relative L2 to one process and the peak cache bytes per rank (one process's beside them), what each rank ended
-with in the failing-rank case, and the hybrid sample's distance to the plain and the emulating one-process sets."""
+with in the failing-rank case, the emulated cases, and the hybrid sample's distance to the plain and the
+emulating one-process sets."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def report(basetemp: str) -> None:
             error = max(cases.relative_l2(ranks[r][key]["images"], alone[name]["images"]) for r in group)
             print(f"{key:36s} rel L2 {error:.2e}  bytes/rank {ranks[group[0]][key]['peak_cache_bytes']:>8d}"
                   f"  one process {alone[name]['peak_cache_bytes']:>8d}")
+    for name, k in world.EMULATED:
+        key = f"{name}/ulysses/{k}" if name == "full" else f"{name}/ulysses/{k}/after"
+        emulated = alone[f"{name}/emulated/{k}"]["images"]
+        print(f"{key}: every rank bitwise the emulating process: "
+              f"{all(torch.equal(ranks[r][key]['images'], emulated) for r in range(k))}; "
+              f"the plain process bitwise the emulating one: {torch.equal(alone[name]['images'], emulated)}")
     for r in range(world.WORLD):
         with open(os.path.join(folder, f"fault{r}.json")) as f:
             print(f"failing-rank case, rank {r}:", json.load(f))

@@ -62,8 +62,10 @@ def test_four_ranks_equal_one_process(cp_run):
 
 def test_sharded_ranks_equal_one_process_emulating_their_kernels_bitwise(cp_run):
     """Each rank's images are bitwise those of one process computing the sharded kernels' way (linear layers over
-    each rank's rows, attention keys in the all-to-all's order), and not those of a plain process: the distance to
-    one process is the kernels' rounding, nothing that taylorseer or the layout does."""
+    each rank's rows, attention keys in the all-to-all's order): the distance to a plain process (~1e-7 here,
+    docs/parallel.md) is the kernels' rounding, nothing that taylorseer or the layout does. Whether a plain process
+    differs at all depends on the CPU's kernels (it does on the machine the docs were measured on,
+    tests/distributed/cp_kernels.py), so it is not asserted."""
     folder, alone = cp_run
     ranks = world.rank_records(folder)
     for name, k in world.EMULATED:
@@ -71,7 +73,6 @@ def test_sharded_ranks_equal_one_process_emulating_their_kernels_bitwise(cp_run)
         emulated = alone[f"{name}/emulated/{k}"]["images"]
         for r, result in enumerate(ranks[:k]):
             assert torch.equal(result[key]["images"], emulated), (key, r)
-        assert not torch.equal(alone[name]["images"], emulated), f"{key}: the plain process computed the same bits"
 
 
 def test_ring_and_ulysses_limits_are_refused_before_any_work(monkeypatch):
