@@ -38,6 +38,34 @@ def _check_bench(args: argparse.Namespace) -> None:
                          "the grid, e.g. fora-N5,ts-O1-N5-divided")
     for path in args.calibration or []:
         check_in_file("--calibration", path)
+    args.configs = _config_methods(args.config_specs or [], args.steps)  # read (and refused) before any work
+
+
+def _config_methods(specs: list[str], num_steps: int) -> list[Any]:
+    """``bench --config``: one method per config (any registered parts), named after the config (``configK`` for
+    an unnamed one); a name the grid already has is refused."""
+    from ..eval.bench import method_from_config
+    from ..parts import load_config
+
+    methods = []
+    for k, spec in enumerate(specs, 1):
+        try:
+            config = load_config(spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"argument --config: {err}") from None
+        methods.append(method_from_config(config, num_steps, None if config.name != "custom" else f"config{k}"))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"argument --config: two configs have the same name: {names}; name them apart (\"name\")")
+    return methods
+
+
+def _with_configs(methods: list[Any], configs: list[Any]) -> list[Any]:
+    clash = sorted({m.name for m in configs} & {m.name for m in methods})
+    if clash:
+        raise ValueError(f"argument --config: the grid already has a method named {clash}; give the config another "
+                         f"\"name\"")
+    return methods + configs
 
 
 def _check_report(args: argparse.Namespace) -> None:
@@ -58,6 +86,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         methods += [m for path in args.calibration for m in calibrated_methods(path, model, args.steps)]
     if args.methods is not None:
         methods = select_methods(methods, _method_names(args.methods))
+    methods = _with_configs(methods, args.configs)
     images = args.images if args.images is not None else (8 if args.quick else 50)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_bench(load_reference(), methods, num_images=images, seed=args.seed, threads=args.threads,
@@ -83,6 +112,7 @@ def _bench_flux(args: argparse.Namespace) -> None:
     methods += [m for m in schedule_companions(methods) if m.name.split("@")[0] in ("anchor1", "spectrum-fc")]
     if args.methods is not None:
         methods = select_methods(methods, _method_names(args.methods))
+    methods = _with_configs(methods, args.configs)
     images = args.images if args.images is not None else (8 if args.quick else 50)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_flux_bench(ref, methods, num_images=images, seed=args.seed, repeats=repeats, guidance_scale=scale,
@@ -100,7 +130,7 @@ _SAMPLE_RUN_FLAGS = {"num_samples": "--num-samples", "method": "--method", "conf
 
 def _check_sample(args: argparse.Namespace) -> None:
     """Refuse contradictory flags; build ``args.spec`` (None with ``--merge``: the folder's manifest says what)."""
-    from ..generate import check_device
+    from ..devices import check_device
 
     check_out_folder("--out", args.out)
     if args.reference is not None and not Path(args.reference, "manifest.json").is_file():
@@ -187,6 +217,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", action="append", default=None, metavar="FILE", help="a file written by "
                    "`taylorseer calibrate`: adds its methods (family calibrated: NAME and NAME-taylor2) to the grid; "
                    "repeatable (default: none)")
+    p.add_argument("--config", dest="config_specs", action="append", default=None, metavar="JSON|FILE|NAME",
+                   help="a method from a config with any registered policy and forecaster: inline JSON, a JSON file "
+                   "or a preset name (a CacheConfig, or TaylorSeerConfig fields); added to the grid (or to the "
+                   "--methods chosen), named by its \"name\"; repeatable (default: none)")
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
@@ -210,8 +244,9 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    "(default: none; required unless --merge)")
     p.add_argument("--method", default=None, help="a bench method name: full, ddim-K, fora-N5, ts-O2-N5-divided, "
                    "gate-t0.08, ... (default: none; or give --config / --preset)")
-    p.add_argument("--config", dest="config_json", default=None, help="a TaylorSeerConfig or CacheConfig as a JSON "
-                   "file (its SHA-256 goes in the manifest) or inline JSON (default: none)")
+    p.add_argument("--config", dest="config_json", default=None, metavar="JSON|FILE|NAME", help="a config with any "
+                   "registered policy and forecaster (a CacheConfig, or TaylorSeerConfig fields) as inline JSON, a "
+                   "JSON file (its SHA-256 goes in the manifest) or a preset name (default: none)")
     p.add_argument("--out", default="out/sample", help="the sample folder: shards/, manifest.json, samples.npz, "
                    "metrics.json")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="run seed; sample i's noise depends on (seed, i) "

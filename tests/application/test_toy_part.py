@@ -1,0 +1,74 @@
+"""Issue 21's target: a new forecaster and a new policy (``toy_decay.py``, ``toy_alternate.py``: one file and one
+registration line each, no edit to the package) are built from JSON by every command's ``--config`` and appear in
+the bench records and the report, with a family, label and colour derived from their types."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import toy_alternate
+import toy_decay
+
+from taylorseer.cli import main
+from taylorseer.eval.methods import Method, family_of
+from taylorseer.eval.report import budget_rows, method_label, read_records, write_report
+from taylorseer.parts import CacheConfig, load_config
+
+STEPS = 6  # warm-up 2, then every other step: F F f F f F -> 4 full steps
+CONFIG = {"policy": {"type": "AlternatePolicy", "warmup_steps": 2}, "forecaster": {"type": "DecayForecast",
+                                                                                      "decay": 0.9},
+          "name": "toy-alt-decay"}
+
+
+def test_the_toy_parts_are_typed_methods_of_their_own_family():
+    config = load_config(json.dumps(CONFIG))
+    assert isinstance(config.policy, toy_alternate.AlternatePolicy)
+    assert config.forecaster == toy_decay.DecayForecast(decay=0.9)
+    assert CacheConfig.from_json(config.to_json()) == config
+    method = Method("toy", config, STEPS)
+    assert family_of(config) == "decay" == method.family  # no family hook: the forecaster type's name
+    assert method.full_steps() == 4
+    assert method.to_dict()["config"]["policy"]["type"] == "AlternatePolicy"
+    with pytest.raises(TypeError, match="config must be a CacheConfig"):
+        Method("toy", "decay", STEPS)  # type: ignore[arg-type]
+
+
+def test_bench_config_runs_the_toy_parts_and_the_report_shows_them(tmp_path, capsys):
+    out = tmp_path / "bench" / "records.jsonl"
+    code = main(["bench", "--steps", str(STEPS), "--images", "2", "--repeats", "1", "--methods", "full",
+                 "--config", json.dumps(CONFIG), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    records = {r["name"]: r for r in read_records(out)}
+    assert sorted(records) == ["full", "toy-alt-decay"]
+    toy = records["toy-alt-decay"]
+    assert toy["error"] is None and toy["family"] == "decay"
+    assert toy["steps_full"] == 4 and toy["steps_forecast"] == 2
+    assert toy["config"] == {**load_config(json.dumps(CONFIG)).to_dict()}
+    assert toy["label"] == "decay (toy-alt-decay)" == method_label(toy)
+    assert toy["flops_fraction"] < 1 and toy["psnr"] is not None
+    report = write_report(out, tmp_path / "report").read_text()
+    assert "| toy-alt-decay | decay | 4 / 6 |" in report
+    row = budget_rows(list(records.values()), budgets=(1.0,))[0]  # at a budget of all compute
+    assert row[1] == f"{toy['psnr']:.2f} (toy-alt-decay)"  # group "ours": a new family needs no edit of the report
+
+
+def test_bench_config_refuses_a_bad_config_before_any_work(tmp_path, capsys):
+    out = tmp_path / "records.jsonl"
+    bad = {**CONFIG, "forecaster": {"type": "NoSuchForecast"}}
+    assert main(["bench", "--methods", "full", "--config", json.dumps(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err and "NoSuchForecast" in err and "DecayForecast" in err
+    assert not out.exists()
+
+
+def test_sample_config_samples_the_toy_parts(tmp_path, capsys):
+    out = tmp_path / "sample"
+    code = main(["sample", "--config", json.dumps(CONFIG), "--num-samples", "2", "--batch-size", "2", "--steps",
+                 str(STEPS), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    method = manifest["identity"]["method"]
+    assert method["name"] == "toy-alt-decay" and method["family"] == "decay" and method["num_steps"] == STEPS
+    assert load_config(method["config"]) == load_config(json.dumps(CONFIG))
+    assert manifest["status"]["complete"] is True
