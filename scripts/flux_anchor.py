@@ -25,14 +25,15 @@ import tempfile
 import time
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from taylorseer.api import apply
+from taylorseer.calibration.anchor_fit import anchored_config, fit_anchored, save_anchored
 from taylorseer.calibration.fit import FitOptions
-from taylorseer.calibration.record import record_trajectories
+from taylorseer.calibration.record import TrajectoryStats, record_trajectories
 from taylorseer.eval import metrics
 from taylorseer.eval.flux import FluxSampler
-from taylorseer.forecast.anchor_fit import fit_anchored, save_anchored
-from taylorseer.forecast.anchored import anchored_config
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 
 ANCHOR = "transformer_blocks.0"
@@ -42,6 +43,22 @@ def spread(budget: int, num_steps: int, power: float) -> tuple[int, ...]:
     """``budget`` full steps from 0, spaced as ``(i / budget) ** power`` of the steps (denser early for power > 1)."""
     steps = sorted({0, *(round((num_steps - 1) * (i / budget) ** power) for i in range(1, budget))})
     return tuple(steps)
+
+
+def save_stats(path: str, stats: TrajectoryStats) -> None:
+    """The recorded Grams (safetensors) and the other fields (JSON metadata), to fit again without recording."""
+    meta = {k: v for k, v in vars(stats).items() if k != "gram"}
+    names = sorted(stats.gram)
+    save_file({f"g{i}": stats.gram[n].contiguous() for i, n in enumerate(names)}, path,
+              {"stats": json.dumps({**meta, "groups": names})})
+
+
+def load_stats(path: str) -> TrajectoryStats:
+    """``save_stats``'s file read back."""
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["stats"])
+        gram = {n: f.get_tensor(f"g{i}") for i, n in enumerate(meta.pop("groups"))}
+    return TrajectoryStats(gram=gram, **meta)
 
 
 def main() -> None:
@@ -58,6 +75,7 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=60)
     parser.add_argument("--schedule", default="", help="comma-separated full steps: skip the search")
     parser.add_argument("--name", default="")
+    parser.add_argument("--stats", default="", help="a file of the recorded Grams: read if it exists, else written")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -65,11 +83,17 @@ def main() -> None:
     sampler = FluxSampler(ref)
     options = FitOptions(history=args.history, match_variance=not args.no_match_variance)
     start = time.perf_counter()
-    labels = torch.arange(args.images) % 10
-    stats = record_trajectories(ref.transformer, labels, num_steps=args.steps, seed=args.seed,
-                                guidance_scale=DEFAULT_GUIDANCE, cfg_mode="split", batch_size=8, sampler=sampler,
-                                granularity="block", anchor=ANCHOR, progress=False)
-    print(f"recorded {args.images} images in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.stats and os.path.exists(args.stats):
+        stats = load_stats(args.stats)
+        print(f"read the trajectories of {stats.images} images from {args.stats}", flush=True)
+    else:
+        labels = torch.arange(args.images) % 10
+        stats = record_trajectories(ref.transformer, labels, num_steps=args.steps, seed=args.seed,
+                                    guidance_scale=DEFAULT_GUIDANCE, cfg_mode="split", batch_size=8,
+                                    sampler=sampler, granularity="block", anchor=ANCHOR, progress=False)
+        print(f"recorded {args.images} images in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.stats:
+            save_stats(args.stats, stats)
     dev_labels = torch.arange(args.dev_images) % 10
     dev_full = sampler(ref.transformer, dev_labels, num_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE,
                        seed=args.dev_seed)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from taylorseer.calibration.anchor_fit import anchored_indices, fit_anchored
 from taylorseer.calibration.fit import FitOptions
 from taylorseer.calibration.record import TrajectoryStats
-from taylorseer.forecast.anchor_fit import anchored_indices, fit_anchored
 from taylorseer.forecast.anchored import AnchoredLinearForecast, AnchoredLinearForecaster
 from taylorseer.forecast.linear import LinearTable, StepWeights
 
@@ -113,8 +113,8 @@ def test_runtime_passes_the_probe_output_and_json_round_trips(tmp_path):
     """On a model whose block 1 adds exactly 2x what block 0 adds, an anchored calibration forecasts block 1 from
     block 0's fresh output: the hybrid run equals full compute; the config round-trips through JSON."""
     import taylorseer
+    from taylorseer.calibration.anchor_fit import anchored_config
     from taylorseer.calibration.io import new_header, save_calibration
-    from taylorseer.forecast.anchored import anchored_config
     from taylorseer.parts import CacheConfig, Targets
     from taylorseer.policy.schedule import FixedSchedule
 

@@ -10,7 +10,7 @@ per channel (and row group): ``F_t(a_j)`` the target's own features at its last 
 anchor target's output computed at this step (the probe), ``A(a_m)`` the anchor's features at its last ``M`` full
 steps (so that ``A(s) - A(a_0)``, how far the step moved the anchor, is in the span), ``b`` the bias. The weights
 are a closed-form ridge fit on full-compute trajectories, as for the linear forecaster
-(``forecast.anchor_fit.fit_anchored`` on ``TrajectoryStats`` recorded with ``anchor=``).
+(``calibration.anchor_fit.fit_anchored`` on ``TrajectoryStats`` recorded with ``anchor=``).
 
 Table encoding (the calibration file format of ``LinearForecast``, unchanged): ``StepWeights.anchors`` holds
 indices into the Gram ``[own steps | anchor steps | 1]``: ``i < num_steps`` is the target's own feature at step
@@ -43,6 +43,7 @@ import torch
 
 from .base import FactorState, check_point, register_forecaster
 from .linear import LinearTable, StepWeights, group_of
+from .linear_file import CalibrationError, read_calibration
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class AnchoredLinearForecast:
     """Anchored forecaster config: the weights in the calibration file ``calibration`` (a path; its header names
     the anchor target), checked against ``sha256`` (hex digest) when given. Use with an ``AnchorSchedule`` whose
     probe computes the anchor target, ``abscissa="step"`` and the file's schedule and granularity
-    (``anchored_config(path)`` builds all of them).
+    (``calibration.anchor_fit.anchored_config(path)`` builds all of them).
 
     Example:
         >>> AnchoredLinearForecast("flux-anchor-b5.safetensors").calibration
@@ -173,31 +174,9 @@ class AnchoredLinearForecaster:
 @register_forecaster(AnchoredLinearForecast)
 def _build_anchored(config: AnchoredLinearForecast) -> AnchoredLinearForecaster:
     # One forecaster per handle (it holds the step's anchor); the file is read and validated by linear_file.
-    from .linear_file import CalibrationError, read_calibration
-
     calibration = read_calibration(config.calibration, sha256=config.sha256 or None)
     anchor = (calibration.header.get("forecaster") or {}).get("anchor")
     if not isinstance(anchor, str):
         raise CalibrationError(f"calibration file {config.calibration}: its header names no anchor target "
                                f"(forecaster.anchor): not an anchored calibration; use LinearForecast")
     return AnchoredLinearForecaster(calibration.table_required(), anchor, calibration)
-
-
-def anchored_config(path: str, *, probe_blocks: int = 1, name: str | None = None) -> Any:
-    """The ``CacheConfig`` of an anchored calibration file: its schedule as an ``AnchorSchedule`` (``probe_blocks``
-    blocks computed on every other step), ``AnchoredLinearForecast`` pinned to the file's SHA-256, the file's
-    granularity, ``abscissa="step"``.
-
-    Example:
-        >>> cfg = anchored_config("flux-anchor-b5-s50.safetensors")   # doctest: +SKIP
-    """
-    from ..parts import CacheConfig, Targets
-    from ..policy.anchor import AnchorSchedule
-    from .linear_file import read_calibration
-
-    cal = read_calibration(path)
-    schedule = cal.schedule
-    policy = AnchorSchedule(schedule.full_steps, schedule.num_steps, probe_blocks)
-    label = name or str(cal.header.get("name") or "anchored")
-    return CacheConfig(policy, AnchoredLinearForecast(str(path), cal.sha256 or ""),
-                       Targets(granularity=cal.granularity), abscissa="step", name=label)

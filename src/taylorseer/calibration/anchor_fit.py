@@ -19,7 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .linear import LinearTable, StepWeights
+from ..forecast.anchored import AnchoredLinearForecast
+from ..forecast.linear import LinearTable, StepWeights
+from ..forecast.linear_file import read_calibration
+from ..parts import CacheConfig, Targets
+from ..policy.anchor import AnchorSchedule
+from ..policy.schedule import FixedSchedule
+from .fit import FitOptions, forecast_steps, solve_step
+from .io import new_header, save_calibration
 
 
 def anchored_indices(full_steps: Sequence[int], step: int, num_steps: int, history: int,
@@ -46,8 +53,6 @@ def fit_anchored(stats: Any, full_steps: Sequence[int], options: Any = None, anc
     ``options``: ``calibration.fit.FitOptions`` (None: its defaults); ``anchor_history``: 0..history cached anchor
     features beside the fresh one.
     """
-    from ..calibration.fit import FitOptions, forecast_steps, solve_step
-
     options = options or FitOptions()
     if getattr(stats, "anchor", None) is None:
         raise ValueError("fit_anchored needs TrajectoryStats recorded with an anchor (record_trajectories(..., "
@@ -82,10 +87,6 @@ def save_anchored(path: str, stats: Any, table: LinearTable, error: dict[str, fl
                   name: str, options: Any = None, anchor_history: int = 1, search: Any = None) -> Any:
     """Write an anchored calibration file (the ``LinearForecast`` file format; the header's ``forecaster`` names
     the ``anchor`` target and the fit options) and return it as loaded."""
-    from ..calibration.fit import FitOptions
-    from ..calibration.io import new_header, save_calibration
-    from ..policy.schedule import FixedSchedule
-
     options = options or FitOptions()
     schedule = FixedSchedule(table.full_steps, table.num_steps)
     fit = {"history": options.history, "bias": options.bias, "channelwise": options.channelwise,
@@ -96,3 +97,19 @@ def save_anchored(path: str, stats: Any, table: LinearTable, error: dict[str, fl
     header = new_header("linear", name, model, schedule, granularity=stats.granularity, forecaster=fit,
                         targets=dict(stats.targets), fit=error, calibration_data=data, search=search)
     return save_calibration(path, header, table)
+
+
+def anchored_config(path: str, *, probe_blocks: int = 1, name: str | None = None) -> Any:
+    """The ``CacheConfig`` of an anchored calibration file: its schedule as an ``AnchorSchedule`` (``probe_blocks``
+    blocks computed on every other step), ``AnchoredLinearForecast`` pinned to the file's SHA-256, the file's
+    granularity, ``abscissa="step"``.
+
+    Example:
+        >>> cfg = anchored_config("flux-anchor-b5-s50.safetensors")   # doctest: +SKIP
+    """
+    cal = read_calibration(path)
+    schedule = cal.schedule
+    policy = AnchorSchedule(schedule.full_steps, schedule.num_steps, probe_blocks)
+    label = name or str(cal.header.get("name") or "anchored")
+    return CacheConfig(policy, AnchoredLinearForecast(str(path), cal.sha256 or ""),
+                       Targets(granularity=cal.granularity), abscissa="step", name=label)
