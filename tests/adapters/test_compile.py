@@ -36,6 +36,7 @@ def _compiled(model, mode):
 
 
 @pytest.mark.parametrize("mode", ["regional-after", "regional-before", "whole"])
+@pytest.mark.slow
 def test_compiled_forecasting_matches_eager_without_hitting_the_recompile_limit(tiny_dit, mode):
     with taylorseer.apply(tiny_dit, CFG) as handle:
         eager = _generations(tiny_dit, handle)

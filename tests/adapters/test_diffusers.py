@@ -340,6 +340,7 @@ def test_interval_one_and_remove_are_bit_identical(name, granularity):
 @pytest.mark.parametrize("scheme, order", FORECASTERS)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.slow
 def test_forecasting_removes_exactly_the_target_flops(name, granularity, scheme, order):
     pipe, family = loop_pipeline(name), FAMILY[name]
     per_call, per_module = flops_per_call(name)

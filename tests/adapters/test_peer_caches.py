@@ -207,6 +207,7 @@ def test_settings_and_methods_are_validated():
     assert methods[0].full_steps() is None  # adaptive: the record's steps_full is measured
 
 
+@pytest.mark.slow
 def test_bench_runs_the_peers_on_a_deep_copy_and_records_their_steps(tiny_dit, tmp_path):
     reference = copy.deepcopy(tiny_dit)
     layout = _layout(tiny_dit)
@@ -278,6 +279,7 @@ def test_cache_dit_settings_refuse_bad_fields_naming_them(field, value):
         _cache_dit_settings(**{field: value})
 
 
+@pytest.mark.slow
 def test_bench_records_cache_dit_version_steps_and_block_call_fraction(tiny_dit, tmp_path):
     pytest.importorskip("cache_dit")
     from importlib.metadata import version

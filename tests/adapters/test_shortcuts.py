@@ -1,5 +1,6 @@
 """Block shortcuts: bit-identical to running the block with forecast modules, and they really skip work."""
 
+import pytest
 import torch
 
 import taylorseer
@@ -28,6 +29,7 @@ def n_blocks(model):
     return model.transformer_blocks
 
 
+@pytest.mark.slow
 def test_shortcut_is_bit_identical_and_skips_the_norms(tiny_dit):
     for order, scheme in ((0, "reference"), (2, "divided"), (3, "reference")):
         cfg = TaylorSeerConfig(interval=3, warmup_steps=1, max_order=order, scheme=scheme)

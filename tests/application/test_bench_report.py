@@ -71,6 +71,7 @@ def _by_name(records):
     return {r["name"]: r for r in records}
 
 
+@pytest.mark.slow
 def test_jsonl_holds_every_record_with_the_schema(bench_run):
     out, records = bench_run
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -93,6 +94,7 @@ def test_jsonl_holds_every_record_with_the_schema(bench_run):
     assert len({frozenset(r) for r in records}) == 1  # one key set for all records
 
 
+@pytest.mark.slow
 def test_reference_record_is_the_unit(bench_run):
     full = _by_name(bench_run[1])["full"]
     assert full["error"] is None and full["config"] is None
@@ -103,6 +105,7 @@ def test_reference_record_is_the_unit(bench_run):
     assert full["wall_min_s"] <= full["wall_s"] <= full["wall_max_s"]
 
 
+@pytest.mark.slow
 def test_cached_methods_skip_steps_and_flops(bench_run):
     records = _by_name(bench_run[1])
     cached = [r for r in records.values() if r["family"] in CACHED]
@@ -128,6 +131,7 @@ def test_cached_methods_skip_steps_and_flops(bench_run):
                                                                  3 * fora["peak_cache_bytes"])
 
 
+@pytest.mark.slow
 def test_peer_is_measured_or_records_its_error(bench_run):
     peer = next(r for r in bench_run[1] if r["family"] == "diffusers-peer")
     assert peer["counterpart"] == "ts-O1-N3-divided"
@@ -156,6 +160,7 @@ def test_a_failing_method_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatc
     assert records[2]["error"] is None and records[2]["flops_speedup"] == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_report_writes_tables_targets_and_plots(bench_run, tmp_path):
     out, records = bench_run
     path = write_report(out, tmp_path / "report")
@@ -171,6 +176,7 @@ def test_report_writes_tables_targets_and_plots(bench_run, tmp_path):
         assert f"]({name})" in text
 
 
+@pytest.mark.slow
 def test_plot_axes(bench_run):
     import matplotlib.pyplot as plt
 
@@ -277,6 +283,7 @@ def _second_run(rows, run_id="20990101T000000Z-1-abcdef"):
     return [{**r, "run_id": run_id} for r in rows]
 
 
+@pytest.mark.slow
 def test_an_interrupted_bench_leaves_no_run_end_and_report_refuses_it(tmp_path, monkeypatch, capsys):
     plain = bench.INSTALLERS["fewer-steps"]
 
@@ -313,6 +320,7 @@ def test_an_interrupted_bench_leaves_no_run_end_and_report_refuses_it(tmp_path, 
     assert main(["report", str(out), "--out", str(tmp_path / "cli"), "--allow-incomplete"]) == 0
 
 
+@pytest.mark.slow
 def test_a_run_cut_after_a_few_records_is_refused_and_names_the_last_complete_run(bench_run, tmp_path):
     rows = _lines(bench_run[0])
     cut = _write(tmp_path / "cut.jsonl", rows + _second_run(rows)[:4])  # run_start + 3 methods, then killed
@@ -327,6 +335,7 @@ def test_a_run_cut_after_a_few_records_is_refused_and_names_the_last_complete_ru
     assert len(read_records(cut, allow_incomplete=True)) == 3
 
 
+@pytest.mark.slow
 def test_a_half_written_last_line_is_skipped_with_a_warning(bench_run, tmp_path):
     rows = _lines(bench_run[0])
     later = _second_run(rows)
@@ -346,6 +355,7 @@ def test_a_half_written_last_line_is_skipped_with_a_warning(bench_run, tmp_path)
     assert run.run_id == "20990102T000000Z-2-fedcba" and run.status == "complete"
 
 
+@pytest.mark.slow
 def test_a_run_end_that_miscounts_is_incomplete(bench_run, tmp_path):
     rows = _lines(bench_run[0])
     path = _write(tmp_path / "short.jsonl", rows[:3] + rows[-1:])  # records lost, the run_end kept
@@ -353,6 +363,7 @@ def test_a_run_end_that_miscounts_is_incomplete(bench_run, tmp_path):
         read_run(path)
 
 
+@pytest.mark.slow
 def test_legacy_records_without_markers_still_report(bench_run, tmp_path):
     methods = [{k: v for k, v in r.items() if k != "kind"} | {"schema": "taylorseer.bench/1"}
                for r in _lines(bench_run[0])[1:-1]]

@@ -39,6 +39,7 @@ class CallCounter:
             handle.remove()
 
 
+@pytest.mark.slow
 def test_the_default_search_is_the_fast_plan_and_its_cost_header_counts_every_image_call(tiny_dit, tmp_path):
     counter = CallCounter(tiny_dit, rows_per_image=2)  # guidance 1.5 as one CFG batch
     try:

@@ -220,6 +220,7 @@ def test_pipeline_calibration_at_output_granularity_forecasts_the_transformer_ou
 #            taylorseer calibrate --model, taylorseer generate --calibration    #
 #################################################################################
 
+@pytest.mark.slow
 def test_calibrate_cli_writes_a_file_bound_to_the_pipeline(calibrated, folders, capsys):
     pipe = load_pipeline(str(folders["dit"]))
     cal = load_calibration(calibrated, model=pipe.transformer, num_steps=STEPS)
@@ -233,6 +234,7 @@ def test_calibrate_cli_writes_a_file_bound_to_the_pipeline(calibrated, folders, 
     assert cal.header["model"]["class"] == "DiTTransformer2DModel"
 
 
+@pytest.mark.slow
 def test_generate_with_the_calibration_runs_its_schedule_closer_than_reuse(calibrated, folders, tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(folders["dit"]), "--prompt", "0", "--steps", str(STEPS), "--device",

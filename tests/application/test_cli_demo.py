@@ -38,6 +38,7 @@ def _methods():
             DemoMethod("ddim-4", None, 4)]
 
 
+@pytest.mark.slow
 def test_demo_rows_and_picture(tmp_path, tiny_dit):
     methods = _methods()
     rows = run_demo(out_dir=tmp_path, per_class=1, model=tiny_dit, methods=methods, progress=False, rounds=2)
@@ -102,6 +103,7 @@ def recorded(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 def test_demo_warms_up_then_times_rounds_interleaved_and_rotated(tmp_path, tiny_dit, recorded):
     calls, _ = recorded({"full": [4.0], "ts": [2.0], "ddim-4": [1.0]})
     rows = run_demo(out_dir=tmp_path, per_class=1, model=tiny_dit, methods=_methods(), progress=False, rounds=2)
@@ -116,6 +118,7 @@ def test_demo_warms_up_then_times_rounds_interleaved_and_rotated(tmp_path, tiny_
     assert not rows[0]["busy"] and "WARNING" not in format_table(rows)
 
 
+@pytest.mark.slow
 def test_demo_spread_and_speedup_spread_are_relative_ranges(tmp_path, tiny_dit, recorded):
     # calls per label: warm-up, FLOPs, round 1, round 2
     recorded({"full": [4.0, 4.0, 4.0, 5.0], "ts": [2.0, 2.0, 2.0, 3.0], "ddim-4": [1.0]})
@@ -130,6 +133,7 @@ def test_demo_spread_and_speedup_spread_are_relative_ranges(tmp_path, tiny_dit, 
     assert rows[0]["busy"] and "WARNING: machine busy" in table and "wall-time spread 40% (ts) > 15%" in table
 
 
+@pytest.mark.slow
 def test_demo_busy_warning_from_the_load_average(tmp_path, tiny_dit, recorded):
     recorded({"full": [4.0], "ts": [2.0], "ddim-4": [1.0]}, load=9.0)
     rows = run_demo(out_dir=tmp_path, per_class=1, model=tiny_dit, methods=_methods(), progress=False, rounds=2)
@@ -140,12 +144,14 @@ def test_demo_busy_warning_from_the_load_average(tmp_path, tiny_dit, recorded):
     assert "spread" not in table.splitlines()[-1].split("busy")[1]  # the spreads were 0: only the load is named
 
 
+@pytest.mark.slow
 def test_demo_load_just_under_the_bound_is_not_busy(tmp_path, tiny_dit, recorded):
     recorded({"full": [4.0], "ts": [2.0], "ddim-4": [1.0]}, load=1.49)
     rows = run_demo(out_dir=tmp_path, per_class=1, model=tiny_dit, methods=_methods(), progress=False, rounds=2)
     assert not any(r["busy"] for r in rows) and "WARNING" not in format_table(rows)
 
 
+@pytest.mark.slow
 def test_demo_refuses_timed_runs_that_change_the_images(tmp_path, tiny_dit, recorded):
     _, state = recorded({"full": [4.0], "ts": [2.0], "ddim-4": [1.0]})
     seen = {}
@@ -214,6 +220,7 @@ def test_train_reference_flags_override_the_shipped_recipe():
     assert given.seed == default.seed
 
 
+@pytest.mark.slow
 def test_train_reference_export_records_the_recipe(tmp_path, monkeypatch):
     import taylorseer.models.pretrained as pretrained
 

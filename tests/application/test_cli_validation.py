@@ -320,6 +320,7 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"taylorseer {taylorseer.__version__}\n"
 
 
+@pytest.mark.slow
 def test_python_dash_m_taylorseer_help():
     result = subprocess.run([sys.executable, "-m", "taylorseer", "--help"], capture_output=True, text=True,
                             timeout=120)

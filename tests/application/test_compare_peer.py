@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # runs scripts/compare_diffusers_peer.py end to end
+
 pytest.importorskip("diffusers.hooks.taylorseer_cache")
 torch.set_num_threads(1)
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_diffusers_peer.py"

@@ -118,6 +118,7 @@ def test_grid_hits_the_issue_budgets():
         assert {m.name for m in grid} >= {"full", "paper_flux", "fora-paper_flux"}
 
 
+@pytest.mark.slow
 def test_training_resume_is_bit_identical_and_exports_with_checksum(tmp_path):
     pytest.importorskip("taylorseer.models.data").load_fashion_mnist("test")  # the data package (CI installs it)
     cfg = FluxTrainConfig(out_dir=str(tmp_path / "a"), size=TINY, steps=6, batch_size=4, checkpoint_every=2,

@@ -105,6 +105,7 @@ def test_shipped_classifier_accuracy_on_real_test_images(test_split) -> None:
     assert class_accuracy(images, (labels + 1) % 10) < 0.1  # wrong labels are detected as wrong
 
 
+@pytest.mark.slow
 def test_feature_statistics_shapes_and_fid_ordering(test_split) -> None:
     images, _ = test_split
     mu, sigma = feature_statistics(images)
@@ -117,6 +118,7 @@ def test_feature_statistics_shapes_and_fid_ordering(test_split) -> None:
     assert 0.0 <= real < noise
 
 
+@pytest.mark.slow
 def test_fid_between_is_a_symmetric_distance_between_image_sets(test_split) -> None:
     from taylorseer.eval.metrics import classifier_features, fid_between
 

@@ -61,6 +61,7 @@ def _tiny(out, **kw):
                        warmup_steps=2, threads=1, **kw)
 
 
+@pytest.mark.slow
 def test_training_resumes_after_interruption(tmp_path):
     straight = train_reference(_tiny(tmp_path / "a"))
     train_reference(_tiny(tmp_path / "b"), stop_at=3)  # "killed" after step 3 (checkpointed at 2 and 3)
@@ -75,6 +76,7 @@ def test_training_resumes_after_interruption(tmp_path):
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [2, 3, 4, 6]
 
 
+@pytest.mark.slow
 def test_export_and_load_reference(tmp_path):
     state = train_reference(_tiny(tmp_path / "t"))
     out = export_reference(state, tmp_path / "ref.safetensors", update_manifest=False)

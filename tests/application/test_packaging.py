@@ -25,6 +25,7 @@ def _python(code: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedP
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_apply_runs_a_diffusers_dit_without_the_bench_extra(tmp_path):
     result = _python("""
         import torch
@@ -51,6 +52,7 @@ def test_apply_runs_a_diffusers_dit_without_the_bench_extra(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_import_and_apply_load_none_of_the_extra(tmp_path):
     """With everything installed, ``import taylorseer`` and ``apply`` on a plain module import no extra package."""
     code = f"""
@@ -69,6 +71,7 @@ def test_import_and_apply_load_none_of_the_extra(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_commands_that_need_the_extra_say_what_to_install_in_one_line(tmp_path):
     (tmp_path / "records.jsonl").write_text("{}\n")
     result = _python("""

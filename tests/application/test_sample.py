@@ -120,6 +120,7 @@ def test_agreement_group_none_keeps_each_ranks_observation(monkeypatch):
 #                 Acceptance: 2 processes (gloo) = 1 process                    #
 #################################################################################
 
+@pytest.mark.slow
 def test_two_processes_give_bitwise_the_samples_of_one(one_process, tmp_path):
     out = tmp_path / "two"
     run = _torchrun(out)
@@ -141,6 +142,7 @@ def test_two_processes_give_bitwise_the_samples_of_one(one_process, tmp_path):
 #             Acceptance: a rank killed part way, then restarted                #
 #################################################################################
 
+@pytest.mark.slow
 def test_a_killed_run_restarted_completes_the_set_without_duplicates(one_process, tmp_path):
     out = tmp_path / "killed"
     killed = _torchrun(out, env={S.FAULT_ENV: "1:1"})  # rank 1 SIGKILLs itself after its first shard

@@ -57,6 +57,7 @@ def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "home" / ".cache" / "taylorseer" / "calibrations"
 
 
+@pytest.mark.slow
 def test_speedup_6_on_the_embedded_model_uses_the_shipped_calibration(reference, user_cache, caplog):
     with caplog.at_level(logging.INFO, logger="taylorseer"):
         handle = taylorseer.apply(reference, speedup=6)
@@ -134,6 +135,7 @@ def test_a_cached_calibration_at_another_guidance_scale_is_refused_by_name(refer
         assert handle.plan(50) == [c == "F" for c in _pattern(mine.schedule.full_steps)]
 
 
+@pytest.mark.slow
 def test_calibrate_writes_to_the_user_cache_by_default_and_apply_finds_it(reference, user_cache, capsys):
     from taylorseer.cli import main
 

@@ -26,6 +26,7 @@ def full_sample(shipped):
     return sample(shipped, LABELS, num_steps=50, seed=SEED)
 
 
+@pytest.mark.slow
 def test_interval_one_is_bit_identical_on_the_shipped_model(shipped, full_sample):
     with taylorseer.apply(shipped, taylorseer.TaylorSeerConfig(interval=1)) as handle:
         assert torch.equal(sample(shipped, LABELS, num_steps=50, seed=SEED, listener=handle), full_sample)

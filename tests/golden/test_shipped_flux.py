@@ -26,6 +26,7 @@ def full_sample(shipped):
     return shipped.generate(LABELS, num_steps=28, seed=SEED)
 
 
+@pytest.mark.slow
 def test_the_pipeline_is_diffusers_own_and_deterministic(shipped, full_sample):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 

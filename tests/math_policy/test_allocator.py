@@ -37,6 +37,7 @@ print(before, faults_per_alloc(), setting["mmap_threshold_bytes"])
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are a glibc feature")
+@pytest.mark.slow
 def test_tuning_removes_page_faults_of_reallocation():
     out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout.split()
     before, after, mmap_threshold = float(out[0]), float(out[1]), int(out[2])

@@ -328,6 +328,7 @@ def test_match_variance_gives_the_forecast_the_targets_mean_and_variance(bias):
 #                                    Search                                     #
 #################################################################################
 
+@pytest.mark.slow
 def test_searched_schedule_respects_the_budget_and_is_deterministic():
     stats, _ = synthetic(schedule=(0, 2, 5, 9), history=2)
     for budget in (1, 2, 4, 6, NUM_STEPS):
@@ -519,6 +520,7 @@ def test_bias_and_row_groups_round_trip(tiny_dit, tmp_path):
 #                               Bench and CLI hooks                             #
 #################################################################################
 
+@pytest.mark.slow
 def test_bench_builds_calibrated_methods_and_refuses_the_wrong_guidance_layout(saved, tiny_dit):
     from taylorseer.eval.bench import calibrated_methods
     from taylorseer.eval.install import applies_config
@@ -564,6 +566,7 @@ def test_cli_refuses_bad_calibration_input_before_any_work(monkeypatch, capsys, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibrate_end_to_end_on_the_tiny_model(tiny_dit, tmp_path):
     from taylorseer.calibration import calibrate
 
@@ -597,6 +600,7 @@ def test_calibrate_at_block_granularity_records_and_forecasts_block_residuals(ti
         assert handle.stats.steps_forecast == NUM_STEPS - len(SCHEDULE)
 
 
+@pytest.mark.slow
 def test_on_policy_refit_is_on_for_modules_and_blocks_and_off_for_the_output(tiny_dit, tmp_path):
     from taylorseer.calibration import calibrate
 
@@ -723,6 +727,7 @@ def test_on_policy_recording_sees_the_cached_run(tiny_dit, tmp_path):
         assert cross.min() < 1 - 1e-9  # the two features are not the same vector
 
 
+@pytest.mark.slow
 def test_on_policy_refit_lowers_the_error_to_full_compute(tmp_path):
     # On the shipped model (on the random tiny one the forecasts barely drift, so there is nothing to correct):
     # held-out images, 20 DDIM steps, 6 full.

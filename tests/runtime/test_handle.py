@@ -118,6 +118,7 @@ def test_named_branches(toy):
             assert {k[0] for k in handle.cached_keys()} == {"cond", "uncond"}
 
 
+@pytest.mark.slow
 def test_flops_ratio_close_to_ideal(tiny_dit):
     steps = 20
     full_run, flops_full = count_flops(lambda: sample(tiny_dit, LABELS, num_steps=steps, seed=0))
@@ -148,6 +149,7 @@ def test_flops_ratio_close_to_ideal(tiny_dit):
     assert stats.to_dict()["flops_speedup"] == pytest.approx(flops_full / flops_cached)
 
 
+@pytest.mark.slow
 def test_granularities_interval_one_identical_and_forecast_reduces_calls(tiny_dit):
     ref = sample(tiny_dit, LABELS, num_steps=8, seed=4)
     for granularity in ("module", "block", "output"):

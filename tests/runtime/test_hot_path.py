@@ -241,6 +241,7 @@ def _breaks_inside_blocks() -> int:
 
 
 @pytest.mark.parametrize("mode", ["regional", "whole", "reduce-overhead"])
+@pytest.mark.slow
 def test_forecast_steps_take_no_graph_break_and_nothing_recompiles_after_the_first_generation(mode):
     model, _ = dit()
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
