@@ -237,12 +237,11 @@ def calibration_targets(model: nn.Module, granularity: str = "module") -> list[A
         ['transformer_blocks.0', 'transformer_blocks.1']
     """
     from ..adapters import resolve_targets
-    from ..config import TaylorSeerConfig
+    from ..parts import Targets
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
-    return [t for t in resolve_targets(model, TaylorSeerConfig(granularity=granularity))
-            if t.mode in ("output", "residual")]
+    return [t for t in resolve_targets(model, Targets(granularity=granularity)) if t.mode in ("output", "residual")]
 
 
 def target_paths(model: nn.Module, granularity: str = "module") -> list[str]:
