@@ -7,10 +7,16 @@ same path users take.
 Timing: each method first runs once untimed (warm-up of the allocator and code paths; these are the images the
 quality metrics and the picture use), then ``rounds`` timed rounds run every method once each, interleaved, in an
 order rotated by one method per round (round 1: A B C, round 2: B C A, ...), so a burst of background load falls
-on all methods alike. A method's wall time is its median over the rounds, its *spread* the relative range
-``(max - min) / median`` of those times; a speedup is the ratio of the reference's median to the method's, and its
-spread the relative range of the per-round ratios (each round's reference time over the method's time in that
-round). Every timed generation must reproduce the warm-up's images bit for bit (checked with ``torch.equal``).
+on all methods alike. Each timed generation runs with Python's garbage collector paused (collected before it, as
+``timeit`` does), so a collection triggered by one method's allocations is not charged to another. A method's wall
+time is its median over the rounds, its *spread* the relative range ``(max - min) / median`` of those times; a
+speedup is the ratio of the reference's median to the method's, and its spread the relative range of the per-round
+ratios (each round's reference time over the method's time in that round). The CPU-time speedup (process CPU time,
+``time.process_time``, of the same rounds; much steadier than wall time when other jobs share the machine) is the
+median of the per-round CPU ratios, each from two runs measured back to back under the same load, with their
+spread. ``taylorseer demo`` times with one torch thread by default: with two threads on a shared
+machine the process CPU time also counts one thread spin-waiting for the other while it is descheduled, which
+grows with the load. Every timed generation must reproduce the warm-up's images bit for bit (``torch.equal``).
 
 A run is flagged *busy* (a warning line under the table; its speedups mean little) when either bound is exceeded:
 
@@ -28,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import statistics
 import time
@@ -230,10 +237,15 @@ def _time_rounds(model: torch.nn.Module, methods: list[DemoMethod], labels: torc
     for r, order in enumerate(rotated_order(methods, rounds)):
         for method in order:
             desc = f"sampling {method.label} (round {r + 1}/{rounds})" if progress else None
-            start, cpu_start = time.perf_counter(), time.process_time()
-            images, _ = _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode)
-            times[method.label].append(time.perf_counter() - start)
-            cpu[method.label].append(time.process_time() - cpu_start)
+            gc.collect()
+            gc.disable()  # a collection set off by one method's allocations is not charged to the next
+            try:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                images, _ = _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode)
+                times[method.label].append(time.perf_counter() - start)
+                cpu[method.label].append(time.process_time() - cpu_start)
+            finally:
+                gc.enable()
             if not torch.equal(images, kept[method.label]):
                 raise RuntimeError(f"{method.label}: a timed run's images differ from the warm-up's (same seed); "
                                    "the timings would compare different work")
@@ -265,14 +277,16 @@ def run_demo(
     progress: bool = True,
     rounds: int = 3,
     reference: str = "dit",
+    config: TaylorSeerConfig | CacheConfig | None = None,
 ) -> list[dict]:
     """Generate ``per_class`` images of each class per method; return one row of measurements per method.
 
     The first method is the reference. Timing as in the module docstring: one untimed warm-up per method, then
     ``rounds`` interleaved, rotated timed rounds. Each row has ``seconds`` (median wall s, ``time.perf_counter``),
     ``wall_samples_s``, ``spread`` (relative range of the wall times), ``speedup`` (reference median / median),
-    ``speedup_spread`` (relative range of the per-round ratios), ``cpu_seconds`` and ``cpu_speedup`` (the same
-    from process CPU time of the same rounds, steadier than wall time on a shared machine), ``flops_speedup``,
+    ``speedup_spread`` (relative range of the per-round ratios), ``cpu_seconds``, ``cpu_samples_s``,
+    ``cpu_speedup`` (median of the per-round CPU-time ratios reference / method) and ``cpu_speedup_spread``
+    (their relative range), steadier than wall time on a shared machine, ``flops_speedup``,
     ``full_steps``, ``cache_mb``,
     the quality of the warm-up's images (``psnr`` dB and ``ssim`` versus the reference's images of the same seeds,
     ``class_acc``, ``fid_fmnist``, ``fid_to_full``), and the run's ``threads``, ``rounds``, ``load_before``,
@@ -280,6 +294,7 @@ def run_demo(
     ``demo.png`` in ``out_dir`` shows the images side by side, each column captioned with speedup and PSNR.
     ``reference``: ``"dit"`` (the shipped DiT, DDIM, CFG as one doubled batch) or ``"flux"`` (the shipped
     flow-matching reference through diffusers' ``FluxPipeline``, Euler, true CFG as two calls per step).
+    ``config``: one more row, that cache config at ``num_steps`` (``taylorseer demo --config``).
     """
     if reference not in ("dit", "flux"):
         raise ValueError(f"reference must be one of ['dit', 'flux'], got {reference!r}")
@@ -299,6 +314,8 @@ def run_demo(
 
         model = load_reference()
     methods = demo_methods(num_steps, model) if methods is None else methods
+    if config is not None:  # taylorseer demo --config: one more row
+        methods = [*methods, DemoMethod(f"--config {config.name}", config, num_steps, f"--config\n{config.name}")]
     if len({m.label for m in methods}) != len(methods):
         raise ValueError(f"method labels must be unique, got {[m.label for m in methods]}")
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -357,16 +374,28 @@ def _add_quality(rows: list[dict], kept: dict[str, torch.Tensor], labels: torch.
 
 def _add_timing(rows: list[dict], times: dict[str, list[float]], cpu: dict[str, list[float]],
                 reference: str) -> None:
-    """Median, spread and speedup (ratio of medians, and the spread of the per-round ratios) into each row, from
-    wall time and from process CPU time of the same rounds."""
+    """Median, spread and speedup into each row: from wall time the ratio of medians and the spread of the
+    per-round ratios, from process CPU time of the same rounds the median of the per-round ratios and their
+    spread."""
     ref, ref_cpu = times[reference], cpu[reference]
     for row in rows:
         samples, cpu_samples = times[row["method"]], cpu[row["method"]]
-        ratios = [a / b for a, b in zip(ref, samples, strict=True)]  # same round: measured back to back
+        ratios = paired_ratios(ref, samples)  # same round: measured back to back
+        cpu_ratios = paired_ratios(ref_cpu, cpu_samples)
         row.update(seconds=statistics.median(samples), wall_samples_s=samples, spread=_spread(samples),
                    speedup=statistics.median(ref) / statistics.median(samples), speedup_spread=_spread(ratios),
                    cpu_seconds=statistics.median(cpu_samples), cpu_samples_s=cpu_samples,
-                   cpu_speedup=statistics.median(ref_cpu) / statistics.median(cpu_samples))
+                   cpu_speedup=statistics.median(cpu_ratios), cpu_speedup_spread=_spread(cpu_ratios))
+
+
+def paired_ratios(reference: list[float], method: list[float]) -> list[float]:
+    """Each round's reference seconds over the method's seconds in the same round (> 1: the method is faster).
+
+    Example:
+        >>> paired_ratios([10.0, 20.0, 12.0], [2.0, 5.0, 2.0])
+        [5.0, 4.0, 6.0]
+    """
+    return [a / b for a, b in zip(reference, method, strict=True)]
 
 
 def _caption(row: dict) -> str:
@@ -378,23 +407,26 @@ def _caption(row: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     """The demo rows as a Markdown table, then a line on how they were timed and, for a busy run, a warning."""
     columns = ("method", "full steps", "wall s", "wall spread", "speedup", "speedup spread", "CPU-time speedup",
-               "FLOPs speedup", "PSNR dB", "SSIM", "class acc", "FID-FMNIST", "FID to full", "cache MB")
+               "CPU speedup spread", "FLOPs speedup", "PSNR dB", "SSIM", "class acc", "FID-FMNIST", "FID to full",
+               "cache MB")
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for i, r in enumerate(rows):
         psnr = "inf" if r["psnr"] == float("inf") else f"{r['psnr']:.2f}"
         speedup_spread = "-" if i == 0 else f"{r['speedup_spread']:.0%}"
+        cpu_spread = "-" if i == 0 else f"{r['cpu_speedup_spread']:.0%}"
         lines.append(f"| {r['method']} | {r['full_steps']} | {r['seconds']:.1f} | {r['spread']:.0%} | "
-                     f"{r['speedup']:.2f}x | {speedup_spread} | {r['cpu_speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
-                     f"{psnr} | "
+                     f"{r['speedup']:.2f}x | {speedup_spread} | {r['cpu_speedup']:.2f}x | {cpu_spread} | "
+                     f"{r['flops_speedup']:.2f}x | {psnr} | "
                      f"{r['ssim']:.4f} | {r['class_acc']:.1%} | {r['fid_fmnist']:.2f} | {r['fid_to_full']:.3f} | "
                      f"{r['cache_mb']:.1f} |")
     run = rows[0]
     loads = ("unavailable" if run["load_before"] is None
              else f"{run['load_before']:.2f} before, {run['load_after']:.2f} after")
-    lines.append(f"\ntiming: median of {run['rounds']} interleaved rounds (order rotated each round) after one "
-                 f"untimed warm-up per method; spread = (max - min) / median over the rounds; {run['threads']} "
-                 f"thread(s); 1-min load average {loads}; CPU-time speedup: the same rounds timed by process CPU "
-                 f"time (steadier than wall time when other jobs share the machine)")
+    lines.append(f"\ntiming: median of {run['rounds']} interleaved rounds (order rotated each round, garbage "
+                 f"collector paused) after one untimed warm-up per method; speedup: ratio of the medians; "
+                 f"spread = (max - min) / median over the rounds; {run['threads']} thread(s); 1-min load "
+                 f"average {loads}; CPU-time speedup: the median of the same rounds' ratios of process CPU time "
+                 f"(steadier than wall time when other jobs share the machine)")
     if run["busy"]:
         lines.append(f"WARNING: machine busy, these speedups mean little: {'; '.join(run['busy_reasons'])}. "
                      "Rerun on an idle machine (or with more --rounds).")

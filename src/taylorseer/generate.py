@@ -179,8 +179,8 @@ def _psnr(accelerated: np.ndarray, baseline: np.ndarray) -> tuple[float | None, 
     return (value, None) if math.isfinite(value) else (None, "identical images")
 
 
-def _resolve_config(pipe: Any, config: TaylorSeerConfig | str | None,
-                    overrides: Mapping[str, Any]) -> tuple[TaylorSeerConfig | None, str | None]:
+def _resolve_config(pipe: Any, config: TaylorSeerConfig | CacheConfig | str | None,
+                    overrides: Mapping[str, Any]) -> tuple[TaylorSeerConfig | CacheConfig | None, str | None]:
     """The config to run and, for the family's preset, why it was chosen (the adapter record's notes)."""
     reason = None
     if config == FAMILY:
@@ -189,7 +189,7 @@ def _resolve_config(pipe: Any, config: TaylorSeerConfig | str | None,
         reason = preset_reason(spec) if spec is not None and spec.preset else None
     elif isinstance(config, str):
         config = preset(config)
-    if config is not None and overrides:
+    if isinstance(config, TaylorSeerConfig) and overrides:
         config = config.replace(**overrides)
     return config, reason
 
@@ -238,14 +238,17 @@ def _calibration_facts(calibration: Calibration | None) -> dict[str, Any] | None
 
 
 def _check_config(config: Any, overrides: Mapping[str, Any] | None) -> None:
-    if config is not None and not isinstance(config, (TaylorSeerConfig, str)):
-        raise TypeError(f"config must be a TaylorSeerConfig, a preset name, {FAMILY!r} or None, "
+    if config is not None and not isinstance(config, (TaylorSeerConfig, CacheConfig, str)):
+        raise TypeError(f"config must be a TaylorSeerConfig, a preset name, {FAMILY!r}, a CacheConfig or None, "
                         f"got {type(config).__name__}")
     if isinstance(config, str) and config != FAMILY and config not in PRESET_NAMES:
         raise ValueError(f"config must be a preset name {list(PRESET_NAMES)} or {FAMILY!r}, got {config!r}")
     if overrides:
         if config is None:
             raise ValueError(f"overrides {sorted(overrides)} need a config: None runs without taylorseer")
+        if isinstance(config, CacheConfig):
+            raise ValueError(f"overrides {sorted(overrides)} are TaylorSeerConfig fields: change the CacheConfig's "
+                             f"parts instead")
         TaylorSeerConfig().replace(**overrides)  # unknown or invalid fields, before the pipeline is loaded
 
 
@@ -256,7 +259,7 @@ def _check_config(config: Any, overrides: Mapping[str, Any] | None) -> None:
 def generate(
     model: str,
     prompt: str | None,
-    config: TaylorSeerConfig | str | None,
+    config: TaylorSeerConfig | CacheConfig | str | None,
     num_inference_steps: int = 50,
     seed: int = 0,
     out_dir: str | Path = "out",
@@ -276,8 +279,9 @@ def generate(
 
     ``model``: hub id or local pipeline folder. ``prompt``: the text prompt, or for class-conditional DiT
     pipelines comma-separated class ids or label names (None: class 0). ``config``: a ``TaylorSeerConfig``, a
-    preset name, ``"family"`` (the preset recommended for the model's transformer family), or None (no
-    acceleration: the baseline alone); ``overrides`` changes fields of it (``{"interval": 5}``).
+    ``CacheConfig`` (any registered parts; no overrides), a preset name, ``"family"`` (the preset recommended
+    for the model's transformer family), or None (no acceleration: the baseline alone); ``overrides`` changes
+    fields of a ``TaylorSeerConfig`` (``{"interval": 5}``).
     ``baseline=True`` (with a config) first runs an untimed ``WARMUP_STEPS``-step call, then the same call at full
     compute and then accelerated, both with ``seed``, and compares them. ``num_inference_steps``: denoising
     steps; ``guidance_scale``: None keeps the pipeline's default; ``device``: one of ``DEVICES`` or ``"auto"``

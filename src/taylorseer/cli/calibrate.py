@@ -12,7 +12,9 @@ from .common import (
     DEVICES,
     DTYPES,
     EMBEDDED_MODELS,
+    add_config_flag,
     check_out_file,
+    config_from_flag,
     device_or_auto,
     nonnegative_float,
     nonnegative_int,
@@ -114,6 +116,47 @@ def _check_calibrate(args: argparse.Namespace) -> None:
     if args.forecaster != "linear" and args.search_images == 0:
         raise ValueError(f"argument --search-images: --forecaster {args.forecaster} searches on sampled images, "
                          f"give at least 1")
+    _check_search_config(args)
+
+
+def _check_search_config(args: argparse.Namespace) -> None:
+    """``--config``: the forecaster (and granularity) to search a schedule for, any registered formula forecaster;
+    sets ``args.search_config`` (None without it) and ``args.granularity``. Refused: beside --forecaster,
+    --schedule or --search-images 0, a fitted (linear) forecaster, and the fields calibrate cannot honour."""
+    args.search_config = config_from_flag(args, [])
+    if args.search_config is None:
+        args.granularity = args.granularity or "module"
+        return
+    config = args.search_config
+    if args.forecaster != "linear":
+        raise ValueError(f"argument --config: names the forecaster to search a schedule for, so --forecaster "
+                         f"{args.forecaster} would be ignored; drop one of the two")
+    if args.full_steps is not None:
+        raise ValueError("argument --config: searches a schedule for its forecaster; with --schedule there is nothing "
+                         "to search (omit one of them)")
+    if args.search_images == 0:
+        raise ValueError("argument --search-images: --config searches on sampled images, give at least 1")
+    from ..forecast.linear import LinearForecast
+
+    if isinstance(config.forecaster, LinearForecast):
+        raise ValueError("argument --config: forecaster LinearForecast holds fitted weights; give a formula "
+                         "forecaster to search a schedule for (fitted weights are calibrate's default, without "
+                         "--config)")
+    for field, value, default in (("abscissa", config.abscissa, "step"),
+                                  ("targets.modules", config.targets.modules, ()),
+                                  ("store.factor_dtype", config.store.factor_dtype, None)):
+        if value != default:
+            raise ValueError(f"argument --config: {field}={value!r} is not searched or stored by calibrate (it "
+                             f"records at {default!r}); drop it from the config")
+    granularity = config.targets.granularity
+    if args.granularity is not None and args.granularity != granularity:
+        raise ValueError(f"argument --granularity: {args.granularity} differs from the --config granularity "
+                         f"{granularity!r}; drop one of the two")
+    args.granularity = granularity
+
+
+# calibrate --search: the names of calibration.search.SEARCH_PLANS (not imported here: torch loads with it)
+SEARCH_PLANS = ("fast", "thorough")
 
 
 def _staging(out: str) -> str:
@@ -161,10 +204,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     final, args.out = args.out, _staging(args.out)  # written beside --out, published at the end (_publish)
     options = FitOptions(history=args.history, bias=args.bias, match_variance=not args.no_match_variance)
-    search_images = args.search_images if args.search_images is not None else (30 if args.model is None else 10)
+    # --search fast|thorough (calibration.search.SEARCH_PLANS) fills what is not given; a thorough search of a
+    # FLUX or pipeline calibration samples 10 search images (30 for the embedded DiT)
+    search_images = (args.search_images if args.search_images is not None
+                     else 10 if args.search == "thorough" and args.model == "flux" else None)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
-              "radius": args.radius, "search_seed": args.search_seed, "name": args.name,
-              "granularity": args.granularity, "forecaster": _search_forecaster(args.forecaster)}
+              "radius": args.radius, "search_seed": args.search_seed, "name": args.name, "search": args.search,
+              "granularity": args.granularity, "forecaster": (args.search_config.forecaster if args.search_config
+                                                              else _search_forecaster(args.forecaster))}
     if args.model is None:
         guidance = 1.5 if args.cfg_scale is None else args.cfg_scale
         cal = calibrate(load_reference(), args.budget, args.out, num_steps=args.steps, images=args.images,
@@ -206,6 +253,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     if cost is not None:  # model calls x batch, and what the same calls would cost on FLUX.1-dev (calibrate.py)
         print(f"cost: {cost['image_calls']} image calls (model calls x batch; {cost['full_image_calls']} computing "
               f"the model); projected: {cost['projection']}")
+    plan = data.get("search_plan")
+    if plan is not None:
+        print(f"search plan: {plan['name']} ({plan['images']} recorded images, {plan['search_images']} search "
+              f"images, <= {plan['max_evaluations']} refinement candidates, radius {plan['radius']}, early stop "
+              f"after {plan['patience'] or 'none'}); --search thorough for the slower search of before")
     fit = header["fit"]
     if fit is None:
         used = header["forecaster"]["searched_with"]
@@ -238,7 +290,13 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
                    "taylorseer.apply(model, speedup=X) finds it)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
-    p.add_argument("--images", type=positive_int, default=40, help="calibration images (full-compute trajectories)")
+    p.add_argument("--search", choices=SEARCH_PLANS, default="fast", help="how much the calibration may spend: "
+                   "fast (16 recorded images, 8 search images, <= 24 refinement candidates, early stop; a FLUX.1-dev "
+                   "calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes) or thorough (40 images, 30 "
+                   "search images (10 for a pipeline), <= 200 candidates: the search before 2026-12-07); the flags "
+                   "below override the plan's values (default: fast)")
+    p.add_argument("--images", type=positive_int, default=None, help="calibration images (full-compute "
+                   "trajectories) (default: the --search plan's, 16 fast, 40 thorough)")
     p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "
                    "(default: 0-9)")
     p.add_argument("--model", default=None, help="dit or flux (the shipped references, by name), or the hub id or "
@@ -267,16 +325,21 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forecaster", choices=_SEARCH_FORECASTERS, default="linear", help="linear: fit "
                    "per-step weights and search the schedule with them; taylorN: search a schedule for TaylorSeer of "
                    "order N (divided differences) and write a schedule-only file, no weights (default: linear)")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="module", help="what is "
+    add_config_flag(p, "its forecaster (any registered formula forecaster) and granularity are those to search a "
+                    "schedule for, as --forecaster taylorN does for TaylorSeer, writing a schedule-only file; the "
+                    "searched schedule takes the place of its policy")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="what is "
                    "recorded and forecast: the attention/MLP module outputs (the paper's), each block's residual, or "
                    "the model output (default: module)")
     p.add_argument("--schedule", default=None, help="comma-separated full steps to fit for, skipping the search "
                    "(default: search)")
     p.add_argument("--search-images", type=nonnegative_int, default=None, help="images each candidate schedule is "
-                   "sampled on (0: refine on the trajectory proxy only, no model call; default: 30 for the embedded "
-                   "model, 10 for a pipeline, whose generations cost more)")
-    p.add_argument("--max-evals", type=positive_int, default=200, help="candidate schedules the refinement samples")
-    p.add_argument("--radius", type=positive_int, default=3, help="largest shift of one full step per move")
+                   "sampled on (0: refine on the trajectory proxy only, no model call; default: the --search plan's, "
+                   "8 fast; thorough: 30 for the embedded model, 10 for a pipeline, whose generations cost more)")
+    p.add_argument("--max-evals", type=positive_int, default=None, help="candidate schedules the refinement samples "
+                   "(default: the --search plan's, 24 fast, 200 thorough)")
+    p.add_argument("--radius", type=positive_int, default=None, help="largest shift of one full step per move "
+                   "(default: the --search plan's, 3)")
     p.add_argument("--search-seed", type=nonnegative_int, default=0, help="seed of the refinement's move order")
     p.add_argument("--name", default=None, help="name of the calibration and its bench method (default: "
                    "cal-bBUDGET-sSTEPS)")

@@ -8,17 +8,20 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..config import ABSCISSAE, GRANULARITIES, PRESET_NAMES, SCHEMES, TaylorSeerConfig, preset
 from ..devices import DEVICE_PATTERN, DEVICES, WEIGHT_DTYPES
+
+if TYPE_CHECKING:
+    from ..parts import CacheConfig
 
 EMBEDDED_MODELS = ("dit", "flux")  # the shipped references, by name
 
 DTYPES = WEIGHT_DTYPES  # --dtype: a pipeline's weights (the one table: taylorseer.devices)
 CONFIG_FLAGS = {"interval": "--interval", "max_order": "--order", "warmup_steps": "--warmup",
-                 "tail_steps": "--tail", "scheme": "--scheme", "abscissa": "--abscissa",
-                 "granularity": "--granularity", "modules": "--modules"}
+                "tail_steps": "--tail", "scheme": "--scheme", "abscissa": "--abscissa",
+                "granularity": "--granularity", "modules": "--modules"}
 
 
 #################################################################################
@@ -126,6 +129,37 @@ def check_in_file(flag: str, value: str) -> None:
         raise ValueError(f"argument {flag}: {value!r} is a folder; a file is expected")
     if not path.is_file():
         raise FileNotFoundError(f"argument {flag}: no such file {value!r}")
+
+
+def add_config_flag(p: argparse.ArgumentParser, role: str) -> None:
+    """``--config JSON|FILE|NAME`` (``args.config_spec``): a cache config with any registered parts; ``role`` says
+    what the command does with it."""
+    p.add_argument("--config", dest="config_spec", default=None, metavar="JSON|FILE|NAME", help="a cache config "
+                   "with any registered policy and forecaster (a CacheConfig, or TaylorSeerConfig fields) as inline "
+                   f"JSON, a JSON file or a preset name: {role} (default: none)")
+
+
+def given_config_flags(args: argparse.Namespace) -> list[str]:
+    """The preset and field flags given on the command line (their unset value is None)."""
+    return [flag for name, flag in (("preset", "--preset"), *CONFIG_FLAGS.items()) if getattr(args, name, None)
+            is not None]
+
+
+def config_from_flag(args: argparse.Namespace, given: list[str]) -> CacheConfig | None:
+    """The ``CacheConfig`` of ``--config`` (None without it), read by ``taylorseer.parts.load_config``; the
+    error names the flag and the field (``argument --config: ...``), and ``given`` preset/field flags are refused
+    beside it (they would be ignored)."""
+    if args.config_spec is None:
+        return None
+    if given:
+        raise ValueError(f"argument --config: the config is the whole cache config, so {given} would be ignored; "
+                         f"drop one or the other")
+    from ..parts import load_config
+
+    try:
+        return load_config(args.config_spec)
+    except (TypeError, ValueError, OSError) as err:
+        raise ValueError(f"argument --config: {err}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TaylorSeerConfig:

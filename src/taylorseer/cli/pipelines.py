@@ -9,12 +9,15 @@ from .common import (
     DEVICES,
     DTYPES,
     add_config_args,
+    add_config_flag,
     add_parallel_args,
     check_in_file,
     check_out_folder,
     config_from_args,
+    config_from_flag,
     context_parallel_from_args,
     device_or_auto,
+    given_config_flags,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -35,6 +38,15 @@ def _check_plan(args: argparse.Namespace) -> None:
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"argument --model: {err}") from None
     args.given_preset = args.preset
+    args.config = config_from_flag(args, given_config_flags(args))
+    if args.config is not None:  # any registered parts: the policy's plan (None: decided while generating)
+        from ..policy import build_policy
+
+        try:
+            args.plan = build_policy(args.config.policy).plan(args.steps)
+        except ValueError as err:
+            raise ValueError(f"argument --config: {err}") from None
+        return
     if args.preset is None:
         args.preset = (args.family.preset or None) if args.family is not None else "paper_dit"
     args.config = config_from_args(args)
@@ -53,8 +65,10 @@ def _check_generate(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
     check_out_folder("--out", args.out)
-    given = [flag for name, flag in (("preset", "--preset"), *CONFIG_FLAGS.items()) if getattr(args, name)
-             is not None]
+    given = given_config_flags(args)
+    config = config_from_flag(args, given)  # --config: the whole cache config, read before any work
+    if config is not None:
+        given = ["--config"]
     if args.no_cache and given:
         raise ValueError(f"argument --no-cache: runs without taylorseer, so the cache flags {given} would be ignored; "
                          "drop one or the other")
@@ -75,28 +89,37 @@ def _check_generate(args: argparse.Namespace) -> None:
             raise ValueError(f"argument --calibration: {err}") from None
         args.config, args.overrides = None, {}
         return
-    config = config_from_args(args)  # validates each field flag, naming it
     args.overrides = {}
+    if config is not None:
+        args.config = config
+        return
+    fields = config_from_args(args)  # validates each field flag, naming it
     if args.no_cache:
         args.config = None
     elif args.preset:
-        args.config = config  # the preset with the field flags applied
+        args.config = fields  # the preset with the field flags applied
     else:  # the family's preset, known once the pipeline is loaded, with the field flags applied to it
         args.config = FAMILY
-        args.overrides = {name: getattr(config, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+        args.overrides = {name: getattr(fields, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from ..policy.interval import IntervalPolicy
 
     config, family = args.config, args.family
-    pattern = IntervalPolicy.from_config(config).pattern(args.steps)
     if family is not None:
         print(f"model: {family.class_name} (from {family.source}), adapter {family.adapter.name}")
         recommended = family.preset or "none (TaylorSeerConfig defaults)"
         print(f"recommended preset: {recommended}" + (f": {family.reason}" if family.reason else ""))
-        if args.given_preset is not None and args.given_preset != family.preset:
+        if args.config_spec is not None:
+            print(f"config used: {config.name} (--config, given)")
+        elif args.given_preset is not None and args.given_preset != family.preset:
             print(f"preset used: {args.given_preset} (given)")
     print(config.to_json())
+    if args.config_spec is not None and args.plan is None:
+        print(f"{type(config.policy).__name__} decides each step while generating: no fixed pattern")
+        return
+    pattern = ("".join("F" if full else "f" for full in args.plan) if args.config_spec is not None
+               else IntervalPolicy.from_config(config).pattern(args.steps))
     print(f"{pattern}\n{pattern.count('F')} full / {args.steps} steps (F = computed, f = forecast)")
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -160,6 +183,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "plan", "print a schedule's compute/forecast pattern; with --model, the preset recommended "
                     "for the model's family and why", _cmd_plan, _check_plan)
     add_config_args(p, default_preset=None, unset="paper_dit; with --model the family's recommended preset")
+    add_config_flag(p, "its pattern instead of a preset's (instead of --preset and the field flags)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the generation")
     p.add_argument("--model", default=None, help="a registered transformer class name (FluxTransformer2DModel), a "
                    "local diffusers model or pipeline folder (only its config files are read), or a hub id (its "
@@ -194,3 +218,4 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    "instead of a preset, and its guidance scale unless --guidance-scale is given (default: none)")
     add_parallel_args(p)
     add_config_args(p, default_preset=None, unset="the preset recommended for the model's transformer family")
+    add_config_flag(p, "the accelerated run's config (instead of --preset and the field flags)")

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from .common import (
     EMBEDDED_MODELS,
+    add_config_flag,
     check_out_folder,
+    config_from_flag,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 def _check_demo(args: argparse.Namespace) -> None:
     check_out_folder("--out", args.out)
+    args.config = config_from_flag(args, [])  # read (and refused) before any model is loaded
 
 def _check_train(args: argparse.Namespace) -> None:
     if args.out_dir is not None:
@@ -42,7 +45,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     else:
         steps, scale, sampler = args.steps or 50, args.cfg_scale or 1.5, "DDIM"
     rows = run_demo(out_dir=args.out, per_class=args.per_class, num_steps=steps, guidance_scale=scale,
-                    seed=args.seed, rounds=args.rounds, reference=args.model)
+                    seed=args.seed, rounds=args.rounds, reference=args.model, config=args.config)
     print(f"\n{10 * args.per_class} images, {steps} {sampler} steps, CFG {scale}, "
           f"{torch.get_num_threads()} CPU thread(s); PSNR/SSIM vs the full-compute images of the same seeds; "
           f"FID-FMNIST over {10 * args.per_class} images (compare rows, not with other sample counts)\n")
@@ -102,8 +105,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale "
                    "(default: 1.5 for dit, the model card's for flux)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1: the process "
+                   "CPU time then measures the work, not a second thread spin-waiting for the first on a shared "
+                   "machine, and the CPU-time speedups of two runs agree)")
     p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds, methods interleaved (median)")
+    add_config_flag(p, "one more row of the table and column of the picture, at --steps")
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
