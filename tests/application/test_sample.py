@@ -83,14 +83,14 @@ def test_ranks_share_the_fixed_batches_disjointly_and_completely(world):
     assert sorted(k for share in shares for k in share) == list(range(len(blocks)))
 
 
-def test_denoise_equals_the_sampler_for_the_same_noise(tiny_dit):
+def test_the_sampler_from_a_seeds_noise_equals_the_sampler_from_that_seed(tiny_dit):
     from taylorseer.models.sampler import initial_noise, sample
 
     labels = torch.tensor([0, 3, 7])
     for mode in ("batch", "split"):
         expected = sample(tiny_dit, labels, num_steps=4, seed=3, cfg_mode=mode)
         noise = initial_noise(3, 3, tiny_dit.config.sample_size)
-        assert torch.equal(S.denoise(tiny_dit, noise, labels, num_steps=4, cfg_mode=mode), expected)
+        assert torch.equal(sample(tiny_dit, labels, num_steps=4, cfg_mode=mode, noise=noise), expected)
 
 
 def test_agreement_group_none_keeps_each_ranks_observation(monkeypatch):

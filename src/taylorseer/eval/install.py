@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..api import apply
 from ..config import TaylorSeerConfig
+from ..devices import torch_dtype
 from ..integrations.peers import adapter_regexes, apply_diffusers_taylorseer
 from ..models.sampler import StepListener
 from ..parts import CacheConfig
@@ -65,10 +65,6 @@ def _install_taylorseer(model: nn.Module, method: Method) -> Installed:
     return Installed(model, handle, handle.remove, stats, [t.path for t in handle.targets], handle.probe)
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
-
-
 def _install_peer(model: nn.Module, method: Method) -> Installed:
     """diffusers' own TaylorSeer hook via ``taylorseer.integrations.peers``, on our adapter's modules and schedule.
 
@@ -83,7 +79,7 @@ def _install_peer(model: nn.Module, method: Method) -> Installed:
         raise TypeError(f"method {method.name!r}: diffusers' TaylorSeer reproduces a fixed interval with a Taylor "
                         f"forecaster, got {type(policy).__name__} and {type(forecaster).__name__}")
     clone = copy.deepcopy(model)
-    factor_dtype = None if cfg.store.factor_dtype is None else _TORCH_DTYPES.get(cfg.store.factor_dtype)
+    factor_dtype = None if cfg.store.factor_dtype is None else torch_dtype(cfg.store.factor_dtype)
     where = TaylorSeerConfig(modules=cfg.targets.modules, block_shortcuts=cfg.targets.block_shortcuts)
     peer = apply_diffusers_taylorseer(clone, policy.interval, policy.warmup_steps, forecaster.max_order,
                                       adapter_regexes(clone, where), factor_dtype=factor_dtype)

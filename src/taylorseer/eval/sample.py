@@ -56,7 +56,7 @@ from tqdm import tqdm
 from ..distributed.layout import check_world, fail_fast
 from ..runtime.step import agreement_group
 from .runs import quality
-from .sample_batches import EmbeddedSampler, PipelineSampler, denoise
+from .sample_batches import EmbeddedSampler, PipelineSampler
 from .sample_files import (
     SHARD_NAME,
     Ranks,
@@ -93,7 +93,7 @@ from .sample_spec import (
 )
 
 __all__ = ["FAULT_ENV", "IMAGE_DTYPES", "MAX_BATCHES", "MAX_SAMPLES", "NOISE_RULE", "SCHEMA", "SHARD_NAME", "Ranks",
-           "SampleDirError", "SampleSpec", "batch_ranges", "decode_images", "denoise", "distributed", "evaluate",
+           "SampleDirError", "SampleSpec", "batch_ranges", "decode_images", "distributed", "evaluate",
            "generate_shards", "load_config", "load_samples", "merge_samples", "method_from_config",
            "model_identity_of", "rank_batches", "read_manifest", "read_npz", "read_shard", "resolve_method",
            "run_sample", "sample_labels", "sample_noise", "sample_seed", "shard_path", "software_versions",

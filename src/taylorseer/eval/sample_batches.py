@@ -1,15 +1,13 @@
-"""Generating one batch of samples with one method: the embedded DiT (``denoise``: DDIM from given noise) or a
-diffusers pipeline (one CPU generator per sample). ``eval.sample`` cuts the job into batches.
+"""Generating one batch of samples with one method: the embedded DiT (``models.sampler.sample`` from each
+sample's own noise, ``noise=``) or a diffusers pipeline (one CPU generator per sample). ``eval.sample`` cuts the
+job into batches.
 
 Example:
-    >>> noise, labels = sample_noise(0, range(4), (1, 16, 16)), sample_labels(range(4))
-    >>> denoise(load_reference(), noise, labels, num_steps=6).shape   # doctest: +SKIP
-    torch.Size([4, 1, 16, 16])
+    >>> images, stats = EmbeddedSampler(spec, torch.device("cpu"))(range(4))   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -18,8 +16,7 @@ import torch
 from ..api import apply
 from ..integrations.pipeline_call import check_supported, class_labels, load_pipeline, parameters
 from ..models.pretrained import load_reference
-from ..models.reference import GUIDANCE_INTERVAL, NULL_CLASS
-from ..models.sampler import CFG_MODES, _check_interval, make_scheduler
+from ..models.sampler import sample
 from .install import installer_for
 from .sample_files import sample_labels, sample_noise, sample_seed
 from .sample_spec import SampleSpec
@@ -27,51 +24,6 @@ from .sample_spec import SampleSpec
 #################################################################################
 #                              Generating batches                               #
 #################################################################################
-
-@torch.no_grad()
-def denoise(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_steps: int = 50,
-            guidance_scale: float = 1.5, cfg_mode: str = "batch", listener: Any = None) -> torch.Tensor:
-    """``models.sampler.sample`` started from the given ``noise`` [N, C, S, S] (on the model's device) instead of
-    one seed: the same DDIM steps, guidance and listener calls, bitwise the same images for the same noise on CPU
-    (tests/application/test_sample.py), timesteps made on the noise's device. Images in [-1, 1].
-
-    Example:
-        >>> noise, labels = sample_noise(0, range(4), (1, 16, 16)), sample_labels(range(4))
-        >>> denoise(load_reference(), noise, labels, num_steps=6).shape   # doctest: +SKIP
-        torch.Size([4, 1, 16, 16])
-    """
-    if cfg_mode not in CFG_MODES:
-        raise ValueError(f"cfg_mode must be one of {list(CFG_MODES)}, got {cfg_mode!r}")
-    low, high = _check_interval(GUIDANCE_INTERVAL)  # the sampler's default
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(num_steps)
-    labels = labels.long().to(noise.device)
-    null = torch.full_like(labels, NULL_CLASS)
-    x = noise
-    if listener is not None:
-        listener.begin(num_steps)
-    guided = guidance_scale != 1.0
-
-    def eps(inputs: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
-        return model(inputs, timestep=torch.full((len(y),), t, device=inputs.device), class_labels=y).sample
-
-    for i, t in enumerate(scheduler.timesteps):
-        alpha = scheduler.alphas_cumprod[int(t)]
-        sigma = float(((1 - alpha) / alpha).sqrt())
-        context = listener.step(i, int(t), sigma) if listener is not None else contextlib.nullcontext()
-        with context:
-            scale = (guidance_scale if low <= int(t) < high else 1.0) if guided else None
-            if scale is None:
-                out = eps(x, labels, int(t))
-            else:
-                if cfg_mode == "batch":
-                    cond, uncond = eps(torch.cat([x, x]), torch.cat([labels, null]), int(t)).chunk(2)
-                else:
-                    cond, uncond = eps(x, labels, int(t)), eps(x, null, int(t))
-                out = cond if scale == 1.0 else uncond + scale * (cond - uncond)
-        x = scheduler.step(out, t, x).prev_sample
-    return x.clamp(-1, 1)
-
 
 class EmbeddedSampler:
     """Generates batches of the embedded model with one method."""
@@ -90,9 +42,8 @@ class EmbeddedSampler:
         assert guidance is not None, "the embedded model's guidance scale defaults to 1.5"
         installed = installer_for(method)(self.model, method)
         try:
-            images = denoise(installed.model, noise, labels, num_steps=method.num_steps,
-                             guidance_scale=guidance, cfg_mode=self.spec.cfg_mode,
-                             listener=installed.listener)
+            images = sample(installed.model, labels, num_steps=method.num_steps, guidance_scale=guidance,
+                            cfg_mode=self.spec.cfg_mode, listener=installed.listener, noise=noise)
             stats = installed.stats()
         finally:
             installed.remove()
