@@ -330,7 +330,8 @@ def test_calibrate_refuses_an_existing_out_file_unless_forced(monkeypatch, tmp_p
 
 
 def test_calibrate_publishes_without_replacing_a_file_created_meanwhile(cfg_cal, tmp_path):
-    from taylorseer.cli.calibrate import _publish, _staging
+    from taylorseer.calibration.publish import publish as _publish
+    from taylorseer.calibration.publish import staging_path as _staging
 
     out = tmp_path / "new.safetensors"
     staged = Path(_staging(str(out)))

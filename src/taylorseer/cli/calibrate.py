@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -159,31 +158,6 @@ def _check_search_config(args: argparse.Namespace) -> None:
 SEARCH_PLANS = ("fast", "thorough")
 
 
-def _staging(out: str) -> str:
-    """Where ``calibrate`` writes before publishing to ``out``: a name of its own beside it (same file system)."""
-    path = Path(out).expanduser()
-    return str(path.with_name(f".{path.name}.{os.getpid()}.partial"))
-
-
-def _publish(staged: str, out: str, force: bool) -> Any:
-    """Move the finished calibration ``staged`` to ``out``: with ``force`` replacing whatever is there, else only
-    if ``out`` still does not exist (``os.link`` fails on an existing name: a file that appeared during the work is
-    kept, and the result stays at ``staged``, named in the error). Returns the file loaded from ``out``."""
-    from ..calibration import load_calibration
-
-    target = Path(out).expanduser()
-    if force:
-        os.replace(staged, target)
-    else:
-        try:
-            os.link(staged, target)
-        except FileExistsError:
-            raise FileExistsError(f"argument --out: {out!r} was created while calibrating; it is left as it is and "
-                                  f"the calibration is at {staged!r} (move it, or rerun with --force)") from None
-        os.remove(staged)
-    return load_calibration(target)
-
-
 # calibrate --forecaster: fitted linear weights (searched with them), or TaylorSeer of order N to search for.
 _SEARCH_FORECASTERS = ("linear", "taylor1", "taylor2", "taylor3")
 
@@ -199,10 +173,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     import torch
 
     from ..calibration import FitOptions, calibrate
+    from ..calibration.publish import publish, staging_path
     from ..models.pretrained import load_reference
 
     torch.set_num_threads(args.threads)
-    final, args.out = args.out, _staging(args.out)  # written beside --out, published at the end (_publish)
+    final, args.out = args.out, staging_path(args.out)  # written beside --out, published at the end
     options = FitOptions(history=args.history, bias=args.bias, match_variance=not args.no_match_variance)
     # --search fast|thorough (calibration.search.SEARCH_PLANS) fills what is not given; a thorough search of a
     # FLUX or pipeline calibration samples 10 search images (30 for the embedded DiT)
@@ -235,7 +210,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         cal = calibrate_pipeline(pipe, args.budget, args.out, prompts=args.prompts, num_steps=args.steps,
                                  images=args.images, seed=args.seed, guidance_scale=args.cfg_scale, options=options,
                                  on_policy=False if args.teacher_forced else None, **search)
-    cal = _publish(args.out, final, args.force)
+    cal = publish(args.out, final, args.force)
     header = cal.header
     print(f"calibration {header['name']!r} written to {cal.path} (sha256 {(cal.sha256 or '')[:12]}...)")
     print(f"schedule: {cal.schedule.pattern()}  ({len(cal.schedule.full_steps)} full / {cal.num_steps})")
