@@ -73,3 +73,22 @@ def test_sample_config_samples_the_toy_parts(tmp_path, capsys):
     assert method["name"] == "toy-alt-decay" and method["family"] == "decay" and method["num_steps"] == STEPS
     assert load_config(method["config"]) == load_config(json.dumps(CONFIG))
     assert manifest["status"]["complete"] is True
+
+
+def test_a_part_may_offer_a_label_and_grid_points_that_join_the_default_grid(monkeypatch):
+    from taylorseer.eval.bench import default_grid, select_methods
+    from taylorseer.eval.sample import resolve_method
+
+    def grid(cls, num_steps):
+        return [(f"toy-d{d}", CacheConfig(toy_alternate.AlternatePolicy(), cls(decay=d), name=f"toy-d{d}"))
+                for d in (0.5, 0.9)]
+
+    monkeypatch.setattr(toy_decay.DecayForecast, "grid", classmethod(grid), raising=False)
+    monkeypatch.setattr(toy_decay.DecayForecast, "label", lambda self: f"decay {self.decay}", raising=False)
+    names = [m.name for m in default_grid(num_steps=STEPS)]
+    assert "toy-d0.5" in names and "toy-d0.9" in names and "ddim-4" in names  # DDIM at the toy's 4 full steps
+    chosen = select_methods(default_grid(num_steps=STEPS), ["toy-d0.9"])
+    assert [m.name for m in chosen] == ["full", "toy-d0.9"] and chosen[1].family == "decay"
+    assert resolve_method("toy-d0.5", STEPS).config.forecaster.decay == 0.5  # sample --method by name
+    record = {**chosen[1].to_dict(), "knobs": chosen[1].knobs()}
+    assert method_label(record) == "decay (decay 0.9)"

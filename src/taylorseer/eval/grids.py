@@ -21,11 +21,25 @@ from torch import nn
 
 from ..calibration import CalibrationError, load_calibration
 from ..config import TaylorSeerConfig, preset
-from ..forecast import AdamsForecast, CorrectorForecast, HermiteForecast, SpectrumForecast, TaylorForecast
+from ..forecast import (
+    AdamsForecast,
+    CorrectorForecast,
+    HermiteForecast,
+    SpectrumForecast,
+    TaylorForecast,
+    registered_forecasters,
+)
 from ..parts import CacheConfig, Targets, parts_of
-from ..policy import AnchorSchedule, ConfidenceGate, ErrorBudget, FixedSchedule, IntervalSchedule
+from ..policy import (
+    AnchorSchedule,
+    ConfidenceGate,
+    ErrorBudget,
+    FixedSchedule,
+    IntervalSchedule,
+    registered_policies,
+)
 from ..policy.spectrum import spectrum_for_budget
-from .methods import Method
+from .methods import Method, grid_methods
 from .peer_grid import cache_dit_methods, peer_methods
 
 GRID_INTERVALS = tuple(range(2, 11))  # N = 10 with warm-up 2: 6 of 50 full steps
@@ -90,6 +104,7 @@ def default_grid(quick: bool = False, num_steps: int = 50) -> list[Method]:
     cached += [Method(p, parts_of(preset(p)), num_steps, family="preset")
                for p in ("paper_dit", "paper_flux", "paper_hunyuan_video")]
     cached += part_methods(num_steps)
+    cached += grid_methods([*registered_policies().values(), *registered_forecasters().values()], num_steps)
     by_name = {m.name: m for m in cached}
     peers = [_peer(by_name["ts-O1-N5-divided"]), _peer(by_name["ts-O2-N4-reference"])]
     return [Method("full", None, num_steps), *_fewer_steps(cached, num_steps), *cached, *peers,

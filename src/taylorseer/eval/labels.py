@@ -151,8 +151,8 @@ def _label(record: Record, with_interval: bool) -> str:
     if family == "preset":
         return f"{_cfg(record, 'name', record.get('name'))} preset ({', '.join(_knobs(record, True))})"
     knobs = _knobs(record, with_interval)
-    if not knobs and not _options(record) and with_interval:  # nothing in the config names it: use its name
-        return f"{family_label(family)} ({record.get('name')})"
+    if not knobs and not _options(record) and with_interval:  # no order or interval: its parts' label or its name
+        return f"{family_label(family)} ({_cfg(record, 'label', record.get('name'))})"
     head = " ".join([family_label(family), ", ".join(knobs)]).strip()
     return ", ".join([head, *(_option_text(t) for t in _options(record))])
 

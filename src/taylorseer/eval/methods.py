@@ -4,9 +4,11 @@ Everything the eval layer says about a method comes from its config's part *type
 family is the policy's ``family`` hook if the policy type offers one (``ConfidenceGate.family == "gate"``), else
 the forecaster's (``TaylorForecast.family()`` is "fora" at order 0, else "taylorseer"), else the forecaster
 type's name without its suffix (``AdamsForecast`` -> "adams"). A part defined anywhere (a test, a plugin) thus
-gets a family, a label, a colour and a marker in the bench records and the report with no edit here; it may
-offer ``family`` (a class attribute or a method of the instance) and ``knobs()`` (a dict of the short fields the
-report labels a point with, e.g. ``{"interval": 5}``).
+gets a family, a label, a colour and a marker in the bench records and the report with no edit here. A part type
+may offer hooks: ``family`` (a class attribute, or a method of the instance), ``label()`` (a short text the report
+names the method by, e.g. "decay 0.9"), ``knobs()`` (a dict of the fields the report groups points by, e.g.
+``{"interval": 5}``) and ``grid(num_steps)`` (a class method: a few ``(name, CacheConfig)`` grid points that join
+the bench's default grid, and so ``bench --methods`` and ``sample --method`` by name).
 
 Peers of other libraries (diffusers' hooks, cache-dit) run from their own settings types (``PeerSettings``: a
 ``family`` class attribute and ``to_dict()``); plain sampling (``full``, ``fewer-steps``) has no config.
@@ -100,8 +102,29 @@ def knobs_of(config: CacheConfig) -> dict[str, Any]:
         extra = _hook(part, "knobs")
         if isinstance(extra, dict):
             knobs.update(extra)
+    labels = [str(text) for text in (_hook(part, "label") for part in (policy, forecaster)) if text]
+    if labels:
+        knobs["label"] = ", ".join(labels)
     knobs.update(abscissa=config.abscissa, name=config.name)
     return knobs
+
+
+def grid_methods(part_types: list[type], num_steps: int = 50) -> list[Method]:
+    """The grid points that part types offer through their ``grid(num_steps)`` hook (none of the built-in parts
+    does: their grid is ``eval.grids``'), as methods at ``num_steps`` steps.
+
+    Example:
+        >>> grid_methods([IntervalSchedule, TaylorForecast])
+        []
+    """
+    out = []
+    for part_type in part_types:
+        grid = getattr(part_type, "grid", None)
+        if not callable(grid):
+            continue
+        for name, config in grid(num_steps):
+            out.append(Method(name, config, num_steps))
+    return out
 
 
 @dataclass(frozen=True)
