@@ -7,8 +7,16 @@ fail when a per-call cost comes back, on any machine.
 
 from __future__ import annotations
 
-import pytest
+import os
+import sys
+from collections import Counter
 
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+import taylorseer
+from taylorseer.models.reference import DIT_MODELS
 from taylorseer.policy import IntervalSchedule
 from taylorseer.policy.base import StepInfo, build_policy
 from taylorseer.policy.interval import IntervalPolicy
@@ -31,3 +39,62 @@ def test_interval_decisions_are_planned_once_not_at_every_step(monkeypatch, num_
     assert [d.reason for d in decisions[:7]] == ["warmup", "warmup", "interval", "interval", "interval", "interval",
                                                   "interval"]
     assert len(calls) <= (1 if num_steps else 11)  # growing by doubling without num_steps: log2(1000) + 1 plans
+
+
+#################################################################################
+#           A forecast step's Python: frames per target, fed observers          #
+#################################################################################
+
+PER_CALL = tuple(os.sep + os.path.join("taylorseer", "runtime", name) for name in ("engine.py", "targets.py",
+                                                                                    "state.py"))
+
+
+def _tiny_dit(layers: int):
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**{**DIT_MODELS["DiT-FM-T/4"](), "num_layers": layers}).eval().requires_grad_(False)
+    x, y = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 5])
+    return model, lambda t: model(x, timestep=torch.full((2,), t), class_labels=y).sample
+
+
+_MODULES = taylorseer.TaylorSeerConfig(interval=6, warmup_steps=2, granularity="module", block_shortcuts=False)
+
+
+def _frames_per_target(layers: int, steps: int = 4) -> tuple[float, int]:
+    """Python frames of the engine, the target kinds and the state (the batched pass left out) per target call on
+    the forecast steps of a generation (module targets, no block shortcuts), and the number of targets."""
+    model, call = _tiny_dit(layers)
+    counts: Counter = Counter()
+    inside: list = []  # the batched pass's frame while it runs
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_filename.endswith(PER_CALL) and not inside:
+            counts[code.co_name] += 1
+            if code.co_name == "_prepare":
+                inside.append(frame)
+        elif event == "return" and inside and frame is inside[0]:
+            inside.clear()
+
+    with torch.no_grad(), taylorseer.apply(model, _MODULES) as handle:
+        targets = len(handle.targets)
+        handle.begin(8)
+        for i in range(2):
+            with handle.step(i):
+                call(900.0 - 100 * i)
+        for i in range(2, 2 + steps):
+            with handle.step(i) as computed:
+                assert not computed
+                sys.setprofile(profile)
+                call(900.0 - 100 * i)  # the model's own modules run too: only the runtime's frames are counted
+                sys.setprofile(None)
+        assert handle.stats.module_forecast == Counter({path: steps for path in [t.path for t in handle.targets]})
+    counts.pop("_prepare")  # once per step: the batched pass (its frames are the forecaster's)
+    return sum(counts.values()) / (targets * steps), targets
+
+
+def test_a_forecast_call_runs_two_runtime_frames_per_target():
+    # the engine's entry point and the target kind's forecast; before: a third (input_shapes) on every call
+    for layers in (1, 4):
+        per_target, targets = _frames_per_target(layers)
+        assert targets == 2 * layers
+        assert per_target == 2.0

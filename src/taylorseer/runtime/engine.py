@@ -104,6 +104,7 @@ class Engine:
         self._plan_key: tuple | None = None
         self._bound: tuple | None = None  # (store version, branch) of the entries bound to the slots (eager)
         self._probe_policy = self.controller.probe_blocks > 0
+        self._bytes_told = -1  # the store version whose bytes the observer was last told
         self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
                                                                                       None)
         self._first: Slot | None = None
@@ -140,6 +141,7 @@ class Engine:
         self.clear()
         self.store.peak_nbytes = 0  # stats.peak_cache_bytes is this generation's
         self.observer.reset()
+        self._bytes_told = -1
 
     def clear(self) -> None:
         self.store.clear()
@@ -188,7 +190,8 @@ class Engine:
         self.controller.end_step()
         self.active = self.forecasting = False
         self.ready = {}
-        self.checks.launch()  # the step's finiteness checks start their way to the host
+        if self.checks.pending:
+            self.checks.launch()  # the step's finiteness checks start their way to the host
         if num_steps is not None and index == num_steps - 1:
             if self.controller.auto_branch:
                 self.clear()  # the generation is over: nothing will read the factors again
@@ -211,12 +214,13 @@ class Engine:
             self.forecast_hits.extend(s.path for s in self._forecast_slots if s.live and s.seen != self.call_id)
         self.observer.on_calls(self.computed_hits, self.forecast_hits)  # observers fed once per branch
         self.forecast_hits, self.computed_hits = [], []
-        self.observer.on_bytes(self.store.nbytes, self.store.peak_nbytes)
+        store = self.store
+        if store.version != self._bytes_told:  # the bytes change only with the factors
+            self._bytes_told = store.version
+            self.observer.on_bytes(store.nbytes, store.peak_nbytes)
         record = self.controller.close(self._fallbacks > 0)
         if record is not None:
-            decisions = self.observer.stats.decisions
-            first = not decisions or decisions[-1]["step"] != record["step"]  # steps are told in order
-            self.observer.on_decision(record, first_branch=first)
+            self.observer.on_decision(record)  # the first record of its step counts the step (told in order)
 
     def _bind(self) -> None:
         """A forecasting branch: bind each slot's factors (and, for traced graphs, its weight tensor)."""

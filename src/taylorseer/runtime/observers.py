@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -71,13 +72,30 @@ class CacheStats:
 
 
 class StatsObserver:
-    """Keeps ``CacheStats`` from the runtime's events."""
+    """Keeps ``CacheStats`` from the runtime's events. The per-branch lists of target calls are kept as they come
+    (one list append per branch) and counted into ``module_full`` / ``module_forecast`` when ``stats`` is read."""
 
     def __init__(self) -> None:
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+        self._calls: list[list[str]] = []  # computed and forecast paths of each branch, alternately, not yet counted
+        self._last_step: Any = None  # the step of the latest decision record
+
+    @property
+    def stats(self) -> CacheStats:
+        """The statistics of the current generation (the target calls so far counted in)."""
+        if self._calls:
+            self._count()
+        return self._stats
+
+    def _count(self) -> None:
+        calls, self._calls = self._calls, []
+        self._stats.module_full.update(chain.from_iterable(calls[0::2]))
+        self._stats.module_forecast.update(chain.from_iterable(calls[1::2]))
 
     def reset(self) -> None:
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+        self._calls = []
+        self._last_step = None
 
     def on_computed(self, path: str) -> None:
         self.stats.module_full[path] += 1
@@ -86,30 +104,38 @@ class StatsObserver:
         self.stats.module_forecast[path] += 1
 
     def on_calls(self, computed: list[str], forecast: list[str]) -> None:
-        """The target calls of one branch (paths computed, paths forecast): counted once per branch."""
-        if computed:
-            self.stats.module_full.update(computed)
-        if forecast:
-            self.stats.module_forecast.update(forecast)
+        """The target calls of one branch (paths computed, paths forecast; lists the caller no longer changes):
+        counted once, when ``stats`` is next read."""
+        self._calls += (computed, forecast)
+        if len(self._calls) > 4096:  # a long generation whose stats nobody reads: count now, keep memory flat
+            self._count()
 
     def on_fallback(self, reason: str) -> None:
-        self.stats.fallbacks[reason] += 1
+        self._stats.fallbacks[reason] += 1
 
     def on_probe(self, path: str, step: int | None, sums: tuple[float, float]) -> None:
         """A measured forecast (``handle.probe``): relative L2 error from (squared error, squared norm)."""
-        self.stats.probe_errors.append({"path": path, "step": step, "rel_l2": (sums[0] / max(sums[1], 1e-30)) ** 0.5})
+        self._stats.probe_errors.append({"path": path, "step": step, "rel_l2": (sums[0] / max(sums[1], 1e-30)) ** 0.5})
 
     def on_bytes(self, nbytes: int, peak: int) -> None:
-        self.stats.cache_bytes = nbytes
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, peak)
+        stats = self._stats
+        stats.cache_bytes = nbytes
+        if peak > stats.peak_cache_bytes:
+            stats.peak_cache_bytes = peak
 
-    def on_decision(self, record: dict[str, Any], first_branch: bool) -> None:
-        self.stats.decisions.append(record)
+    def on_decision(self, record: dict[str, Any], first_branch: bool | None = None) -> None:
+        """A (step, branch) closed with ``record``; ``first_branch`` (None: the first record of its step, as steps
+        are told in order) counts it in ``steps_full`` / ``steps_forecast``."""
+        stats = self._stats
+        stats.decisions.append(record)
+        if first_branch is None:
+            first_branch = record["step"] != self._last_step
+        self._last_step = record["step"]
         if first_branch:
             if record["compute"]:
-                self.stats.steps_full += 1
+                stats.steps_full += 1
             else:
-                self.stats.steps_forecast += 1
+                stats.steps_forecast += 1
 
 
 class FlopObserver:

@@ -91,6 +91,7 @@ class StepController:
         self.observation: Observation | None = None
         self.forced = False  # the runtime computed a target of a forecast branch in full (fallback)
         self._info: StepInfo | None = None
+        self._current: Any = None  # the open branch's policy
 
     # -- generation ------------------------------------------------------------------------------------
     def begin(self, num_steps: int | None) -> None:
@@ -126,7 +127,9 @@ class StepController:
         self.branch = branch
         assert self.index is not None
         self._info = StepInfo(self.index, self.num_steps, self.point, branch)  # one per (step, branch): frozen
-        self.decision = self._policy(branch).decide(self._info)
+        policy = self.policies.get(branch)
+        self._current = policy = policy if policy is not None else self._policy(branch)
+        self.decision = policy.decide(self._info)
         self.probing = self.decision.probe
         self.observation = None
         self.forced = False
@@ -157,7 +160,7 @@ class StepController:
         if self.index is None or self.decision is None:
             return None
         computed = computed or self.decision.compute
-        self._policy(self.branch).notify(self.info(), computed)
+        self._current.notify(self._info, computed)
         record: dict[str, Any] = {"step": self.index, "branch": self.branch, "compute": computed,
                                   "reason": self.decision.reason if not (computed and not self.decision.compute)
                                   else "fallback"}

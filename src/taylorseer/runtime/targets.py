@@ -20,6 +20,8 @@ import torch.utils._pytree as pytree
 
 from .state import TENSOR, input_shapes, residual_leaves, unflatten
 
+Tensor = torch.Tensor
+
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine, Slot
 
@@ -55,7 +57,15 @@ class OutputKind:
         if predicted is None or entry is None:
             reason = "non-finite" if (engine.controller.branch, slot.path) in engine.nonfinite else "no-factors"
             return engine.fallback(slot, original, args, kwargs, reason)
-        if entry.shape != input_shapes(args, kwargs):
+        if len(args) == 1 and isinstance(args[0], Tensor):  # one tensor argument (most targets): inlined
+            shapes = (args[0].shape,)
+            for value in kwargs.values():  # keyword arguments left at None add nothing to input_shapes
+                if value is not None:
+                    shapes = input_shapes(args, kwargs)
+                    break
+        else:
+            shapes = input_shapes(args, kwargs)
+        if entry.shape != shapes:
             engine.store.drop((engine.controller.branch, slot.path))  # re-anchor: compute, start the factors again
             return engine.fallback(slot, original, args, kwargs, "shape")
         if self.residual:
