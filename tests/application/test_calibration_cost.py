@@ -137,3 +137,52 @@ def test_patience_counts_from_the_last_improvement():
     last = seen.index(trace[-1][0])
     assert len(trace) >= 2  # it improved at least once (every +1..+3 move from step 6 improves)
     assert len(seen) - 1 - last <= 2  # then at most patience candidates without improvement
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"search": "fast", "search_images": None, "max_evaluations": None, "radius": None, "images": None}),
+    (["--search", "thorough"], {"search": "thorough", "search_images": None, "max_evaluations": None,
+                                "images": None}),
+    (["--search", "thorough", "--search-images", "4", "--max-evals", "9", "--images", "5"],
+     {"search": "thorough", "search_images": 4, "max_evaluations": 9, "images": 5}),
+])
+def test_calibrate_command_passes_the_search_plan(monkeypatch, tmp_path, argv, expected):
+    import taylorseer.calibration
+    import taylorseer.models.pretrained
+    from taylorseer.cli import main
+
+    seen = {}
+
+    def reached(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Reached
+
+    monkeypatch.setattr(taylorseer.models.pretrained, "load_reference", lambda: None)
+    monkeypatch.setattr(taylorseer.calibration, "calibrate", reached)
+    with pytest.raises(_Reached):
+        main(["calibrate", "--budget", "8", "--out", str(tmp_path / "c.safetensors"), *argv])
+    assert {k: seen[k] for k in expected} == expected
+
+
+def test_calibrate_command_refuses_an_unknown_search_by_name(capsys, tmp_path):
+    from taylorseer.calibration.search import SEARCH_PLANS
+    from taylorseer.cli import main
+    from taylorseer.cli.calibrate import SEARCH_PLANS as CLI_PLANS
+
+    assert sorted(CLI_PLANS) == sorted(SEARCH_PLANS)  # the command offers every plan, and only those
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", "--budget", "8", "--out", str(tmp_path / "c.safetensors"), "--search", "quick"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--search" in err and "'fast'" in err and "'thorough'" in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_demo_times_with_one_thread_by_default():
+    from taylorseer.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).threads == 1
+    assert build_parser().parse_args(["demo", "--threads", "2"]).threads == 2

@@ -10,7 +10,7 @@ Variants (all on the same ``--images`` recorded trajectories, noise seed 1000):
 Held-out quality is measured afterwards by ``scripts/calibration_eval.py`` on the written files (images and seeds
 disjoint from these: evaluation seeds 0.., calibration seeds 1000..).
 
-    OMP_NUM_THREADS=1 python scripts/calibration_cost.py --out /work/runs/calcost/cost --images 16
+    OMP_NUM_THREADS=1 python scripts/experiments/calibration_cost.py --out /work/runs/calcost/cost --images 16
 """
 
 from __future__ import annotations
