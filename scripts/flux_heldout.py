@@ -21,11 +21,11 @@ import time
 import torch
 
 from taylorseer.api import apply
+from taylorseer.calibration.anchor_fit import anchored_config
 from taylorseer.eval import metrics
 from taylorseer.eval.bench import calibrated_methods, schedule_companions
 from taylorseer.eval.flux import FluxSampler, flux_grid
 from taylorseer.eval.methods import Method
-from taylorseer.forecast.anchored import anchored_config
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 from taylorseer.runtime.measure import count_flops
 

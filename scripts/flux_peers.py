@@ -20,10 +20,10 @@ import argparse
 
 import torch
 
+from taylorseer.calibration.anchor_fit import anchored_config
 from taylorseer.eval.bench import calibrated_methods, schedule_companions
 from taylorseer.eval.flux import FluxSampler, cache_dit_flux_methods, flux_grid, mag_ratios, run_flux_bench
 from taylorseer.eval.methods import Method
-from taylorseer.forecast.anchored import anchored_config
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 from taylorseer.parts import CacheConfig
 from taylorseer.policy.schedule import FixedSchedule
