@@ -92,3 +92,14 @@ def test_a_part_may_offer_a_label_and_grid_points_that_join_the_default_grid(mon
     assert resolve_method("toy-d0.5", STEPS).config.forecaster.decay == 0.5  # sample --method by name
     record = {**chosen[1].to_dict(), "knobs": chosen[1].knobs()}
     assert method_label(record) == "decay (decay 0.9)"
+
+
+def test_plan_and_generate_config_take_the_toy_parts(tmp_path, capsys):
+    assert main(["plan", "--config", json.dumps(CONFIG), "--steps", str(STEPS)]) == 0
+    assert "FFfFfF" in capsys.readouterr().out  # the toy policy's plan: warm-up 2, then every other step
+    out = tmp_path / "generate"
+    code = main(["generate", "--model", "flux-tiny-random", "--prompt", "1", "--config", json.dumps(CONFIG),
+                 "--steps", str(STEPS), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "toy-alt-decay" in printed and "(4 full / 2 forecast steps)" in printed
+    assert (out / "001-taylorseer-0.png").is_file()
