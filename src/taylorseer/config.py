@@ -1,4 +1,5 @@
-"""Typed, frozen, validated configs and the paper presets. The ground floor: imports nothing of ours.
+"""Typed, frozen, validated configs and the paper presets, and the one serialiser of part configs
+(``config_to_dict`` / ``config_from_dict``). The ground floor: imports nothing of ours.
 
 One config object drives the API, the CLI and the report headers, and round-trips through JSON.
 
@@ -14,8 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 SCHEMES = ("reference", "divided")
 ABSCISSAE = ("step", "timestep", "sigma")
@@ -186,3 +193,49 @@ def preset(name: str, **overrides: Any) -> TaylorSeerConfig:
     if unknown:  # TypeError, as for any unexpected keyword argument
         raise TypeError(f"preset({name!r}): unknown TaylorSeerConfig field(s) {unknown}; allowed: {allowed}")
     return TaylorSeerConfig(**{**_PRESETS[name], "name": name, **overrides})
+
+
+#################################################################################
+#                 Serialisation of part configs (JSON), the one way              #
+#################################################################################
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A part config's fields (a policy or forecaster config, ``Targets``, ``Store``) as a plain dict of JSON types
+    (tuples become lists): the one serialiser every part and ``CacheConfig.to_dict`` use.
+
+    Example:
+        >>> from taylorseer.policy import IntervalSchedule
+        >>> config_to_dict(IntervalSchedule(interval=5, warmup_steps=1))
+        {'interval': 5, 'warmup_steps': 1, 'tail_steps': 0}
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a part config dataclass instance, got {type(config).__name__}")
+    out: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        out[item.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_from_dict(config_type: type[C], data: Mapping[str, Any]) -> C:
+    """The config of type ``config_type`` from ``config_to_dict``'s output; unknown or missing keys are errors.
+
+    Example:
+        >>> from taylorseer.policy import IntervalSchedule
+        >>> config_from_dict(IntervalSchedule, {"interval": 5, "warmup_steps": 1, "tail_steps": 0})
+        IntervalSchedule(interval=5, warmup_steps=1, tail_steps=0)
+    """
+    name = config_type.__name__
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{name}.from_dict needs a dict, got {type(data).__name__}")
+    fields = dataclasses.fields(config_type)
+    known = [f.name for f in fields]
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        raise ValueError(f"{name}.from_dict: unknown keys {unknown}; allowed keys are {known}")
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ValueError(f"{name}.from_dict: missing keys {missing}; required keys are {required}")
+    return config_type(**dict(data))

@@ -22,11 +22,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ABSCISSAE, FACTOR_DTYPES, GRANULARITIES, PRESET_NAMES, TaylorSeerConfig, preset
+from .config import (
+    ABSCISSAE,
+    FACTOR_DTYPES,
+    GRANULARITIES,
+    PRESET_NAMES,
+    TaylorSeerConfig,
+    config_from_dict,
+    config_to_dict,
+    preset,
+)
 from .forecast import LinearForecast, TaylorForecast, registered_forecasters
 from .forecast.linear_file import CalibrationError, CalibrationFile
 from .policy import IntervalSchedule, build_policy, registered_policies
-from .policy.interval import config_from_dict, config_to_dict
 
 
 @dataclass(frozen=True)

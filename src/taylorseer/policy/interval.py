@@ -11,17 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
+from ..config import config_from_dict as config_from_dict  # the one serialiser of part configs, re-exported
+from ..config import config_to_dict as config_to_dict
 from .base import Decision, Policy, StepInfo, register_policy
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
-C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -128,49 +124,6 @@ class IntervalSchedulePolicy(Policy):
 
     def plan(self, num_steps: int) -> list[bool]:
         return self.schedule.plan(num_steps)
-
-
-#################################################################################
-#                     Serialisation of policy configs (JSON)                     #
-#################################################################################
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A policy config's fields as a plain dict of JSON types (tuples become lists).
-
-    Example:
-        >>> config_to_dict(IntervalSchedule(interval=5, warmup_steps=1))
-        {'interval': 5, 'warmup_steps': 1, 'tail_steps': 0}
-    """
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"config must be a policy config dataclass instance, got {type(config).__name__}")
-    out: dict[str, Any] = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        out[field.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def config_from_dict(config_type: type[C], data: Mapping[str, Any]) -> C:
-    """The config of type ``config_type`` from ``config_to_dict``'s output; unknown or missing keys are errors.
-
-    Example:
-        >>> config_from_dict(IntervalSchedule, {"interval": 5, "warmup_steps": 1, "tail_steps": 0})
-        IntervalSchedule(interval=5, warmup_steps=1, tail_steps=0)
-    """
-    name = config_type.__name__
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{name}.from_dict needs a dict, got {type(data).__name__}")
-    fields = dataclasses.fields(config_type)
-    known = [f.name for f in fields]
-    unknown = sorted(str(key) for key in data if key not in known)
-    if unknown:
-        raise ValueError(f"{name}.from_dict: unknown keys {unknown}; allowed keys are {known}")
-    required = [f.name for f in fields
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise ValueError(f"{name}.from_dict: missing keys {missing}; required keys are {required}")
-    return config_type(**dict(data))
 
 
 # The former name (issue 21: the runtime object of a policy config <C> is <C>Policy).
