@@ -205,3 +205,19 @@ def test_demo_config_passes_the_config_through_and_adds_its_row(tmp_path, tiny_d
                     progress=False, rounds=1, config=load_config(CONFIG))
     assert [r["method"] for r in rows] == ["full", "ddim-4", "--config toy-alt-decay"]
     assert rows[-1]["full_steps"] == 4 and rows[-1]["psnr"] < float("inf")
+
+
+def test_calibrate_keeps_a_file_that_appeared_meanwhile_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import taylorseer.calibration as calibration
+
+    out = tmp_path / "cal.safetensors"
+
+    def calibrate(model, budget, staged, **kwargs):  # the work: writes the staged file; meanwhile --out appears
+        Path(staged).write_bytes(b"calibration")
+        out.write_bytes(b"appeared meanwhile")
+
+    monkeypatch.setattr(calibration, "calibrate", calibrate)
+    code, printed, err = _run(["calibrate", "--budget", "3", "--steps", str(STEPS), "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "was created while calibrating" in err, err
+    assert out.read_bytes() == b"appeared meanwhile"
+    assert [p.read_bytes() for p in tmp_path.glob(".cal.safetensors.*.partial")] == [b"calibration"]

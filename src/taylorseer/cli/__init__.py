@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_cpu_allocator()
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError, MissingExtraError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError, MissingExtraError) as err:
         return _fail(args.command, err)
     return 0
 
