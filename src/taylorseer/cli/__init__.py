@@ -11,6 +11,8 @@
     taylorseer generate --model PATH --calibration FILE   # accelerated with a calibration file instead of a preset
     taylorseer sample --num-samples N --method NAME --out DIR   # many samples; alone or under torchrun
     taylorseer train-reference           # (re)train the embedded model, resumable
+    taylorseer plan --config '{"policy": {"type": "ConfidenceGate"}, "forecaster": {"type": "AdamsForecast"}}'
+                                         # any registered parts, on every command (JSON, a JSON file or a preset)
 
 Bad input is refused before any work (no model loaded, nothing written) with one line on stderr and exit status 2:
 a malformed flag value by its argparse type (``positive_int``, ``device_type``, ...; argparse raises
@@ -58,6 +60,8 @@ start here (CPU, no downloads):
   taylorseer bench, taylorseer report  measure many methods, then write a report with plots
   taylorseer train-reference           retrain the shipped small model
 
+Every command that runs a cache takes --config JSON|FILE|NAME: a cache config with any registered policy and
+forecaster, as inline JSON, a JSON file or a preset name.
 Run `taylorseer COMMAND --help` for a command's flags.
 """
 
