@@ -35,6 +35,7 @@ def test_the_toy_parts_are_typed_methods_of_their_own_family():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_bench_config_runs_the_toy_parts_and_the_report_shows_them(tmp_path, capsys):
     out = tmp_path / "bench" / "records.jsonl"
     code = main(["bench", "--steps", str(STEPS), "--images", "2", "--repeats", "1", "--methods", "full",
@@ -63,6 +64,7 @@ def test_bench_config_refuses_a_bad_config_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sample_config_samples_the_toy_parts(tmp_path, capsys):
     out = tmp_path / "sample"
     code = main(["sample", "--config", json.dumps(CONFIG), "--num-samples", "2", "--batch-size", "2", "--steps",
@@ -94,6 +96,7 @@ def test_a_part_may_offer_a_label_and_grid_points_that_join_the_default_grid(mon
     assert method_label(record) == "decay (decay 0.9)"
 
 
+@pytest.mark.slow
 def test_plan_and_generate_config_take_the_toy_parts(tmp_path, capsys):
     assert main(["plan", "--config", json.dumps(CONFIG), "--steps", str(STEPS)]) == 0
     assert "FFfFfF" in capsys.readouterr().out  # the toy policy's plan: warm-up 2, then every other step
