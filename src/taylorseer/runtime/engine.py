@@ -29,14 +29,22 @@ import torch
 from torch import nn
 
 from ..adapters.registry import Target
+from ..devices import torch_dtype
 from ..forecast.base import BatchPlan, build_forecaster
 from .observers import FlopObserver, StatsObserver, relative_l2
 from .probe import Probes
-from .state import FactorStore, FiniteChecks, describe_leaves, flatten, input_shapes, read_host, residual_leaves
+from .state import (
+    FactorStore,
+    FiniteChecks,
+    StaticFactors,
+    describe_leaves,
+    flatten,
+    input_shapes,
+    read_host,
+    residual_leaves,
+)
 from .step import StepController
 from .targets import KINDS
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(eq=False)
@@ -77,7 +85,7 @@ class Engine:
         self.parts = parts
         self.forecaster = build_forecaster(parts.forecaster)
         dtype = parts.store.factor_dtype
-        self.store = FactorStore(self.forecaster, _DTYPES[dtype] if dtype else None)
+        self.store = FactorStore(self.forecaster, torch_dtype(dtype) if dtype else None)
         self.cast = dtype is not None  # forecasts are cast back to the dtypes the targets returned
         self.controller = StepController(parts.policy)
         self.observer = StatsObserver()
@@ -105,6 +113,8 @@ class Engine:
         self._bound: tuple | None = None  # (store version, branch) of the entries bound to the slots (eager)
         self._probe_policy = self.controller.probe_blocks > 0
         self._bytes_told = -1  # the store version whose bytes the observer was last told
+        self.static = StaticFactors()  # factor buffers at fixed addresses for traced forecasts (CUDA graphs)
+        self.static_factors: bool | None = None  # use them: None = on CUDA, True / False = always / never
         self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
                                                                                       None)
         self._first: Slot | None = None
@@ -138,12 +148,15 @@ class Engine:
         plan = self.controller.plan(num_steps) if num_steps is not None else None
         forecasts = [i for i, full in enumerate(plan or []) if not full]
         self.last_forecast = forecasts[-1] if forecasts else (-1 if plan is not None else None)
-        self.clear()
+        self.clear(keep_static=True)
         self.store.peak_nbytes = 0  # stats.peak_cache_bytes is this generation's
         self.observer.reset()
         self._bytes_told = -1
 
-    def clear(self) -> None:
+    def clear(self, keep_static: bool = False) -> None:
+        """Drop every factor; the static buffers too unless ``keep_static`` (between generations)."""
+        if not keep_static:
+            self.static.release()
         self.store.clear()
         self.checks.clear()
         self._recorded.clear()
@@ -194,7 +207,7 @@ class Engine:
             self.checks.launch()  # the step's finiteness checks start their way to the host
         if num_steps is not None and index == num_steps - 1:
             if self.controller.auto_branch:
-                self.clear()  # the generation is over: nothing will read the factors again
+                self.clear(keep_static=True)  # the generation is over: nothing will read the factors again
             else:
                 self.free_branch(branch)  # a named branch's last step: nothing reads its factors again
 
@@ -245,12 +258,19 @@ class Engine:
             if any(s.points != state.points or len(s.factors) != len(state.factors) for s in entry.states):
                 continue
             device = state.factors[0].device
+            static = self.static_factors if self.static_factors is not None else device.type == "cuda"
             key = (state.points, len(state.factors), device)
             if key not in cache:
-                weights = torch.tensor(weights_of(state, point), dtype=torch.float32)
-                if device.type == "cuda":  # a blocking copy would synchronize the stream
-                    weights = weights.pin_memory().to(device, non_blocking=True)
-                cache[key] = weights.to(device)
+                values = weights_of(state, point)
+                if static:
+                    cache[key] = self.static.weights(values, device, len(cache))
+                else:
+                    weights = torch.tensor(values, dtype=torch.float32)
+                    if device.type == "cuda":  # a blocking copy would synchronize the stream
+                        weights = weights.pin_memory().to(device, non_blocking=True)
+                    cache[key] = weights.to(device)
+            if static:  # CUDA graphs: the factors at fixed addresses (state.StaticFactors)
+                slot.entry = self.static.bind(self.store, (branch, slot.path), entry)
             slot.weights, slot.live = cache[key], True
         for slot in self._slots:
             if slot.mode == "shortcut":
@@ -417,7 +437,7 @@ class Engine:
         c = self.controller
         if self.last_forecast is not None and c.index is not None and c.index >= self.last_forecast:
             if self.store.entries:
-                self.clear()
+                self.clear(keep_static=True)
             return
         keep = c.index is None or c.index >= self.forecaster.history_from_step
         try:
