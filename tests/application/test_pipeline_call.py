@@ -166,6 +166,9 @@ def test_sample_refuses_noise_of_another_batch():
 #################################################################################
 
 def test_one_table_of_dtypes_and_devices():
+    from taylorseer.config import FACTOR_DTYPES  # the ground floor validates names only; they are the table's
+
+    assert FACTOR_DTYPES == (None, *DTYPES)
     assert WEIGHT_DTYPES == ("float32", "float16", "bfloat16") and set(WEIGHT_DTYPES) < set(DTYPES)
     assert [torch_dtype(name) for name in DTYPES] == [torch.float32, torch.float16, torch.bfloat16, torch.float64]
     with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'float16', 'bfloat16', 'float64'\]"):
