@@ -145,6 +145,7 @@ def saved_dit(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a generation / a calibration search / a demo run (tests/README.md)
 def test_generate_config_runs_the_toy_parts_as_apply_does(saved_dit, tmp_path, capsys):
     import diffusers
     from diffusers.utils.pil_utils import numpy_to_pil
@@ -169,6 +170,7 @@ def test_generate_config_runs_the_toy_parts_as_apply_does(saved_dit, tmp_path, c
     assert "config: toy-alt-decay" in printed
 
 
+@pytest.mark.slow  # a generation / a calibration search / a demo run (tests/README.md)
 def test_calibrate_config_searches_a_schedule_for_the_toy_forecaster(tmp_path, capsys):
     from taylorseer.calibration import load_calibration
 
@@ -185,6 +187,7 @@ def test_calibrate_config_searches_a_schedule_for_the_toy_forecaster(tmp_path, c
     assert "searched for DecayForecast" in printed
 
 
+@pytest.mark.slow  # a generation / a calibration search / a demo run (tests/README.md)
 def test_demo_config_passes_the_config_through_and_adds_its_row(tmp_path, tiny_dit, monkeypatch, capsys):
     seen = {}
 
