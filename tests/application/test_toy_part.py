@@ -106,3 +106,18 @@ def test_plan_and_generate_config_take_the_toy_parts(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and "toy-alt-decay" in printed and "(4 full / 2 forecast steps)" in printed
     assert (out / "001-taylorseer-0.png").is_file()
+
+
+@pytest.mark.slow
+def test_calibrate_config_searches_a_schedule_for_the_toy_forecaster_and_bench_runs_it(tmp_path, capsys):
+    path = tmp_path / "toy.safetensors"
+    code = main(["calibrate", "--budget", "4", "--steps", "8", "--images", "2", "--search-images", "2",
+                 "--max-evals", "4", "--config", json.dumps(CONFIG), "--out", str(path)])
+    assert code == 0, capsys.readouterr().err
+    assert "searched for DecayForecast" in capsys.readouterr().out
+    out = tmp_path / "records.jsonl"
+    assert main(["bench", "--steps", "8", "--images", "2", "--repeats", "1", "--calibration", str(path),
+                 "--methods", "cal-b4-s8", "--out", str(out)]) == 0
+    toy = {r["name"]: r for r in read_records(out)}["cal-b4-s8"]
+    assert toy["error"] is None and toy["family"] == "calibrated" and toy["steps_full"] == 4
+    assert toy["config"]["forecaster"] == {"type": "DecayForecast", "decay": 0.9}
