@@ -61,6 +61,7 @@ def clocked(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 def test_cpu_speedup_is_the_median_of_the_per_round_ratios(tmp_path, tiny_dit, clocked):
     # per label: warm-up, FLOPs pass, rounds 1-3 (the wall clock is steady, the CPU clock is not)
     wall = {"full": [1.0] * 5, "ts": [1.0] * 5}
@@ -77,6 +78,7 @@ def test_cpu_speedup_is_the_median_of_the_per_round_ratios(tmp_path, tiny_dit, c
     assert "| 5.00x | 60% |" in line
 
 
+@pytest.mark.slow
 def test_timed_runs_have_the_garbage_collector_paused_and_it_is_restored(tmp_path, tiny_dit, clocked):
     gc_during = clocked({"full": [1.0] * 4, "ts": [1.0] * 4}, {"full": [1.0] * 4, "ts": [1.0] * 4})
     assert gc.isenabled()
