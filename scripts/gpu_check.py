@@ -9,7 +9,9 @@ weights: the per-block work of the real model at 1024x1024 (4096 image + 512 tex
 28-step Euler flow-matching loop tells each step to the method (``handle.step``). Methods: full compute; our
 TaylorSeer (FLUX preset: warm-up 3, interval 6, order 1) at module, block and output granularity; diffusers'
 TaylorSeer hooks on the same modules and schedule (``integrations.peers``). Modes: eager; regional
-``torch.compile`` (each block); ``mode="reduce-overhead"`` (CUDA graphs) where the device has them.
+``torch.compile`` (each block); ``mode="reduce-overhead"`` (CUDA graphs) where the device has them. Under compile on
+CUDA the runtime binds the factors and forecast weights in buffers at fixed addresses (``state.StaticFactors``), so
+CUDA graphs replay without copying them in.
 
 Printed per (mode, method): wall time of a generation (median of ``--repeats`` after a warm-up generation),
 speedup over full compute in the same mode, FLOPs speedup (``torch.utils.flop_counter``, one eager generation),

@@ -1,8 +1,9 @@
-"""CPU time and FLOPs of full compute and TaylorSeer on the embedded model: efficiency (CPU-time speedup / FLOPs
-speedup) per granularity, for comparing two checkouts of the runtime.
+"""Wall time, CPU time and FLOPs of full compute and TaylorSeer on the embedded model: efficiency (wall speedup /
+FLOPs speedup, and CPU-time speedup / FLOPs speedup) per granularity, for comparing two checkouts of the runtime.
 
-CPU time (``time.process_time``) of one process is much less sensitive than wall time to other jobs on a shared
-machine; the methods run interleaved over ``--rounds`` rounds and the minimum is kept. The FLOPs speedup of each
+The issue's measure is wall time on a quiet machine. CPU time (``time.process_time``) of one process is much less
+sensitive than wall time to other jobs on a shared machine, so both are printed. The methods run interleaved over
+``--rounds`` rounds (full, A, B, ..., full, A, B, ...) and the median of each is kept. The FLOPs speedup of each
 method is counted once (``handle.count_flops``). Run it once per checkout:
 
     python scripts/runtime_overhead.py                       # this checkout
@@ -50,20 +51,28 @@ def main() -> None:
                     sample(model, labels[:2], num_steps=args.steps, listener=handle)
                 flops[name] = handle.stats.flops_speedup or float("nan")
         cpu: dict[str, list[float]] = {name: [] for name in configs}
+        wall: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.rounds):
             for name, config in configs.items():
-                start = time.process_time()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 if config is None:
                     sample(model, labels, num_steps=args.steps)
                 else:
                     with taylorseer.apply(model, config) as handle:
                         sample(model, labels, num_steps=args.steps, listener=handle)
-                cpu[name].append(time.process_time() - start)
-    full = min(cpu["full"])
-    for name, times in cpu.items():
-        speedup = full / min(times)
-        print(f"{name:30s} CPU {min(times):6.3f} s   speedup {speedup:5.2f}x   FLOPs {flops[name]:5.2f}x   "
-              f"efficiency {speedup / flops[name]:.3f}")
+                cpu[name].append(time.process_time() - start_cpu)
+                wall[name].append(time.perf_counter() - start)
+    full_wall, full_cpu = _median(wall["full"]), _median(cpu["full"])
+    for name in configs:
+        w, c = full_wall / _median(wall[name]), full_cpu / _median(cpu[name])
+        print(f"{name:30s} wall {_median(wall[name]):6.3f} s  speedup {w:5.2f}x  efficiency {w / flops[name]:.3f}   "
+              f"CPU {_median(cpu[name]):6.3f} s  speedup {c:5.2f}x  efficiency {c / flops[name]:.3f}   "
+              f"FLOPs {flops[name]:5.2f}x")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
 
 
 if __name__ == "__main__":

@@ -98,3 +98,64 @@ def test_a_forecast_call_runs_two_runtime_frames_per_target():
         per_target, targets = _frames_per_target(layers)
         assert targets == 2 * layers
         assert per_target == 2.0
+
+
+#################################################################################
+#      CUDA graphs (reduce-overhead), what the CPU can test: static buffers      #
+#################################################################################
+
+def _compiled_generations(static: bool | None, generations: int = 2):
+    """Two told generations of a regionally compiled tiny DiT (dynamo, eager backend: the traced path without a
+    compiler), recording at each forecast step the addresses the traced forecasts read."""
+    model, _ = _tiny_dit(2)
+    x, y = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 5])
+    handle = taylorseer.apply(model, _MODULES)
+    handle.engine.static_factors = static
+    for block in model.transformer_blocks:
+        block.compile(backend="eager")
+    outputs, addresses, copies = [], [], []
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for g in range(generations):
+                handle.begin(12)  # interval 6 after a warm-up of 2: full steps 0, 1, 7 (then 8-11 forecast)
+                with torch._dynamo.config.patch(error_on_recompile=g > 0):
+                    for i in range(12):
+                        with handle.step(i) as full:
+                            outputs.append(model(x, timestep=torch.full((2,), 900.0 - 70 * i), class_labels=y).sample)
+                            if not full:
+                                live = [s for s in handle.engine.forecast_slots if s.live]
+                                assert len(live) == len(handle.targets)
+                                seen = {("weights", len(s.weights)): s.weights.data_ptr() for s in live}
+                                seen.update({(s.path, leaf, k): f.data_ptr() for s in live
+                                             for leaf, st in enumerate(s.entry.states)
+                                             for k, f in enumerate(st.factors)})
+                                addresses.append(seen)
+                                copies.append(handle.engine.static.copies)
+        static_buffers = handle.engine.static
+        buffers = [b for bs in static_buffers.buffers.values() for b in bs]
+        buffers += list(static_buffers.weight_buffers.values())
+        marks = {getattr(b, "_dynamo_static_input_type", None) for b in buffers}
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    return outputs, addresses, copies, marks, static_buffers
+
+
+@pytest.mark.slow
+def test_static_factor_buffers_keep_their_addresses_and_change_nothing():
+    outputs, addresses, copies, marks, static = _compiled_generations(static=True)
+    plain, plain_addresses, _, _, _ = _compiled_generations(static=False)
+    for a, b in zip(outputs, plain, strict=True):
+        assert torch.equal(a, b)  # a copy into a buffer is exact
+    # steps 2-6 and 8-11 of each generation are forecast: 9 per generation, with 2 factors per target until the
+    # full step 7, then 3 (and 3 weights); each buffer keeps its address in both generations
+    assert len(addresses) == 18
+    assert [len(a) for a in addresses] == ([1 + 4 * 2] * 5 + [1 + 4 * 3] * 4) * 2
+    first = {key: ptr for a in addresses for key, ptr in a.items()}
+    assert all(a[key] == first[key] for a in addresses for key in a)
+    assert any(a[key] != plain_addresses[0][key] for a in plain_addresses for key in plain_addresses[0] if key in a)
+    assert marks == {"unguarded"}  # torch._dynamo.mark_static_address: CUDA graphs read them in place
+    # copies only on the forecast step after a full step (each factor once), none on the forecast steps after it
+    assert copies[1] == copies[0] and copies[5] > copies[4] and copies[6] == copies[5]
+    assert not static.buffers and not static.weight_buffers  # remove() frees them

@@ -44,7 +44,7 @@ from .state import (
     residual_leaves,
 )
 from .step import StepController
-from .targets import KINDS
+from .targets import KINDS, bind_traced
 
 
 @dataclass(eq=False)
@@ -115,7 +115,7 @@ class Engine:
         self._bytes_told = -1  # the store version whose bytes the observer was last told
         self.static = StaticFactors()  # factor buffers at fixed addresses for traced forecasts (CUDA graphs)
         self.static_factors: bool | None = None  # use them: None = on CUDA, True / False = always / never
-        self._weights_of = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
+        self.traced_weights = getattr(self.forecaster, "traced_weights", None) or getattr(self.forecaster, "weights",
                                                                                       None)
         self._first: Slot | None = None
         self._fallbacks = 0
@@ -138,7 +138,7 @@ class Engine:
             if s.mode == "shortcut":
                 s.children = [by_path[f"{s.path}.{child}"] for child in s.target.inputs
                               if f"{s.path}.{child}" in by_path]
-        self._forecast_slots = [s for s in slots if s.kind.forecasts]
+        self.forecast_slots = [s for s in slots if s.kind.forecasts]
 
     # ---------------------------------------------------------------------------------------------------
     # host: generation and steps
@@ -224,7 +224,7 @@ class Engine:
 
     def _close_branch(self) -> None:
         if self.compiled and self.forecasting:  # forecasts inside a traced graph leave no trace on the host
-            self.forecast_hits.extend(s.path for s in self._forecast_slots if s.live and s.seen != self.call_id)
+            self.forecast_hits.extend(s.path for s in self.forecast_slots if s.live and s.seen != self.call_id)
         self.observer.on_calls(self.computed_hits, self.forecast_hits)  # observers fed once per branch
         self.forecast_hits, self.computed_hits = [], []
         store = self.store
@@ -237,44 +237,16 @@ class Engine:
 
     def _bind(self) -> None:
         """A forecasting branch: bind each slot's factors (and, for traced graphs, its weight tensor)."""
-        branch, entries, weights_of = self.controller.branch, self.store.entries, self._weights_of
-        point = self.controller.point
-        if not self.compiled:  # eager: the factors only (the batched pass reads them)
-            bound = (self.store.version, branch)
-            if bound != self._bound:  # between two full steps the same entries: bound already
-                for slot in self._forecast_slots:
-                    slot.entry = entries.get((branch, slot.path))
-                self._bound = bound
+        if self.compiled:
+            self._bound = None
+            bind_traced(self, self.controller.branch, self.controller.point)
             return
-        self._bound = None
-        cache: dict[tuple, torch.Tensor] = {}
-        measuring = bool(self.measure)
-        for slot in self._forecast_slots:
-            entry = entries.get((branch, slot.path))
-            slot.entry, slot.live = entry, False
-            if entry is None or not entry.states or not self.compiled or measuring or weights_of is None:
-                continue
-            state = entry.states[0]
-            if any(s.points != state.points or len(s.factors) != len(state.factors) for s in entry.states):
-                continue
-            device = state.factors[0].device
-            static = self.static_factors if self.static_factors is not None else device.type == "cuda"
-            key = (state.points, len(state.factors), device)
-            if key not in cache:
-                values = weights_of(state, point)
-                if static:
-                    cache[key] = self.static.weights(values, device, len(cache))
-                else:
-                    weights = torch.tensor(values, dtype=torch.float32)
-                    if device.type == "cuda":  # a blocking copy would synchronize the stream
-                        weights = weights.pin_memory().to(device, non_blocking=True)
-                    cache[key] = weights.to(device)
-            if static:  # CUDA graphs: the factors at fixed addresses (state.StaticFactors)
-                slot.entry = self.static.bind(self.store, (branch, slot.path), entry)
-            slot.weights, slot.live = cache[key], True
-        for slot in self._slots:
-            if slot.mode == "shortcut":
-                slot.live = bool(slot.children) and all(c.live for c in slot.children) and not measuring
+        bound = (self.store.version, self.controller.branch)  # eager: the factors only (the batched pass reads them)
+        if bound != self._bound:  # between two full steps the same entries: bound already
+            entries, branch = self.store.entries, self.controller.branch
+            for slot in self.forecast_slots:
+                slot.entry = entries.get((branch, slot.path))
+            self._bound = bound
 
     # ---------------------------------------------------------------------------------------------------
     # the wrappers' entry points
@@ -352,7 +324,7 @@ class Engine:
         if current is not self._first or self._plan_key != key:  # something ran before: plan for what is left
             slots, states, counts = [], [], []
             dtypes: list | None = [] if self.cast else None
-            for s in self._forecast_slots:
+            for s in self.forecast_slots:
                 entry = s.entry
                 if entry is None or (s.seen == call_id and s is not current):
                     continue

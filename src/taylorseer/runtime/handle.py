@@ -336,7 +336,7 @@ class CacheHandle:
         index, num_steps, branch = engine.controller.index, engine.controller.num_steps, engine.controller.branch
         engine.close()
         if num_steps is not None and index == num_steps - 1 and branch == self._auto_branches - 1:
-            engine.clear()  # the untold generation is over (its last step's last branch)
+            engine.clear(keep_static=True)  # the untold generation is over (its last step's last branch)
 
     # ---------------------------------------------------------------------------------------------------
     # internals

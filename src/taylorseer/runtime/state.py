@@ -6,7 +6,7 @@ math comes from the forecaster (``forecast/``); this file only stores, checks an
 Example:
     >>> from taylorseer.forecast import TaylorForecast, build_forecaster
     >>> store = FactorStore(build_forecaster(TaylorForecast(max_order=1)))
-    >>> store.record((0, "blocks.0.attn"), [torch.ones(2)], None, point=0.0, keep_history=True, shape=(2,))
+    >>> entry = store.record((0, "blocks.0.attn"), [torch.ones(2)], None, point=0.0, keep_history=True, shape=(2,))
     >>> store.nbytes
     8
 """
@@ -191,6 +191,7 @@ class FactorStore:
         in ``FiniteChecks`` instead).
 
         Example:
+            >>> from taylorseer.forecast import TaylorForecast, build_forecaster
             >>> store = FactorStore(build_forecaster(TaylorForecast(max_order=0)))
             >>> store.record((0, "t"), [torch.ones(2)], None, point=0.0, keep_history=True, shape=(2,)).states[0].order
             0
@@ -345,3 +346,98 @@ class FiniteChecks:
 
 class _Count:
     host_reads = 0
+
+
+def to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float32 tensor on ``device``, without blocking the host on CUDA (from pinned memory).
+
+    Example:
+        >>> to_device([1.0, 0.5], torch.device("cpu")).tolist()
+        [1.0, 0.5]
+    """
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":  # a blocking copy would synchronize the stream
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class StaticFactors:
+    """Factor and weight buffers at fixed addresses, for CUDA graphs (``torch.compile(mode="reduce-overhead")``).
+
+    A captured graph reads its inputs from the addresses it was recorded with; any other input is copied into a
+    static placeholder at every replay (every factor of every target, every forecast step) or makes the graph be
+    recorded again. So when a traced forecast binds a target's factors (``bind``, at the start of a forecasting
+    branch, outside any captured region), each factor is copied into a buffer that keeps its address for the life
+    of the handle (one buffer per (branch, target, leaf, order), allocated at the first bind of its shape and
+    marked with ``torch._dynamo.mark_static_address``), and the store's entry is pointed at the buffers, so no
+    second copy is kept: the next full step's update reads them, and the bind after it copies the new factors in.
+    The copy happens once per factor per full step (forecast steps between two full steps find the entry bound).
+    The forecast weights go the same way (``weights``: one buffer per group, updated in place, from pinned memory
+    without blocking on CUDA). The buffers outlive generations (the next generation replays the same graphs);
+    ``release`` frees them (``handle.remove()``).
+
+    Example:
+        >>> static = StaticFactors()
+        >>> static.weights([1.0, 0.5], torch.device("cpu"), 0).tolist()
+        [1.0, 0.5]
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, list[torch.Tensor]] = {}  # (key, leaf) -> one buffer per factor index
+        self.bound: dict[Key, Entry] = {}  # key -> the entry whose factors are the buffers
+        self.weight_buffers: dict[tuple, torch.Tensor] = {}
+        self.copies = 0  # factor tensors copied into buffers (one per factor per full step)
+
+    def release(self) -> None:
+        self.buffers.clear()
+        self.bound.clear()
+        self.weight_buffers.clear()
+
+    def bind(self, store: FactorStore, key: Key, entry: Entry) -> Entry:
+        """The entry with its factors in this key's static buffers (copied in if the store has a newer entry);
+        the store then holds that entry. Entries whose states are not ``FactorState`` pass through."""
+        if self.bound.get(key) is entry:
+            return entry
+        if not all(isinstance(s, FactorState) for s in entry.states):
+            return entry
+        sources = [f for s in entry.states for f in s.factors]
+        held = {b.data_ptr() for leaf in range(len(entry.states)) for b in self.buffers.get((key, leaf), [])}
+        if any(f.data_ptr() in held for f in sources):  # a factor carried over from the buffers (raw history)
+            sources = [f.clone() if f.data_ptr() in held else f for f in sources]
+        it = iter(sources)
+        states = []
+        for leaf, state in enumerate(entry.states):
+            buffers = self.buffers.setdefault((key, leaf), [])
+            factors = []
+            for i in range(len(state.factors)):
+                source = next(it)
+                if i == len(buffers):
+                    buffers.append(self._new(source))
+                elif (buffers[i].shape, buffers[i].dtype, buffers[i].device) != (source.shape, source.dtype,
+                                                                                  source.device):
+                    buffers[i] = self._new(source)  # another shape: a new address (graphs record again)
+                buffers[i].copy_(source)
+                self.copies += 1
+                factors.append(buffers[i])
+            states.append(state._replace(factors=tuple(factors)))
+        bound = Entry(tuple(states), entry.spec, entry.constants, entry.dtypes, entry.shape)
+        store.entries[key] = bound  # same values: the store's version (and any plan over it) stays valid
+        self.bound[key] = bound
+        return bound
+
+    @staticmethod
+    def _new(like: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        torch._dynamo.mark_static_address(buffer)
+        return buffer
+
+    def weights(self, values: list[float], device: torch.device, group: int) -> torch.Tensor:
+        """``values`` in the float32 buffer of (group, length, device), written in place."""
+        key = (group, len(values), device)
+        buffer = self.weight_buffers.get(key)
+        if buffer is None:
+            buffer = self.weight_buffers[key] = torch.empty(len(values), dtype=torch.float32, device=device)
+            torch._dynamo.mark_static_address(buffer)
+        host = torch.tensor(values, dtype=torch.float32)
+        buffer.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=device.type == "cuda")
+        return buffer

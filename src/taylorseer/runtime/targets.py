@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
-from .state import TENSOR, input_shapes, residual_leaves, unflatten
+from .state import TENSOR, input_shapes, residual_leaves, to_device, unflatten
 
 Tensor = torch.Tensor
 
@@ -159,6 +159,35 @@ class ShortcutKind:
                          for s, d in zip(child.entry.states, child.entry.dtypes)]
             forecasts[name] = assemble(child.entry, predicted)
         return slot.shortcut(slot.module, forecasts, *args, **kwargs)
+
+
+def bind_traced(engine: Engine, branch: Any, point: float) -> None:
+    """A forecasting branch under ``torch.compile``: bind each slot's factors and weight tensor for ``traced``
+    (``slot.live``), or leave it to the eager path (no factors, mixed abscissae, a measured forecast). On CUDA (or
+    with ``engine.static_factors``) the factors and weights sit in buffers at fixed addresses, for CUDA graphs
+    (``state.StaticFactors``); this runs outside any captured region."""
+    entries, weights_of, measuring = engine.store.entries, engine.traced_weights, bool(engine.measure)
+    cache: dict[tuple, torch.Tensor] = {}
+    for slot in engine.forecast_slots:
+        entry = entries.get((branch, slot.path))
+        slot.entry, slot.live = entry, False
+        if entry is None or not entry.states or measuring or weights_of is None:
+            continue
+        state = entry.states[0]
+        if any(s.points != state.points or len(s.factors) != len(state.factors) for s in entry.states):
+            continue
+        device = state.factors[0].device
+        static = engine.static_factors if engine.static_factors is not None else device.type == "cuda"
+        key = (state.points, len(state.factors), device)
+        if key not in cache:
+            values = weights_of(state, point)
+            cache[key] = engine.static.weights(values, device, len(cache)) if static else to_device(values, device)
+        if static:
+            slot.entry = engine.static.bind(engine.store, (branch, slot.path), entry)
+        slot.weights, slot.live = cache[key], True
+    for slot in engine.slots:
+        if slot.mode == "shortcut":
+            slot.live = bool(slot.children) and all(c.live for c in slot.children) and not measuring
 
 
 KINDS: dict[str, Any] = {"output": OutputKind(), "residual": ResidualKind(), "skip": SkipKind(),
