@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: per-step CPU time of one generation (batch 32, 3 rounds, medians) at module and "
+                             "block granularity against pure full compute, split into full and forecast steps")
     args = parser.parse_args()
     if args.src:
         sys.path.insert(0, args.src)
@@ -36,6 +39,10 @@ def main() -> None:
     torch.set_num_threads(1)
     taylorseer.tune_cpu_allocator()
     print(f"taylorseer from {taylorseer.__file__}")
+    if args.breakdown:
+        for granularity in ("module", "block"):
+            _breakdown(taylorseer, load_reference(), granularity, args.steps)
+        return
     model, labels = load_reference(), torch.arange(args.images) % 10
     configs = {"full": None}
     for granularity in ("module", "block", "output"):
@@ -68,6 +75,41 @@ def main() -> None:
         print(f"{name:30s} wall {_median(wall[name]):6.3f} s  speedup {w:5.2f}x  efficiency {w / flops[name]:.3f}   "
               f"CPU {_median(cpu[name]):6.3f} s  speedup {c:5.2f}x  efficiency {c / flops[name]:.3f}   "
               f"FLOPs {flops[name]:5.2f}x")
+
+
+def _breakdown(taylorseer, model, granularity: str, steps: int, batch: int = 32) -> None:
+    """Per-step thread CPU time of a method's generation and of pure full compute on the same inputs (medians of 3
+    rounds, interleaved): the method's full steps against the same steps of full compute (the recording's cost),
+    and its forecast steps as a fraction of a full step."""
+    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y, points = torch.arange(batch) % 11, [999 - 20 * i for i in range(steps)]
+    config = taylorseer.TaylorSeerConfig(interval=5, warmup_steps=2, max_order=2, granularity=granularity)
+    pure: list[list[float]] = [[] for _ in range(steps)]
+    method: list[list[float]] = [[] for _ in range(steps)]
+    clock = time.thread_time
+    with torch.no_grad():
+        for _ in range(3):
+            for i in range(steps):
+                start = clock()
+                model(x, timestep=torch.full((batch,), float(points[i])), class_labels=y)
+                pure[i].append(clock() - start)
+            with taylorseer.apply(model, config) as handle:
+                plan = handle.plan(steps)
+                handle.begin(steps)
+                for i in range(steps):
+                    start = clock()
+                    with handle.step(i):
+                        model(x, timestep=torch.full((batch,), float(points[i])), class_labels=y)
+                    method[i].append(clock() - start)
+    p, m = [_median(v) for v in pure], [_median(v) for v in method]
+    full_p = sum(t for t, full in zip(p, plan) if full)
+    full_m = sum(t for t, full in zip(m, plan) if full)
+    fore_m = sum(t for t, full in zip(m, plan) if not full)
+    n_full = sum(plan)
+    print(f"{granularity}: {n_full} full / {steps - n_full} forecast steps; full steps {full_p * 1e3:.0f} ms pure, "
+          f"{full_m * 1e3:.0f} ms with the method (+{(full_m / full_p - 1) * 100:.1f} %); a forecast step "
+          f"{fore_m / (steps - n_full) * 1e3:.2f} ms = {fore_m / (steps - n_full) / (full_p / n_full):.3f} of a full "
+          f"step; CPU speedup {sum(p) / sum(m):.2f}x")
 
 
 def _median(values: list[float]) -> float:
