@@ -62,6 +62,7 @@ def test_pipeline_path_follows_the_mask_keeps_a_cache_per_cfg_branch_and_comes_o
     peer.remove()
 
 
+@pytest.mark.slow
 def test_flux_bench_records_the_pipeline_peer(tiny_ref, tmp_path):
     pytest.importorskip("cache_dit")
     from importlib.metadata import version
