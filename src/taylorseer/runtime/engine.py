@@ -108,7 +108,7 @@ class Engine:
         self.call_id = 0  # one per (step, branch)
         self.host_reads = 0  # device values read on the host (finiteness, probe observations)
         self._prepared = -1  # the call_id whose batched pass ran
-        self._plan: tuple = (None, [])
+        self._plan: tuple = (None, [], None)
         self._plan_key: tuple | None = None
         self._bound: tuple | None = None  # (store version, branch) of the entries bound to the slots (eager)
         self._probe_policy = self.controller.probe_blocks > 0
@@ -163,7 +163,7 @@ class Engine:
         self.zeros.clear()
         self.probes.clear()
         self.ready = {}
-        self._plan, self._plan_key = (None, []), None  # the plan holds factor tensors: let them go
+        self._plan, self._plan_key = (None, [], None), None  # the plan holds factor tensors: let them go
         for slot in self._slots:
             slot.entry, slot.live, slot.weights = None, False, None
         self._bound = None
@@ -213,7 +213,7 @@ class Engine:
 
     def free_branch(self, branch: Any) -> None:
         """Drop the factors, zeros and probe outputs of one branch."""
-        self._plan, self._plan_key = (None, []), None
+        self._plan, self._plan_key = (None, [], None), None
         for table in (self.store.entries, self.zeros, self.probes.previous):
             for key in [k for k in table if k[0] == branch]:
                 if table is self.store.entries:
@@ -337,12 +337,16 @@ class Engine:
             if getattr(self.forecaster, "per_target", False):
                 targets = [s.path for s, n in zip(slots, counts) for _ in range(n)]
             plan = BatchPlan(self.forecaster, states, dtypes=dtypes, targets=targets) if slots else None
-            self._plan = (plan, [(s.index, n) for s, n in zip(slots, counts)])
+            single = [s.index for s in slots] if all(n == 1 for n in counts) else None  # one tensor per target
+            self._plan = (plan, [(s.index, n) for s, n in zip(slots, counts)], single)
             self._plan_key = key if current is self._first else None
-        plan, owners = self._plan
+        plan, owners, single = self._plan
         if plan is None:
             return
         predicted = plan.run(self.controller.point)
+        if single is not None:
+            self.ready = {index: [tensor] for index, tensor in zip(single, predicted)}
+            return
         ready: dict[int, list] = {}
         i = 0
         for index, n in owners:
