@@ -40,7 +40,7 @@ class CallCounter:
 
 
 @pytest.mark.slow
-def test_the_default_search_is_the_fast_plan_and_its_cost_header_counts_every_image_call(tiny_dit, tmp_path):
+def test_default_search_at_output_granularity_is_fast_and_cost_counts_image_calls(tiny_dit, tmp_path):
     counter = CallCounter(tiny_dit, rows_per_image=2)  # guidance 1.5 as one CFG batch
     try:
         cal = calibrate(tiny_dit, 4, tmp_path / "fast.safetensors", num_steps=NUM_STEPS, progress=False,
@@ -94,7 +94,7 @@ def test_thorough_is_reachable_and_given_values_override_the_plan(tiny_dit, tmp_
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"search": "quick"}, "search must be one of ['fast', 'thorough'], got 'quick'"),
-    ({"search": None}, "search must be one of"),
+    ({"search": "Fast"}, "search must be one of"),
     ({"images": 0}, "images must be an int >= 1, got 0"),
     ({"search_images": -1}, "search_images must be an int >= 0, got -1"),
     ({"max_evaluations": 0}, "max_evaluations must be an int >= 1, got 0"),
@@ -144,7 +144,10 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], {"search": "fast", "search_images": None, "max_evaluations": None, "radius": None, "images": None}),
+    ([], {"search": "thorough", "search_images": None, "max_evaluations": None, "radius": None, "images": None}),
+    (["--granularity", "output"], {"search": "fast", "search_images": None, "max_evaluations": None,
+                                   "granularity": "output"}),
+    (["--search", "fast"], {"search": "fast", "granularity": "module"}),
     (["--search", "thorough"], {"search": "thorough", "search_images": None, "max_evaluations": None,
                                 "images": None}),
     (["--search", "thorough", "--search-images", "4", "--max-evals", "9", "--images", "5"],
@@ -186,3 +189,13 @@ def test_demo_times_with_one_thread_by_default():
 
     assert build_parser().parse_args(["demo"]).threads == 1
     assert build_parser().parse_args(["demo", "--threads", "2"]).threads == 2
+
+
+def test_at_module_granularity_the_default_search_is_thorough(tiny_dit, tmp_path):
+    cal = calibrate(tiny_dit, 4, tmp_path / "module.safetensors", num_steps=NUM_STEPS, progress=False, images=2,
+                    search_images=2, max_evaluations=2)
+    plan = cal.header["calibration_data"]["search_plan"]
+    assert plan["name"] == "thorough" and plan["patience"] is None and cal.header["granularity"] == "module"
+    fast = calibrate(tiny_dit, 4, tmp_path / "module-fast.safetensors", num_steps=NUM_STEPS, progress=False,
+                     images=2, search_images=2, max_evaluations=2, search="fast")
+    assert fast.header["calibration_data"]["search_plan"]["patience"] == 12  # named: the fast plan at any granularity

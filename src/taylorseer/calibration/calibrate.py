@@ -30,6 +30,7 @@ from .search import (
     SearchPlan,
     SearchResult,
     check_budget,
+    default_search,
     search_plan,
     search_schedule,
 )
@@ -178,7 +179,7 @@ def calibrate(
     on_policy: bool | None = None,
     granularity: str | None = None,
     forecaster: Any = None,
-    search: str = "fast",
+    search: str | None = None,
 ) -> Calibration:
     """Calibrate ``model`` for ``num_steps``-step generations with ``budget`` full steps; write ``out``.
 
@@ -207,10 +208,11 @@ def calibrate(
     generations; step 2 about ``max_evaluations`` cached generations of ``search_images`` images; step 3 well under
     a second per schedule on the embedded model; step 4 ``images`` full-compute and ``images`` cached generations.
 
-    ``search``: how much steps 1-2 may spend (``SEARCH_PLANS``): ``"fast"`` (default: 16 recorded images, 8
-    search images, at most 24 refinement candidates, early stop after 12 without improvement; a FLUX.1-dev
-    calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes, ``planned_cost``) or ``"thorough"`` (the
-    search of 2026-12-06: 40 images, 30 search images, 200 candidates, until a sweep improves nothing). ``images``,
+    ``search``: how much steps 1-2 may spend (``SEARCH_PLANS``): ``"fast"`` (16 recorded images, 8 search
+    images, at most 24 refinement candidates, early stop after 12 without improvement; a FLUX.1-dev calibration at
+    50 steps, budget 8 projects to <= 13.2 H100 minutes, ``planned_cost``) or ``"thorough"`` (the search of
+    2026-12-06: 40 images, 30 search images, 200 candidates, until a sweep improves nothing); None (default):
+    ``default_search(granularity)``, fast at ``output`` granularity, thorough at ``module``/``block``. ``images``,
     ``search_images``, ``max_evaluations`` and ``radius`` given override the plan's. The header records the plan
     (``calibration_data.search_plan``) and the cost (``calibration_data.cost``).
 
@@ -219,6 +221,8 @@ def calibrate(
         >>> cal.header["search"]["model_calls"], cal.header["fit"]["rel_error"]            # doctest: +SKIP
     """
     check_budget(budget, num_steps)
+    if search is None:
+        search = default_search(granularity or (stats.granularity if stats is not None else "module"))
     plan = resolve_plan(search, images, search_images, max_evaluations, radius, 30)
     images, search_images, max_evaluations, radius = (plan.images, int(plan.search_images or 0),
                                                       plan.max_evaluations, plan.radius)

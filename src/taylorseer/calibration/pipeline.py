@@ -49,7 +49,7 @@ from .calibrate import DEFAULT_SEED, calibrate, calibration_labels, resolve_plan
 from .fit import FitOptions
 from .io import Calibration
 from .record import calibration_targets, record_trajectories
-from .search import check_budget
+from .search import check_budget, default_search
 
 PROBE_STEPS = 2  # steps of the one-image pipeline call that reads the guidance layout
 
@@ -270,7 +270,7 @@ def calibrate_pipeline(
     on_policy: bool | None = None,
     granularity: str = "module",
     forecaster: Any = None,
-    search: str = "fast",
+    search: str | None = None,
 ) -> Calibration:
     """Calibrate ``pipe.transformer`` for ``num_steps``-step generations of ``pipe`` with ``budget`` full steps;
     write ``out`` (the ``taylorseer.calibration.calibrate`` steps, with ``PipelineSampler`` as the sampler).
@@ -290,6 +290,7 @@ def calibrate_pipeline(
         >>> taylorseer.generate.generate(folder, "a red fox", None, 28, calibration="b8.safetensors")  # doctest: +SKIP
     """
     check_budget(budget, num_steps)
+    search = default_search(granularity) if search is None else search
     plan = resolve_plan(search, images, search_images, max_evaluations, radius, 10)
     images, search_images = plan.images, plan.search_images
     calibration_targets(pipe.transformer, granularity)  # a wrong granularity is refused before the probe call

@@ -75,12 +75,26 @@ class SearchPlan:
     patience: int | None
 
 
-# "fast" (the default) fits a FLUX.1-dev calibration at 50 steps, budget 8, in <= 15 H100 minutes (calibrate.py's
-# projection); "thorough" is the search of 2026-12-06 and before (docs/results/calibration.md, "Cost").
+# "fast" (the default at output granularity, default_search) fits a FLUX.1-dev calibration at 50 steps, budget 8,
+# in <= 15 H100 minutes (calibrate.py's projection); "thorough" is the search of 2026-12-06 and before
+# (docs/results/calibration_cost.md).
 SEARCH_PLANS = {
     "fast": SearchPlan("fast", images=16, search_images=8, max_evaluations=24, radius=3, patience=12),
     "thorough": SearchPlan("thorough", images=40, search_images=None, max_evaluations=200, radius=3, patience=None),
 }
+
+
+def default_search(granularity: str) -> str:
+    """The plan a calibration uses when none is named: ``"fast"`` at ``output`` granularity (what FLUX-class models
+    record: a FLUX.1-dev calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes; -0.38 dB held out on
+    the embedded DiT), ``"thorough"`` at ``module``/``block`` granularity, where the fast search's schedule for
+    fitted weights lost 1.3 dB held out (docs/results/calibration_cost.md).
+
+    Example:
+        >>> default_search("output"), default_search("module")
+        ('fast', 'thorough')
+    """
+    return "fast" if granularity == "output" else "thorough"
 
 
 def search_plan(name: str) -> SearchPlan:

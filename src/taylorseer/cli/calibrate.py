@@ -179,8 +179,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     final, args.out = args.out, staging_path(args.out)  # written beside --out, published at the end
     options = FitOptions(history=args.history, bias=args.bias, match_variance=not args.no_match_variance)
-    # --search fast|thorough (calibration.search.SEARCH_PLANS) fills what is not given; a thorough search of a
-    # FLUX or pipeline calibration samples 10 search images (30 for the embedded DiT)
+    # --search fast|thorough (calibration.search.SEARCH_PLANS; none given: fast at output granularity, thorough at
+    # module/block, search.default_search) fills what is not given; a thorough search of a FLUX or pipeline
+    # calibration samples 10 search images (30 for the embedded DiT)
+    args.search = args.search or ("fast" if args.granularity == "output" else "thorough")
     search_images = (args.search_images if args.search_images is not None
                      else 10 if args.search == "thorough" and args.model == "flux" else None)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
@@ -265,11 +267,12 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
                    "taylorseer.apply(model, speedup=X) finds it)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
-    p.add_argument("--search", choices=SEARCH_PLANS, default="fast", help="how much the calibration may spend: "
+    p.add_argument("--search", choices=SEARCH_PLANS, default=None, help="how much the calibration may spend: "
                    "fast (16 recorded images, 8 search images, <= 24 refinement candidates, early stop; a FLUX.1-dev "
                    "calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes) or thorough (40 images, 30 "
                    "search images (10 for a pipeline), <= 200 candidates: the search before 2026-12-07); the flags "
-                   "below override the plan's values (default: fast)")
+                   "below override the plan's values (default: fast with --granularity output, thorough at module "
+                   "or block granularity, where the fast search lost 1.3 dB held out)")
     p.add_argument("--images", type=positive_int, default=None, help="calibration images (full-compute "
                    "trajectories) (default: the --search plan's, 16 fast, 40 thorough)")
     p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "
