@@ -32,13 +32,13 @@ from test_diffusers import FAMILY, loop_pipeline
 from torch import nn
 
 import taylorseer
-from conftest import Toy
 from taylorseer import TaylorSeerConfig
 from taylorseer.forecast import AdamsForecast, CorrectorForecast, HermiteForecast, TaylorForecast
 from taylorseer.models.reference import NULL_CLASS, build_reference
 from taylorseer.models.sampler import make_scheduler
 from taylorseer.parts import CacheConfig, Store, Targets, parts_of
 from taylorseer.policy import ConfidenceGate, ErrorBudget, IntervalSchedule, build_policy
+from toy_models import Toy
 
 CASES = 300
 FALLBACKS = {"no-factors", "shape", "non-finite"}

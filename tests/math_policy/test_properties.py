@@ -194,7 +194,7 @@ def test_interval_one_plans_every_step_full(warmup, tail, num_steps):
 @given(st.integers(0, 4), st.integers(0, 5), st.sampled_from(SCHEMES), st.sampled_from(ABSCISSAE),
        st.sampled_from(FACTOR_DTYPES), st.integers(2, 14))
 def test_interval_one_handle_is_bit_identical(warmup, order, scheme, abscissa, factor_dtype, num_steps):
-    from conftest import Toy
+    from toy_models import Toy
 
     model = Toy()
     h = torch.zeros(8, dtype=torch.float64)

@@ -1,0 +1,55 @@
+"""The analytic toy models of the tests (random weights, no downloads), importable by name from any test as
+``from toy_models import Toy`` (a module named ``conftest`` is ambiguous: tests/distributed has its own)."""
+
+import torch
+from torch import nn
+
+
+class Poly(nn.Module):
+    """Output is a known quadratic in t per feature; counts its executions."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.coef = nn.Parameter(torch.randn(3, width, dtype=torch.float64))
+        self.calls = 0
+
+    def forward(self, t):
+        self.calls += 1
+        return self.coef[0] + self.coef[1] * t + self.coef[2] * t * t
+
+
+class PairOut(nn.Module):
+    """Returns a tuple of two tensors (linear in t) to exercise structured outputs."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.coef = nn.Parameter(torch.randn(2, width, dtype=torch.float64))
+
+    def forward(self, t):
+        return self.coef[0] * t, (self.coef[1] * t, None)
+
+
+class ToyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.poly = Poly()
+        self.pair = PairOut()
+
+    def forward(self, hidden_states, t):
+        a, (b, _) = self.pair(t)
+        return hidden_states + 0.5 * self.poly(t) + a - b
+
+
+class Toy(nn.Module):
+    """A two-block model ``h <- h + gate * poly(t)``; every quantity is analytic in t."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([ToyBlock(), ToyBlock()])
+        self.out = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, h, t):
+        for block in self.blocks:
+            h = block(h, t)
+        return self.out(h)
