@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--calibration", action="append", default=[])
     parser.add_argument("--anchored", action="append", default=[])
     parser.add_argument("--skip", default="", help="comma-separated method names to leave out")
+    parser.add_argument("--only", default="", help="comma-separated method names to keep (and full compute)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -60,6 +61,12 @@ def main() -> None:
     methods += cache_dit_flux_methods(args.steps, schedules)
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
     methods = [m for m in methods if m.name not in skip]
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    if only:
+        unknown = sorted(only - {m.name for m in methods})
+        if unknown:
+            parser.error(f"--only: unknown {unknown}")
+        methods = [m for m in methods if m.name in only or m.name == "full"]
     print(f"{len(methods)} methods: {[m.name for m in methods]}", flush=True)
     records = run_flux_bench(ref, methods, num_images=args.images, seed=args.seed, repeats=args.repeats,
                              guidance_scale=DEFAULT_GUIDANCE, out_path=args.out, threads=1)
