@@ -32,9 +32,9 @@ from .config import (
     config_to_dict,
     preset,
 )
-from .forecast import LinearForecast, TaylorForecast, registered_forecasters
+from .forecast import AnchoredLinearForecast, LinearForecast, TaylorForecast, registered_forecasters
 from .forecast.linear_file import CalibrationError, CalibrationFile
-from .policy import IntervalSchedule, build_policy, registered_policies
+from .policy import AnchorSchedule, IntervalSchedule, build_policy, registered_policies
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,8 @@ def searched_forecaster(calibration: CalibrationFile) -> Any:
 
 def calibrated_config(calibration: CalibrationFile, forecaster: Any = None, name: str | None = None) -> CacheConfig:
     """The ``CacheConfig`` a calibration file stands for (``Calibration.cache_config``): its ``FixedSchedule`` with
-    its ``LinearForecast`` (the file must have been saved or loaded, so that the config can name it), or with
+    its ``LinearForecast`` (the file must have been saved or loaded, so that the config can name it; a file of
+    anchored weights gives the hybrid ``AnchorSchedule`` with its ``AnchoredLinearForecast``), or with
     ``forecaster`` (any forecaster config; for a schedule searched for a formula forecaster, that one by default),
     at the file's granularity, in step units.
 
@@ -239,12 +240,20 @@ def calibrated_config(calibration: CalibrationFile, forecaster: Any = None, name
     """
     searched = searched_forecaster(calibration) if forecaster is None and calibration.table is None else None
     forecaster = forecaster if forecaster is not None else searched
+    label = name or calibration.header.get("name") or "calibrated"
+    if forecaster is None and (calibration.header.get("forecaster") or {}).get("anchor"):
+        # Anchored weights (calibration.anchor_fit) read the anchor's fresh output: they run only under the hybrid
+        # policy whose probe computes it (the first block on every forecast step), never as a plain LinearForecast.
+        if calibration.path is None:
+            raise CalibrationError("save the calibration first (save_calibration): its forecaster names a file")
+        return CacheConfig(AnchorSchedule(calibration.schedule.full_steps, calibration.schedule.num_steps, 1),
+                           AnchoredLinearForecast(str(calibration.path), calibration.sha256 or ""),
+                           Targets(granularity=calibration.granularity), abscissa="step", name=label)
     if forecaster is None:
         calibration.table_required()
         if calibration.path is None:
             raise CalibrationError("save the calibration first (save_calibration): LinearForecast names a file")
         forecaster = LinearForecast(calibration.path, calibration.sha256 or "")
-    label = name or calibration.header.get("name") or "calibrated"
     return CacheConfig(calibration.schedule, forecaster, Targets(granularity=calibration.granularity),
                        abscissa="step", name=label)
 

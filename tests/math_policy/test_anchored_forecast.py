@@ -145,3 +145,35 @@ def test_runtime_passes_the_probe_output_and_json_round_trips(tmp_path):
     for got, want in zip(outs, full):
         assert torch.allclose(got, want, atol=1e-6)
     assert not all(torch.allclose(got, want, atol=1e-3) for got, want in zip(reused, full))  # reuse is not exact
+
+
+def test_an_anchored_file_runs_only_as_the_hybrid(tmp_path):
+    """An anchored file's own config is the hybrid (its cache_config(), so bench --calibration and generate
+    --calibration run it as made); read as a plain LinearForecast it is refused by name (its weights would be
+    misread); its config is readable from JSON in a fresh process (the forecaster is registered on import)."""
+    import subprocess
+    import sys
+
+    from taylorseer.calibration.anchor_fit import anchored_config
+    from taylorseer.calibration.io import load_calibration, new_header, save_calibration
+    from taylorseer.forecast import CalibrationError, LinearForecast, build_forecaster
+    from taylorseer.policy import AnchorSchedule
+    from taylorseer.policy.schedule import FixedSchedule
+
+    model, n = Chain(), 5
+    steps = {s: StepWeights((0, n + s), torch.tensor([0.0, 2.0])) for s in (1, 2, 4)}
+    table = LinearTable({"blocks.1": steps}, num_steps=n, full_steps=(0, 3), grouping="target", history=2)
+    header = new_header("linear", "chain", model, FixedSchedule((0, 3), n), granularity="block",
+                        forecaster={"anchor": "blocks.0"}, targets={"blocks.1": "blocks.1"})
+    cal = save_calibration(tmp_path / "chain.safetensors", header, table)
+    cfg = load_calibration(cal.path).cache_config()
+    assert cfg.policy == AnchorSchedule((0, 3), n, 1)
+    assert cfg.forecaster == AnchoredLinearForecast(str(cal.path), cal.sha256)
+    assert cfg == anchored_config(cal.path)
+    with pytest.raises(CalibrationError, match="anchored weights.*blocks.0"):
+        build_forecaster(LinearForecast(str(cal.path), cal.sha256))
+    code = ("import sys; from taylorseer.parts import CacheConfig; "
+            "print(CacheConfig.from_json(sys.stdin.read()).forecaster.calibration)")
+    out = subprocess.run([sys.executable, "-c", code], input=cfg.to_json(), capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(cal.path)

@@ -16,14 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..forecast.anchored import AnchoredLinearForecast
 from ..forecast.linear import LinearTable, StepWeights
-from ..forecast.linear_file import read_calibration
-from ..parts import CacheConfig, Targets
-from ..policy.anchor import AnchorSchedule
+from ..forecast.linear_file import CalibrationError, read_calibration
+from ..parts import calibrated_config
 from ..policy.schedule import FixedSchedule
 from .fit import FitOptions, forecast_steps, solve_step
 from .io import new_header, save_calibration
@@ -108,8 +107,8 @@ def anchored_config(path: str, *, probe_blocks: int = 1, name: str | None = None
         >>> cfg = anchored_config("flux-anchor-b5-s50.safetensors")   # doctest: +SKIP
     """
     cal = read_calibration(path)
-    schedule = cal.schedule
-    policy = AnchorSchedule(schedule.full_steps, schedule.num_steps, probe_blocks)
-    label = name or str(cal.header.get("name") or "anchored")
-    return CacheConfig(policy, AnchoredLinearForecast(str(path), cal.sha256 or ""),
-                       Targets(granularity=cal.granularity), abscissa="step", name=label)
+    if not (cal.header.get("forecaster") or {}).get("anchor"):
+        raise CalibrationError(f"calibration file {path}: its header names no anchor target; anchored_config reads "
+                               f"files made by save_anchored (cache_config() gives a plain file's config)")
+    config = calibrated_config(cal, name=name or str(cal.header.get("name") or "anchored"))
+    return dataclasses.replace(config, policy=dataclasses.replace(config.policy, probe_blocks=probe_blocks))

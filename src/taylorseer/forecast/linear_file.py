@@ -444,6 +444,11 @@ def _build_linear(config: LinearForecast) -> LinearForecaster:
     if digest is not None and calibration.sha256 != digest:  # replaced between the two reads: read it again
         raise CalibrationError(f"calibration file {config.calibration}: changed while it was being read; "
                                f"try again once it is no longer being written")
+    anchor = (calibration.header.get("forecaster") or {}).get("anchor")
+    if anchor:  # its weights read the anchor's fresh output: as a plain LinearForecast they would be misread
+        raise CalibrationError(f"calibration file {config.calibration}: holds anchored weights (anchor target "
+                               f"{anchor!r}); run it as AnchoredLinearForecast under an AnchorSchedule, i.e. the "
+                               f"config its cache_config() gives, not as a LinearForecast")
     forecaster = LinearForecaster(calibration.table_required(), calibration)
     while len(_BUILT) >= 8:  # a few recent files (a calibration holds a few MB of weights)
         _BUILT.pop(next(iter(_BUILT)))
