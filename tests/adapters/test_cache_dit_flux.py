@@ -102,3 +102,19 @@ def test_without_cache_dit_no_flux_methods(monkeypatch):
     assert cache_dit_flux_methods(50, {"cal": (0, 10)}) == []
     with pytest.raises(ImportError, match="taylorseer\\[peers\\]"):
         cd.apply_cache_dit(torch.nn.Linear(2, 2), cd.CacheDitSettings(), 10)
+
+
+@pytest.mark.slow
+def test_the_flux_bench_command_offers_cache_dit_on_its_calibrations_schedules(capsys):
+    """`taylorseer bench --model flux` has cache-dit's pipeline path in its grid: its own rule, and each shipped
+    calibration's schedule as a step mask (an unknown method name lists what the command offers)."""
+    from taylorseer.cli import main
+
+    pytest.importorskip("cache_dit")
+    cal = "docs/results/flux/calibration/ts2-output-b8-s50.safetensors"
+    code = main(["bench", "--model", "flux", "--steps", "50", "--calibration", cal, "--methods", "no-such-method",
+                 "--out", "/dev/null"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown name(s) ['no-such-method']" in err
+    assert "'cachedit-F1B0-reuse-t0.08'" in err  # its own threshold rule
+    assert "'cachedit-F1B0-ts2-mask@ts2-output-b8-s50'" in err  # the calibration's schedule as its step mask

@@ -99,17 +99,26 @@ def _bench_flux(args: argparse.Namespace) -> None:
     import torch
 
     from ..eval.bench import calibrated_methods, schedule_companions, select_methods
-    from ..eval.flux import FluxSampler, flux_grid, mag_ratios, run_flux_bench
+    from ..eval.flux import FluxSampler, cache_dit_flux_methods, flux_grid, mag_ratios, run_flux_bench
     from ..models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
+    from ..parts import CacheConfig
+    from ..policy.schedule import FixedSchedule
 
     torch.set_num_threads(args.threads)
     ref = load_flux_reference()
     scale = DEFAULT_GUIDANCE if args.cfg_scale is None else args.cfg_scale
     methods = flux_grid(args.steps, ratios=mag_ratios(FluxSampler(ref), args.steps, scale))
+    calibrated = set()
     for path in args.calibration or []:
-        methods += calibrated_methods(path, ref.transformer, args.steps, guidance_scale=scale, cfg_mode="split")
-    # the hybrid and Spectrum on each fitted calibration's schedule (cache-dit's BlockAdapter path is the DiT's)
+        own = calibrated_methods(path, ref.transformer, args.steps, guidance_scale=scale, cfg_mode="split")
+        calibrated |= {m.name for m in own if not m.name.endswith("-taylor2")}
+        methods += own
+    # the hybrid and Spectrum on each fitted calibration's schedule; cache-dit through its pipeline path (its own
+    # rule, budget-fitting masks, and each calibration's schedule as its step mask; none without the extra)
     methods += [m for m in schedule_companions(methods) if m.name.split("@")[0] in ("anchor1", "spectrum-fc")]
+    schedules = {m.name: m.config.policy.full_steps for m in methods if m.name in calibrated
+                 and isinstance(m.config, CacheConfig) and isinstance(m.config.policy, FixedSchedule)}
+    methods += cache_dit_flux_methods(args.steps, schedules)
     if args.methods is not None:
         methods = select_methods(methods, _method_names(args.methods))
     methods = _with_configs(methods, args.configs)
