@@ -34,11 +34,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import statistics
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ from ._extras import require
 from .api import apply
 from .config import TaylorSeerConfig, preset
 from .eval.grid import side_by_side
+from .eval.timing import interleaved, timed
 from .models.sampler import StepListener, sample
 from .parts import CacheConfig
 from .runtime.measure import count_flops
@@ -215,41 +214,30 @@ def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
-def rotated_order(methods: list[DemoMethod], rounds: int) -> list[list[DemoMethod]]:
-    """The timing order: round r (from 0) runs every method once, starting at method ``r mod len(methods)``.
-
-    Example:
-        >>> [[m.label for m in r] for r in rotated_order([DemoMethod(s, None, 1) for s in "abc"], 2)]
-        [['a', 'b', 'c'], ['b', 'c', 'a']]
-    """
-    n = len(methods)
-    return [methods[r % n:] + methods[: r % n] for r in range(rounds)]
-
-
 def _time_rounds(model: torch.nn.Module, methods: list[DemoMethod], labels: torch.Tensor, seed: int,
                  guidance_scale: float, rounds: int, kept: dict[str, torch.Tensor],
                  progress: bool, sampler: Sampler = sample,
                  cfg_mode: str = "batch") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds of every method in every round (interleaved, rotated); each run must
-    reproduce ``kept``."""
-    times: dict[str, list[float]] = {m.label: [] for m in methods}
-    cpu: dict[str, list[float]] = {m.label: [] for m in methods}
-    for r, order in enumerate(rotated_order(methods, rounds)):
-        for method in order:
-            desc = f"sampling {method.label} (round {r + 1}/{rounds})" if progress else None
-            gc.collect()
-            gc.disable()  # a collection set off by one method's allocations is not charged to the next
-            try:
-                start, cpu_start = time.perf_counter(), time.process_time()
-                images, _ = _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode)
-                times[method.label].append(time.perf_counter() - start)
-                cpu[method.label].append(time.process_time() - cpu_start)
-            finally:
-                gc.enable()
+    """Wall and process-CPU seconds of every method in every round (``eval.timing.interleaved``: interleaved,
+    each round starting one method later, garbage collection paused in each timed run); each run must reproduce
+    ``kept``."""
+    def candidate(method: DemoMethod) -> Callable[[], tuple[float, float]]:
+        done = [0]
+
+        def run() -> tuple[float, float]:
+            done[0] += 1
+            desc = f"sampling {method.label} (round {done[0]}/{rounds})" if progress else None
+            (images, _), wall, cpu = timed(
+                lambda: _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode))
             if not torch.equal(images, kept[method.label]):
                 raise RuntimeError(f"{method.label}: a timed run's images differ from the warm-up's (same seed); "
                                    "the timings would compare different work")
-    return times, cpu
+            return wall, cpu
+        return run
+
+    timings = interleaved({m.label: candidate(m) for m in methods}, rounds=rounds, rotate=True, self_timed=True)
+    return ({k: list(t.wall_samples_s) for k, t in timings.items()},
+            {k: list(t.cpu_samples_s) for k, t in timings.items()})
 
 
 def _busy_reasons(load_before: float | None, load_after: float | None, threads: int,

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,7 @@ from .adapters.registry import find_adapter
 from .api import apply, default_config
 from .config import PRESET_NAMES, TaylorSeerConfig, preset
 from .devices import resolve_device
+from .eval.timing import timed
 from .integrations.family import preset_reason
 from .integrations.pipeline_call import call_arguments, check_supported, load_pipeline, output_arrays
 from .parts import CacheConfig
@@ -143,10 +143,14 @@ def _synchronize(device: str) -> None:
 def _timed_call(pipe: Any, call: dict[str, Any], seed: int, device: str, steps: int) -> tuple[Any, float]:
     generator = torch.Generator(device).manual_seed(seed)
     _synchronize(device)
-    start = time.perf_counter()
-    result = pipe(num_inference_steps=steps, generator=generator, output_type="np", **call)
-    _synchronize(device)
-    return result, time.perf_counter() - start
+
+    def run() -> Any:
+        result = pipe(num_inference_steps=steps, generator=generator, output_type="np", **call)
+        _synchronize(device)
+        return result
+
+    result, wall, _ = timed(run)  # the one timing helper (eval.timing)
+    return result, wall
 
 
 def _run(pipe: Any, call: dict[str, Any], config: TaylorSeerConfig | CacheConfig | None, seed: int, device: str,

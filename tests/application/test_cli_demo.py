@@ -7,6 +7,7 @@ import taylorseer.demo as demo
 from taylorseer import TaylorSeerConfig
 from taylorseer.cli import main
 from taylorseer.demo import DemoMethod, format_table, run_demo
+from taylorseer.eval import timing
 
 
 def test_plan_prints_pattern(capsys):
@@ -96,7 +97,7 @@ def recorded(monkeypatch):
             return state.get("tamper", lambda m, o: o)(method, out)
 
         monkeypatch.setattr(demo, "_generate", generate)
-        monkeypatch.setattr(demo, "time", clock)
+        monkeypatch.setattr(timing, "time", clock)  # the one timing helper (eval.timing) times the demo
         monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
         return calls, state
 
