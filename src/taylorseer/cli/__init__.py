@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.check(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as err:  # a check may need an extra too
         return _fail(args.command, err)
     if not args.default_malloc and args.command in _RUNS_MODELS:
         from ..runtime.allocator import tune_cpu_allocator
