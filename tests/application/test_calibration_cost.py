@@ -199,3 +199,41 @@ def test_at_module_granularity_the_default_search_is_thorough(tiny_dit, tmp_path
     fast = calibrate(tiny_dit, 4, tmp_path / "module-fast.safetensors", num_steps=NUM_STEPS, progress=False,
                      images=2, search_images=2, max_evaluations=2, search="fast")
     assert fast.header["calibration_data"]["search_plan"]["patience"] == 12  # named: the fast plan at any granularity
+
+
+@pytest.mark.parametrize("argv, model_kwargs", [
+    (["--model", "flux"], {}),
+    (["--model", "flux", "--granularity", "module"], {"granularity": "module", "search": "thorough"}),
+])
+def test_flux_class_calibrations_default_to_the_output_and_the_fast_search(monkeypatch, tmp_path, argv,
+                                                                           model_kwargs):
+    """`calibrate --model flux` (and pipelines) records the model output by default and so takes the fast search
+    (<= 15 projected H100-minutes for FLUX.1-dev); a granularity given is kept, with its own default search."""
+    import taylorseer.calibration
+    import taylorseer.models.flux_pipeline
+    from taylorseer.cli import main
+
+    seen = {}
+
+    def reached(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Reached
+
+    monkeypatch.setattr(taylorseer.models.flux_pipeline, "load_flux_reference",
+                        lambda: type("Ref", (), {"transformer": None})())
+    monkeypatch.setattr(taylorseer.calibration, "calibrate", reached)
+    with pytest.raises(_Reached):
+        main(["calibrate", "--budget", "8", "--out", str(tmp_path / "c.safetensors"), *argv])
+    expected = {"granularity": "output", "search": "fast", **model_kwargs}
+    assert {k: seen[k] for k in expected} == expected
+
+
+def test_a_pipelines_default_granularity_follows_its_scheduler():
+    """Flow-matching pipelines (FLUX, SD3, ...) record the model output by default (the fast search); DDPM/DDIM-style
+    ones keep the module recipe of the DiT."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from taylorseer.cli.calibrate import _default_granularity
+
+    assert _default_granularity(FlowMatchEulerDiscreteScheduler()) == "output"
+    assert _default_granularity(DDIMScheduler()) == "module"
