@@ -228,7 +228,7 @@ def _time_rounds(model: torch.nn.Module, methods: list[DemoMethod], labels: torc
             done[0] += 1
             desc = f"sampling {method.label} (round {done[0]}/{rounds})" if progress else None
             (images, _), wall, cpu = timed(
-                lambda: _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode))
+                lambda: _generate(model, method, labels, seed, guidance_scale, desc, sampler, cfg_mode), pause_gc=True)
             if not torch.equal(images, kept[method.label]):
                 raise RuntimeError(f"{method.label}: a timed run's images differ from the warm-up's (same seed); "
                                    "the timings would compare different work")

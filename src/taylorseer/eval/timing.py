@@ -69,22 +69,26 @@ class Timing:
         return reference.wall_s / self.wall_s
 
 
-def timed(run: Callable[[], Any]) -> tuple[Any, float, float]:
-    """``run()``'s result, its wall seconds and this process's CPU seconds (garbage collection paused while it
-    runs, after one collection).
+def timed(run: Callable[[], Any], *, pause_gc: bool = False) -> tuple[Any, float, float]:
+    """``run()``'s result, its wall seconds and this process's CPU seconds. ``pause_gc``: one collection first, then
+    garbage collection paused while ``run`` runs, so that a collection set off by an earlier run's allocations is
+    not charged to this one (the demo's few long runs; a collection costs about 0.2 s in a process holding torch
+    and diffusers, too much for the bench's many short runs).
 
     Example:
         >>> timed(lambda: 7)[0]
         7
     """
-    gc.collect()
-    gc.disable()  # a collection set off by an earlier run's allocations is not charged to this one
+    if pause_gc:
+        gc.collect()
+        gc.disable()
     try:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         result = run()
         return result, time.perf_counter() - wall0, time.process_time() - cpu0
     finally:
-        gc.enable()
+        if pause_gc:
+            gc.enable()
 
 
 def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 0, rotate: bool = False,
