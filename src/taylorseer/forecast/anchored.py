@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .base import FactorState, check_point, register_forecaster
-from .linear import LinearTable, StepWeights, group_of
+from .linear import LinearTable, StepWeights, check_file_fields, group_of
 from .linear_file import CalibrationError, read_calibration
 
 
@@ -62,12 +62,7 @@ class AnchoredLinearForecast:
     sha256: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.calibration, str) or not self.calibration:
-            raise ValueError(f"AnchoredLinearForecast.calibration must be the path of a calibration file, got "
-                             f"{self.calibration!r}")
-        if not isinstance(self.sha256, str):
-            raise ValueError(f"AnchoredLinearForecast.sha256 must be a hex digest str ('' for unchecked), got "
-                             f"{self.sha256!r}")
+        check_file_fields(self)
 
 
 class AnchoredLinearForecaster:

@@ -137,11 +137,17 @@ class LinearForecast:
     sha256: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.calibration, str) or not self.calibration:
-            raise ValueError(f"LinearForecast.calibration must be the path of a calibration file, got "
-                             f"{self.calibration!r}")
-        if not isinstance(self.sha256, str):
-            raise ValueError(f"LinearForecast.sha256 must be a hex digest str ('' for unchecked), got {self.sha256!r}")
+        check_file_fields(self)
+
+
+def check_file_fields(config: Any) -> None:
+    """A file-backed forecaster config's ``calibration`` (a non-empty path str) and ``sha256`` (a hex digest str,
+    '' for unchecked); ``ValueError`` naming the config type and the field."""
+    name = type(config).__name__
+    if not isinstance(config.calibration, str) or not config.calibration:
+        raise ValueError(f"{name}.calibration must be the path of a calibration file, got {config.calibration!r}")
+    if not isinstance(config.sha256, str):
+        raise ValueError(f"{name}.sha256 must be a hex digest str ('' for unchecked), got {config.sha256!r}")
 
 
 class LinearForecaster:
