@@ -112,6 +112,34 @@ def _front_style() -> dict[str, Any]:
     return {"linewidth": 1.6, "alpha": 0.75}
 
 
+def _front_panels(records: list[Record], metric: str, xs: dict[str, str], higher_x_is_better: bool
+                  ) -> tuple[Figure, Any, _Legend]:
+    """Two panels sharing the y axis (``metric``), one per record field of ``xs`` (field -> axis label): each
+    family's markers by variant and its Pareto front as a line (on x, larger is better when ``higher_x_is_better``,
+    else smaller), the legend drawn when it has entries."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True, layout="constrained")
+    legend = _Legend()
+    sign = 1 if higher_x_is_better else -1  # pareto_front keeps larger x: a smaller-is-better x enters negated
+    recs = sorted((r for r in _ok(records) if r.get(metric) is not None), key=_sort_key)
+    for ax, key in zip(axes, xs):
+        for family, members in _groups((r for r in recs if r.get(key)), lambda r: r.get("family")).items():
+            front = pareto_front(((sign * r[key], r[metric]) for r in members), _HIGHER_IS_BETTER[metric])
+            if len(front) > 1:
+                ax.plot([sign * x for x, _ in front], [y for _, y in front], color=family_colour(family), zorder=2,
+                        **_front_style())
+                legend.line(family, f"{family_label(family)}: Pareto front", **_front_style())
+            for variant in _groups(members, variant_label).values():
+                ax.plot([r[key] for r in variant], [r[metric] for r in variant], linestyle="none", zorder=3,
+                        **variant_marker(variant[0]))
+                legend.marker(variant[0])
+        ax.set_xlabel(xs[key])
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(_METRICS[metric])
+    if legend.entries:
+        legend.draw(fig)
+    return fig, axes, legend
+
+
 def plot_pareto(records: list[Record], metric: str = "psnr") -> Figure:
     """Speed-quality plot: FLOPs speedup (left) and wall speedup (right) vs ``metric`` ("psnr" or "fid_fmnist").
 
@@ -126,25 +154,8 @@ def plot_pareto(records: list[Record], metric: str = "psnr") -> Figure:
     """
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {list(_METRICS)}, got {metric!r}")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True, layout="constrained")
-    legend = _Legend()
-    recs = sorted((r for r in _ok(records) if r.get(metric) is not None), key=_sort_key)
-    for ax, speed in zip(axes, _SPEEDS):
-        for family, members in _groups((r for r in recs if r.get(speed)), lambda r: r.get("family")).items():
-            front = pareto_front(((r[speed], r[metric]) for r in members), _HIGHER_IS_BETTER[metric])
-            if len(front) > 1:
-                ax.plot(*zip(*front), color=family_colour(family), zorder=2, **_front_style())
-                legend.line(family, f"{family_label(family)}: Pareto front", **_front_style())
-            for variant in _groups(members, variant_label).values():
-                ax.plot([r[speed] for r in variant], [r[metric] for r in variant], linestyle="none", zorder=3,
-                        **variant_marker(variant[0]))
-                legend.marker(variant[0])
-        ax.set_xlabel(_SPEEDS[speed])
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(_METRICS[metric])
-    if legend.entries:
-        legend.draw(fig)
-    else:
+    fig, axes, legend = _front_panels(records, metric, _SPEEDS, higher_x_is_better=True)
+    if not legend.entries:
         axes[0].text(0.5, 0.5, f"no record has {metric}", ha="center", va="center", transform=axes[0].transAxes)
     fig.suptitle(_title(f"Speed vs quality: {_METRICS[metric]}\nmarker colour = method family, shape and fill = "
                         "variant (fill: O=1 hollow, O=2 half); lines = each family's Pareto front", 130), fontsize=11)
@@ -166,25 +177,7 @@ def plot_compute_fronts(records: list[Record], metric: str = "psnr") -> Figure:
     """
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {list(_METRICS)}, got {metric!r}")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True, layout="constrained")
-    legend = _Legend()
-    recs = sorted((r for r in _ok(records) if r.get(metric) is not None), key=_sort_key)
-    for ax, key in zip(axes, _FRACTIONS):
-        for family, members in _groups((r for r in recs if r.get(key)), lambda r: r.get("family")).items():
-            front = pareto_front(((1 / r[key], r[metric]) for r in members), _HIGHER_IS_BETTER[metric])
-            if len(front) > 1:
-                ax.plot([1 / x for x, _ in front], [y for _, y in front], color=family_colour(family), zorder=2,
-                        **_front_style())
-                legend.line(family, f"{family_label(family)}: Pareto front", **_front_style())
-            for variant in _groups(members, variant_label).values():
-                ax.plot([r[key] for r in variant], [r[metric] for r in variant], linestyle="none", zorder=3,
-                        **variant_marker(variant[0]))
-                legend.marker(variant[0])
-        ax.set_xlabel(_FRACTIONS[key])
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(_METRICS[metric])
-    if legend.entries:
-        legend.draw(fig)
+    fig, _, _ = _front_panels(records, metric, _FRACTIONS, higher_x_is_better=False)
     fig.suptitle(_title(f"Compute spent vs quality: {_METRICS[metric]} (lines: each family's Pareto front)", 130),
                  fontsize=11)
     return fig
