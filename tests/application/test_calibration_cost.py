@@ -48,8 +48,8 @@ def test_default_search_at_output_granularity_is_fast_and_cost_counts_image_call
     finally:
         counter.remove()
     data = cal.header["calibration_data"]
-    assert data["search_plan"] == {"name": "fast", "images": 16, "search_images": 8, "max_evaluations": 24,
-                                   "radius": 3, "patience": 12}
+    assert data["search_plan"] == {"name": "fast", "images": 16, "search_images": 8, "max_evaluations": 32,
+                                   "radius": 3, "patience": 14, "moves": "nearest"}
     assert data["images"] == 16
     cost = data["cost"]
     assert cost["image_calls"] == counter.images  # every image through the model, forecast steps included
@@ -57,9 +57,10 @@ def test_default_search_at_output_granularity_is_fast_and_cost_counts_image_call
     assert cost["recording"]["image_calls"] == 16 * NUM_STEPS
     assert cost["flux_dev_1024_h100_minutes"] == round(counter.full_images * SECONDS_PER_CALL / 60, 1)
     search = cal.header["search"]
-    sampled = search["model_calls"] // NUM_STEPS - 1  # candidates beside the search images' reference
-    assert 1 <= sampled <= 1 + 5 + 24  # greedy, power-law starts, at most max_evaluations refinements
-    assert counter.full_images <= planned_cost(4, NUM_STEPS, 16, 8, 24)["full_image_steps"]
+    sampled = search["model_calls"] // NUM_STEPS  # candidates: the reference is the recording's first batch
+    assert 1 <= sampled <= 1 + 5 + 32  # greedy, power-law starts, at most max_evaluations refinements
+    assert counter.images == 16 * NUM_STEPS + sampled * 8 * NUM_STEPS  # recording + candidates, no reference
+    assert counter.full_images <= planned_cost(4, NUM_STEPS, 16, 8, 32)["full_image_steps"]
 
 
 def test_the_flux_projection_counts_steps_not_cfg_calls(tiny_dit, tmp_path):
@@ -73,10 +74,14 @@ def test_the_flux_projection_counts_steps_not_cfg_calls(tiny_dit, tmp_path):
 
 
 def test_the_default_fits_a_flux_dev_calibration_at_50_steps_budget_8_in_15_h100_minutes():
-    # 16 recorded images x 50 steps + 8 search images x (50 reference steps + 30 candidates x 8 full steps)
-    plan = planned_cost(8, 50, images=16, search_images=8, max_evaluations=24)
-    assert plan["full_image_steps"] == 16 * 50 + 8 * (50 + 30 * 8) == 3120
-    assert plan["flux_dev_1024_h100_minutes"] == round(3120 * SECONDS_PER_CALL / 60, 1) <= 15
+    # 16 recorded images x 50 steps + 8 search images (the first recorded batch: no reference to sample) x
+    # 38 candidates (greedy, 5 power-law starts, 32 refinements) x 8 full steps
+    plan = planned_cost(8, 50, images=16, search_images=8, max_evaluations=32)
+    assert plan["full_image_steps"] == 16 * 50 + 8 * 38 * 8 == 3232
+    assert plan["flux_dev_1024_h100_minutes"] == round(3232 * SECONDS_PER_CALL / 60, 1) <= 15
+    # search images that are not the first recorded batch need their reference sampled: 8 x 50 more
+    assert planned_cost(8, 50, images=16, search_images=10, max_evaluations=32)["full_image_steps"] == (
+        16 * 50 + 10 * (50 + 38 * 8))
     thorough = planned_cost(8, 50, images=40, search_images=30, max_evaluations=200)
     assert thorough["flux_dev_1024_h100_minutes"] > 15
 
@@ -87,7 +92,7 @@ def test_thorough_is_reachable_and_given_values_override_the_plan(tiny_dit, tmp_
                     forecaster=TaylorForecast(max_order=1), granularity="output")
     plan = cal.header["calibration_data"]["search_plan"]
     assert plan == {"name": "thorough", "images": 2, "search_images": 2, "max_evaluations": 3, "radius": 3,
-                    "patience": None}
+                    "patience": None, "moves": "random"}
     assert cal.header["calibration_data"]["images"] == 2 and cal.header["calibration_data"]["cost"]["search"][
         "batch"] == 2
 
@@ -198,7 +203,7 @@ def test_at_module_granularity_the_default_search_is_thorough(tiny_dit, tmp_path
     assert plan["name"] == "thorough" and plan["patience"] is None and cal.header["granularity"] == "module"
     fast = calibrate(tiny_dit, 4, tmp_path / "module-fast.safetensors", num_steps=NUM_STEPS, progress=False,
                      images=2, search_images=2, max_evaluations=2, search="fast")
-    assert fast.header["calibration_data"]["search_plan"]["patience"] == 12  # named: the fast plan at any granularity
+    assert fast.header["calibration_data"]["search_plan"]["patience"] == 14  # named: the fast plan at any granularity
 
 
 @pytest.mark.parametrize("argv, model_kwargs", [
@@ -237,3 +242,48 @@ def test_a_pipelines_default_granularity_follows_its_scheduler():
 
     assert _default_granularity(FlowMatchEulerDiscreteScheduler()) == "output"
     assert _default_granularity(DDIMScheduler()) == "module"
+
+
+def test_the_search_reuses_the_recordings_first_batch_as_its_reference_only_when_it_is_the_same_call(tiny_dit):
+    """The fast plan's 8 search images are the first recorded batch (same labels, noise seed, guidance, CFG): their
+    full-compute images come from the recording, bit for bit what sampling them again gives; any difference in
+    how they would be sampled (another seed, count or guidance) samples the reference instead."""
+    from taylorseer.calibration.calibrate import calibration_labels
+    from taylorseer.calibration.record import record_trajectories
+    from taylorseer.calibration.search import SampledObjective
+    from taylorseer.models.sampler import sample
+
+    stats = record_trajectories(tiny_dit, calibration_labels(16), num_steps=NUM_STEPS, seed=1000,
+                                guidance_scale=1.5, progress=False, granularity="output")
+    fresh = sample(tiny_dit, torch.arange(8), num_steps=NUM_STEPS, guidance_scale=1.5, seed=1000)
+    assert torch.equal(stats.first_images, fresh)
+    reused = SampledObjective(tiny_dit, stats, images=8, forecaster=TaylorForecast(max_order=1))
+    assert reused.reference_recorded and reused.model_calls == 0 and torch.equal(reused.reference, fresh)
+    for kwargs in ({"seed": 1001}, {"images": 4}, {"guidance_scale": 2.0}):
+        other = SampledObjective(tiny_dit, stats, forecaster=TaylorForecast(max_order=1), **{"images": 8, **kwargs})
+        assert not other.reference_recorded and other.model_calls == NUM_STEPS
+
+
+def test_nearest_moves_try_every_one_step_shift_before_any_larger_one():
+    tried = []
+
+    def record(schedule):
+        tried.append(schedule)
+        return 1.0  # nothing improves: one whole sweep
+
+    refine_schedule(record, (0, 5, 10), num_steps=20, radius=3, moves="nearest")
+    shifts = [max(abs(a - b) for a, b in zip(s, (0, 5, 10))) for s in tried[1:]]
+    assert sorted(shifts) == shifts and shifts.count(1) == 4 and len(shifts) == 12  # 2 steps x 6 shifts
+    with pytest.raises(ValueError, match="moves must be one of \\['random', 'nearest'\\], got 'closest'"):
+        refine_schedule(record, (0, 5), num_steps=20, moves="closest")
+
+
+def test_nearest_moves_reach_a_one_step_optimum_that_random_order_with_the_same_patience_misses():
+    """An objective with one improving move among many flat ones: a one-step shift of the last full step. Random
+    order may spend its patience on the flat moves first; one-step shifts first find it within the first 6."""
+    def one_good_move(schedule):
+        return 0.0 if schedule == (0, 4, 8, 13) else 1.0
+
+    best, error, _ = refine_schedule(one_good_move, (0, 4, 8, 12), num_steps=20, radius=3, patience=6,
+                                     moves="nearest")
+    assert best == (0, 4, 8, 13) and error == 0.0

@@ -99,21 +99,24 @@ def calibration_cost(stats: TrajectoryStats, search: dict[str, Any] | None, sear
 
 
 def planned_cost(budget: int, num_steps: int, images: int, search_images: int, max_evaluations: int,
-                 on_policy: bool = False) -> dict[str, Any]:
+                 on_policy: bool = False, batch_size: int = 8) -> dict[str, Any]:
     """The most a calibration can cost, before it runs, in full image steps (one image through the model at one
     sampler step, CFG counted once) and projected to FLUX.1-dev 1024x1024 on one H100 (``calibration_cost``):
-    recording ``images x num_steps``; the search's reference ``search_images x num_steps``; its candidates, at most
-    the greedy schedule, the power-law starts and ``max_evaluations`` refinements, each ``search_images x budget``
-    (forecast steps of the model output run nothing); ``on_policy``: ``images x (num_steps + budget)`` more.
+    recording ``images x num_steps``; the search's reference ``search_images x num_steps``, free when the search
+    images are the recording's first batch of ``batch_size`` (``SampledObjective``: ``search_images ==
+    min(batch_size, images)``); its candidates, at most the greedy schedule, the power-law starts and
+    ``max_evaluations`` refinements, each ``search_images x budget`` (forecast steps of the model output run
+    nothing); ``on_policy``: ``images x (num_steps + budget)`` more.
 
     Example:
-        >>> planned_cost(8, 50, images=16, search_images=8, max_evaluations=24)["flux_dev_1024_h100_minutes"]
-        13.2
+        >>> planned_cost(8, 50, images=16, search_images=8, max_evaluations=32)["flux_dev_1024_h100_minutes"]
+        13.7
     """
     from .search import power_schedules
 
     candidates = (1 + len(power_schedules(budget, num_steps)) + max_evaluations) if search_images else 0
-    steps = images * num_steps + (search_images * (num_steps + candidates * budget) if search_images else 0)
+    reference = 0 if search_images == min(batch_size, images) else search_images * num_steps
+    steps = images * num_steps + (reference + search_images * candidates * budget if search_images else 0)
     steps += images * (num_steps + budget) if on_policy else 0
     minutes = steps * FLUX_H100_SECONDS_PER_IMAGE_CALL / 60
     return {"full_image_steps": steps, "candidates": candidates, "flux_dev_1024_h100_minutes": round(minutes, 1)}
@@ -209,11 +212,12 @@ def calibrate(
     a second per schedule on the embedded model; step 4 ``images`` full-compute and ``images`` cached generations.
 
     ``search``: how much steps 1-2 may spend (``SEARCH_PLANS``): ``"fast"`` (16 recorded images, 8 search
-    images, at most 24 refinement candidates, early stop after 12 without improvement; a FLUX.1-dev calibration at
-    50 steps, budget 8 projects to <= 13.2 H100 minutes, ``planned_cost``) or ``"thorough"`` (the search of
-    2026-12-06: 40 images, 30 search images, 200 candidates, until a sweep improves nothing); None (default):
-    ``default_search(granularity)``, fast at ``output`` granularity, thorough at ``module``/``block``. ``images``,
-    ``search_images``, ``max_evaluations`` and ``radius`` given override the plan's. The header records the plan
+    images: the first recorded batch, at most 32 refinement candidates, one-step shifts first, early stop after 14
+    without improvement; a FLUX.1-dev calibration at 50 steps, budget 8 projects to <= 13.7 H100 minutes,
+    ``planned_cost``) or ``"thorough"`` (the search of 2026-12-06: 40 images, 30 search images, 200 candidates,
+    until a sweep improves nothing); None (default): ``default_search(granularity)``, fast at ``output``
+    granularity, thorough at ``module``/``block``. ``images``, ``search_images``, ``max_evaluations`` and
+    ``radius`` given override the plan's. The header records the plan
     (``calibration_data.search_plan``) and the cost (``calibration_data.cost``).
 
     Example:
@@ -263,7 +267,8 @@ def calibrate(
         # The greedy proxy with one weight per anchor: the same greedy schedule here, ten times faster.
         greedy = ProxyObjective(stats, dataclasses.replace(options, channelwise=False))
         result = search_schedule(stats, budget, refine=refine, greedy=greedy, seed=search_seed, radius=radius,
-                                 max_evaluations=max_evaluations, progress=progress, patience=plan.patience)
+                                 max_evaluations=max_evaluations, progress=progress, patience=plan.patience,
+                                 moves=plan.moves)
         full_steps = result.full_steps
     else:
         if schedule.num_steps != num_steps or len(schedule.full_steps) > budget:

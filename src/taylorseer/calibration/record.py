@@ -47,6 +47,8 @@ class TrajectoryStats:
     tokens x targets in the group). ``model_calls``: full model evaluations spent; ``seconds``: wall time.
     ``sampling``: how the trajectories were made (labels, seed, guidance scale, ...), for the file header.
     ``granularity``: what the targets are (``calibration_targets``: module outputs, block residuals, the output).
+    ``first_images``: the sampler's output for the first batch (full compute, noise seed ``sampling["seed"]``), which
+    a sampled schedule search on the same labels reuses as its reference instead of sampling it again.
     """
 
     num_steps: int
@@ -61,6 +63,7 @@ class TrajectoryStats:
     sampling: dict[str, Any] = field(default_factory=dict)
     granularity: str = "module"
     anchor: str | None = None
+    first_images: torch.Tensor | None = None
 
     def add(self, target: str, features: torch.Tensor, anchor_features: torch.Tensor | None = None) -> None:
         """Fold one target's trajectory ``[num_steps, rows, ..., C]`` into its group's Gram (``rows`` divisible by
@@ -106,7 +109,7 @@ class TrajectoryStats:
         out = TrajectoryStats(self.num_steps, self.grouping, self.row_groups,
                               {k: v.clone() for k, v in self.gram.items()}, dict(self.targets), dict(self.rows),
                               self.images, self.model_calls, self.seconds, dict(self.sampling), self.granularity,
-                              self.anchor)
+                              self.anchor, self.first_images)
         for group, gram in other.gram.items():
             out.gram[group] = out.gram[group] + gram if group in out.gram else gram.clone()
             out.rows[group] = out.rows.get(group, 0) + other.rows[group]
@@ -296,8 +299,10 @@ def record_trajectories(
     batches = list(torch.split(labels, batch_size))
     with TrajectoryRecorder(model, targets) as recorder:
         for b, chunk in enumerate(tqdm(batches, desc="calibration trajectories", disable=not progress)):
-            sampler(model, chunk, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
-                    cfg_mode=cfg_mode, listener=recorder)
+            images = sampler(model, chunk, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + b,
+                             cfg_mode=cfg_mode, listener=recorder)
+            if b == 0 and isinstance(images, torch.Tensor):
+                stats.first_images = images.detach().clone()
             taken = recorder.take()
             fresh = None if anchor is None else taken.pop(anchor)
             for path, features in taken.items():

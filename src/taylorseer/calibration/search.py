@@ -52,6 +52,9 @@ def check_budget(budget: int, num_steps: int) -> None:
         raise ValueError(f"budget must be an int in [1, num_steps={num_steps}] (full steps), got {budget!r}")
 
 
+MOVE_ORDERS = ("random", "nearest")
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """What a calibration may spend, by name (``calibrate(search=NAME)``, ``taylorseer calibrate --search NAME``).
@@ -60,7 +63,9 @@ class SearchPlan:
     candidate schedule is sampled on (None: the caller's own default, 30 for the embedded model, 10 for a
     pipeline); ``max_evaluations``: candidates the refinement samples at most (beside the greedy schedule and the
     power-law starts); ``radius``: largest shift of one full step per move; ``patience``: early stop after that
-    many sampled candidates in a row without improvement (None: run until a whole sweep improves nothing).
+    many sampled candidates in a row without improvement (None: run until a whole sweep improves nothing);
+    ``moves``: the refinement's move order (``refine_schedule``: ``"random"`` or ``"nearest"``, one-step shifts
+    first).
 
     Example:
         >>> SEARCH_PLANS["fast"].search_images, SEARCH_PLANS["thorough"].max_evaluations
@@ -73,20 +78,26 @@ class SearchPlan:
     max_evaluations: int
     radius: int
     patience: int | None
+    moves: str = "random"
 
 
 # "fast" (the default at output granularity, default_search) fits a FLUX.1-dev calibration at 50 steps, budget 8,
-# in <= 15 H100 minutes (calibrate.py's projection); "thorough" is the search of 2026-12-06 and before
+# in <= 15 H100 minutes (calibrate.py's projection: 13.7; its 8 search images are the recording's first batch, so
+# their reference costs nothing). One-step shifts first and an early stop after 14 candidates without improvement
+# (the 14 one-step shifts of an 8-step schedule) found the schedules of the searches run to convergence on both
+# references, where random order with patience 12 stopped 0.8 dB lower on the search images
+# (scripts/experiments/fast_search_moves.py). "thorough" is the search of 2026-12-06 and before
 # (docs/results/calibration_cost.md).
 SEARCH_PLANS = {
-    "fast": SearchPlan("fast", images=16, search_images=8, max_evaluations=24, radius=3, patience=12),
+    "fast": SearchPlan("fast", images=16, search_images=8, max_evaluations=32, radius=3, patience=14,
+                       moves="nearest"),
     "thorough": SearchPlan("thorough", images=40, search_images=None, max_evaluations=200, radius=3, patience=None),
 }
 
 
 def default_search(granularity: str) -> str:
     """The plan a calibration uses when none is named: ``"fast"`` at ``output`` granularity (what FLUX-class models
-    record: a FLUX.1-dev calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes; -0.38 dB held out on
+    record: a FLUX.1-dev calibration at 50 steps, budget 8 projects to <= 13.7 H100 minutes; -0.38 dB held out on
     the embedded DiT), ``"thorough"`` at ``module``/``block`` granularity, where the fast search's schedule for
     fitted weights lost 1.3 dB held out (docs/results/calibration_cost.md).
 
@@ -176,7 +187,9 @@ class SampledObjective(Objective):
 
     The search images are the classes ``0, 1, ...`` in turn with noise from ``seed`` (the calibration's own seed
     by default, so that no evaluation image is ever searched on); their full-compute images are sampled once
-    (counted in the cost).
+    (counted in the cost), or taken from the recording when its first batch is this very call
+    (``TrajectoryStats.first_images``: the same labels, noise seed, guidance scale and CFG mode; a fast plan's 8
+    search images are the first recorded batch), free; ``reference_recorded`` says which.
     """
 
     name = "sampled"
@@ -201,9 +214,24 @@ class SampledObjective(Objective):
         self.labels = torch.tensor([classes[i % len(classes)] for i in range(images)])
         self._calls_per_step = 1 if self.guidance_scale == 1.0 or self.cfg_mode == "batch" else 2
         self._tmp = tempfile.TemporaryDirectory(prefix="taylorseer-search-")
-        self.reference = self._sample(None)
-        self.model_calls += stats.num_steps * self._calls_per_step
-        self.full_calls += stats.num_steps * self._calls_per_step
+        recorded = self._recorded_reference()
+        self.reference_recorded = recorded is not None
+        if recorded is not None:  # the recording's first batch is this very call: no need to sample it again
+            self.reference = recorded
+        else:
+            self.reference = self._sample(None)
+            self.model_calls += stats.num_steps * self._calls_per_step
+            self.full_calls += stats.num_steps * self._calls_per_step
+
+    def _recorded_reference(self) -> torch.Tensor | None:
+        """The recording's first batch (``TrajectoryStats.first_images``) when it was sampled exactly as the search
+        images are (same labels, noise seed, guidance scale and CFG mode), else None."""
+        first, sampling = self.stats.first_images, self.stats.sampling
+        same = (first is not None and first.shape[0] == len(self.labels)
+                and sampling.get("labels", [])[:len(self.labels)] == self.labels.tolist()
+                and sampling.get("seed") == self.seed and sampling.get("guidance_scale") == self.guidance_scale
+                and sampling.get("cfg_mode") == self.cfg_mode)
+        return first if same else None
 
     def _sample(self, listener: Any) -> torch.Tensor:
         return self.sampler(self.model, self.labels, num_steps=self.stats.num_steps,
@@ -325,9 +353,10 @@ def power_schedules(budget: int, num_steps: int, powers: Sequence[float] = (1.0,
 
 def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule, num_steps: int, *, seed: int = 0,
                     radius: int = 3, max_evaluations: int = 200, progress: bool = False, patience: int | None = None,
-                    ) -> tuple[Schedule, float, list[tuple[Schedule, float]]]:
+                    moves: str = "random") -> tuple[Schedule, float, list[tuple[Schedule, float]]]:
     """Local search from ``full_steps``: shift one full step (never step 0) by ``-radius .. radius`` steps (keeping
-    the order), moves in an order drawn from ``random.Random(seed)`` per sweep; keep a move that lowers the error;
+    the order), moves in an order drawn from ``random.Random(seed)`` per sweep (``moves="nearest"``: shifts of one
+    step first, then two, ..., each size in a drawn order); keep a move that lowers the error;
     stop after a sweep without improvement, ``max_evaluations`` evaluations of new candidates, or (early stop)
     ``patience`` evaluations in a row without improvement (None: no early stop).
 
@@ -337,6 +366,8 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
         >>> refine_schedule(lambda s: abs(s[1] - 5), (0, 2), num_steps=10, radius=2)[:2]
         ((0, 5), 0)
     """
+    if moves not in MOVE_ORDERS:
+        raise ValueError(f"moves must be one of {list(MOVE_ORDERS)}, got {moves!r}")
     rng = random.Random(seed)
     current = tuple(full_steps)
     error = objective(current)
@@ -346,10 +377,12 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
     bar = tqdm(total=max_evaluations, desc="schedule refinement", disable=not progress, leave=False)
     try:
         while evaluated < max_evaluations:
-            moves = [(i, d) for i in range(1, len(current)) for d in range(-radius, radius + 1) if d]
-            rng.shuffle(moves)
+            sweep = [(i, d) for i in range(1, len(current)) for d in range(-radius, radius + 1) if d]
+            rng.shuffle(sweep)
+            if moves == "nearest":
+                sweep.sort(key=lambda move: abs(move[1]))  # stable: the drawn order within each size
             improved = False
-            for i, d in moves:
+            for i, d in sweep:
                 low = current[i - 1] if i > 0 else -1
                 high = current[i + 1] if i + 1 < len(current) else num_steps
                 target = current[i] + d
@@ -379,11 +412,12 @@ def refine_schedule(objective: Callable[[Schedule], float], full_steps: Schedule
 
 def search_schedule(stats: TrajectoryStats, budget: int, *, refine: Objective | None = None,
                     greedy: Objective | None = None, seed: int = 0, radius: int = 3, max_evaluations: int = 200,
-                    multistart: bool = True, progress: bool = True, patience: int | None = None) -> SearchResult:
+                    multistart: bool = True, progress: bool = True, patience: int | None = None,
+                    moves: str = "random") -> SearchResult:
     """Greedy pass with ``greedy`` (default: ``ProxyObjective(stats)``), then local refinement with ``refine``
     (default: the greedy objective) from the best, by ``refine``, of the greedy schedule and (``multistart``) the
-    ``power_schedules`` starts; ``patience``: the refinement's early stop (``refine_schedule``); see the module
-    docstring.
+    ``power_schedules`` starts; ``patience`` and ``moves``: the refinement's early stop and move order
+    (``refine_schedule``); see the module docstring.
 
     Example:
         >>> result = search_schedule(stats, 8, refine=SampledObjective(model, stats))   # doctest: +SKIP
@@ -396,7 +430,8 @@ def search_schedule(stats: TrajectoryStats, budget: int, *, refine: Objective | 
     starts = [first] + ([s for s in power_schedules(budget, stats.num_steps) if s != first] if multistart else [])
     origin = min(starts, key=lambda s: (refine(s), starts.index(s)))
     best, error, trace = refine_schedule(refine, origin, stats.num_steps, seed=seed, radius=radius,
-                                         max_evaluations=max_evaluations, progress=progress, patience=patience)
+                                         max_evaluations=max_evaluations, progress=progress, patience=patience,
+                                         moves=moves)
     objectives = [greedy] if refine is greedy else [greedy, refine]
     psnr = 10 * torch.log10(torch.tensor(4.0 / error)).item() if refine.name == "sampled" and error > 0 else None
     return SearchResult(best, stats.num_steps, budget, seed, refine.name, error, psnr, greedy.name, first,

@@ -244,8 +244,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     plan = data.get("search_plan")
     if plan is not None:
         print(f"search plan: {plan['name']} ({plan['images']} recorded images, {plan['search_images']} search "
-              f"images, <= {plan['max_evaluations']} refinement candidates, radius {plan['radius']}, early stop "
-              f"after {plan['patience'] or 'none'}); --search thorough for the slower search of before")
+              f"images, <= {plan['max_evaluations']} refinement candidates, radius {plan['radius']}, "
+              f"{plan.get('moves', 'random')} moves first, early stop after {plan['patience'] or 'none'}); "
+              f"--search thorough for the slower search of before")
     fit = header["fit"]
     if fit is None:
         used = header["forecaster"]["searched_with"]
@@ -279,11 +280,12 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps the calibration is for")
     p.add_argument("--search", choices=SEARCH_PLANS, default=None, help="how much the calibration may spend: "
-                   "fast (16 recorded images, 8 search images, <= 24 refinement candidates, early stop; a FLUX.1-dev "
-                   "calibration at 50 steps, budget 8 projects to <= 13.2 H100 minutes) or thorough (40 images, 30 "
-                   "search images (10 for a pipeline), <= 200 candidates: the search before 2026-12-07); the flags "
-                   "below override the plan's values (default: fast with --granularity output, thorough at module "
-                   "or block granularity, where the fast search lost 1.3 dB held out)")
+                   "fast (16 recorded images, 8 search images (the first recorded batch), <= 32 refinement "
+                   "candidates, one-step shifts first, early stop; a FLUX.1-dev calibration at 50 steps, budget 8 "
+                   "projects to <= 13.7 H100 minutes) or thorough (40 images, 30 search images (10 for a pipeline), "
+                   "<= 200 candidates: the search before 2026-12-07); the flags below override the plan's values "
+                   "(default: fast with --granularity output, thorough at module or block granularity, where the "
+                   "fast search lost 1.3 dB held out)")
     p.add_argument("--images", type=positive_int, default=None, help="calibration images (full-compute "
                    "trajectories) (default: the --search plan's, 16 fast, 40 thorough)")
     p.add_argument("--classes", default=None, help="embedded model: classes of the calibration images, e.g. 0-4 "
