@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -28,9 +29,10 @@ import torch
 
 from taylorseer.api import apply
 from taylorseer.calibration.anchor_fit import anchored_config
-from taylorseer.calibration.anchor_joint import BlockFeatures, fit_joint, save_joint
+from taylorseer.calibration.anchor_joint import BlockFeatures, fit_correction, fit_joint, save_correction, save_joint
 from taylorseer.eval import metrics
 from taylorseer.eval.flux import FluxSampler
+from taylorseer.forecast.anchored import AnchoredMapForecast
 from taylorseer.models.flux_pipeline import DEFAULT_GUIDANCE, load_flux_reference
 from taylorseer.runtime.measure import count_flops
 
@@ -67,12 +69,11 @@ def record(ref, sampler, labels, seed, steps, config=None):
                 finally:
                     rec.remove()
         taken = rec.take()
-        like = taken[-1][0]
         missing = [i for i in (-1, 0) if len(taken[i]) != steps]
         if missing:
             raise RuntimeError(f"the first block was not seen at every step ({missing}): the anchors are incomplete")
         for i, per in taken.items():
-            parts.setdefault(i, []).append(stack(per, steps, like))
+            parts.setdefault(i, []).append(stack(per, steps, taken[-1 if i != -2 else -2][0]))
     return {i: torch.cat(v, dim=1) for i, v in parts.items()}
 
 
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--pull", action="store_true")
     parser.add_argument("--search", type=int, default=0)
     parser.add_argument("--baseline", default="")
+    parser.add_argument("--rank", type=int, default=0, help="also a low-rank anchor correction of this rank")
+    parser.add_argument("--correction-ridge", type=float, default=1e-4)
     parser.add_argument("--cache", default="/work/runs/anchor2/joint_cache.pt")
     parser.add_argument("--name", default="")
     parser.add_argument("--out", required=True)
@@ -149,13 +152,13 @@ def main() -> None:
                           anchor_history=args.anchor_history, ridge=args.ridge, carrier=carrier,
                           calibration_data={**data, "fit": label}, search=search)
 
-    def evaluate(path, label, full):
-        config = anchored_config(path)
+    def evaluate(path, label, full, config=None):
+        config = config or anchored_config(path)
         with apply(model, config) as handle:
             images = sampler(model, dev_labels, num_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE,
                              seed=args.dev_seed, listener=handle)
         psnr = float(metrics.psnr(images, dev_full))
-        key = tuple(full)
+        key = (tuple(full), type(config.forecaster).__name__)
         if key not in flops_cache:
             def one(cfg=None):
                 if cfg is None:
@@ -164,7 +167,7 @@ def main() -> None:
                 with apply(model, cfg) as h:
                     return sampler(model, dev_labels[:1], num_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE,
                                    seed=0, listener=h)
-            full_flops = flops_cache.setdefault((), count_flops(one)[1])
+            full_flops = flops_cache.setdefault(("full",), count_flops(one)[1])
             flops_cache[key] = count_flops(lambda: one(config))[1] / full_flops
         row = {"variant": label, "full_steps": list(full), "dev_psnr": round(psnr, 3),
                "flops_fraction": round(flops_cache[key], 4), "dev_images": args.dev_images,
@@ -205,7 +208,7 @@ def main() -> None:
               "candidates": len(seen)}
     cal_file = save(args.out, table, error, best, label, search)
     scores = {"teacher": seen[best]}
-    current = args.out
+    current, feats = args.out, cal
     for r in range(args.onpolicy):
         feats = record(ref, sampler, labels, args.seed, args.steps, anchored_config(current))
         table, error = fit(best, feats)
@@ -214,6 +217,33 @@ def main() -> None:
         scores[path] = evaluate(path, f"joint on-policy round {r + 1}{' pull' if args.pull else ''} "
                                       f"(fit {error['rel_error']:.3f})", best)
         current = path
+    if args.rank:  # on the last round's regressors (those the last refit used)
+        residuals: dict[int, torch.Tensor] = {}
+        features = {paths[i]: feats[i].float() for i in range(1, len(paths))}
+        total = total_ref
+        if feats is not cal and args.pull:
+            total = total_ref + h0_ref - (feats[-1].float() + feats[0].float())
+        table, error = fit_joint(features, total, feats[0].float(), best, history=args.history,
+                                 anchor_history=args.anchor_history, ridge=args.ridge, carrier=carrier,
+                                 residuals=residuals)
+        path = args.out.replace(".safetensors", f"-r{args.rank}.safetensors")
+        joint = save(path, table, error, best, f"{label}-r{args.rank}", search)
+        basis = {}
+        for s_ in residuals:
+            emb = model.norm_out.linear(model.norm_out.silu(cal[-2][s_][:, 0])).float()
+            scale = emb.chunk(2, dim=1)[0].mean(0)
+            pw = model.proj_out.weight.detach().float() * (1 + scale)[None, :]
+            basis[s_] = (pw - pw.mean(1, keepdim=True)).T
+        maps = fit_correction(feats[0].float(), residuals, best, rank=args.rank, anchor_history=args.anchor_history,
+                              ridge=args.correction_ridge, output_basis=basis)
+        map_path = path.replace(".safetensors", "-map.safetensors")
+        digest = save_correction(map_path, maps, target=carrier, tokens=feats[0].shape[-2],
+                                 anchor_history=args.anchor_history)
+        config = dataclasses.replace(anchored_config(path),
+                                     forecaster=AnchoredMapForecast(path, map_path, joint.sha256, digest))
+        scores[map_path] = evaluate(path, f"joint + rank-{args.rank} correction (fit {error['rel_error']:.3f}; "
+                                          f"regressors {'on-policy' if feats is not cal else 'teacher-forced'})",
+                                    best, config)
     print(json.dumps({"best_schedule": list(best), "scores": scores, "out": args.out, "sha256": cal_file.sha256,
                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from taylorseer.calibration.anchor_joint import fit_joint, joint_indices
-from taylorseer.forecast.anchored import AnchoredLinearForecaster
+from taylorseer.calibration.anchor_joint import fit_correction, fit_joint, joint_indices, save_correction
+from taylorseer.forecast.anchored import (
+    AnchoredLinearForecaster,
+    AnchoredMapForecast,
+    AnchoredMapForecaster,
+    read_correction,
+)
+from taylorseer.forecast.linear import LinearTable, StepWeights
+from taylorseer.forecast.linear_file import CalibrationError
 
 STEPS, ROWS, TOKENS, C = 6, 4, 5, 3
 FULL = (0, 3)
@@ -90,3 +98,60 @@ def test_shape_mismatch_is_refused():
     features, anchor, total, *_ = _data()
     with pytest.raises(ValueError, match="'anchor' has shape"):
         fit_joint(features, total, anchor[:, :2], FULL, carrier="b1")
+
+
+def test_correction_recovers_a_low_rank_cross_channel_map():
+    # residual(s) = A(s) @ M with M of rank 2 mixing channels: per-channel weights cannot express it, the rank-2
+    # correction reproduces it exactly (x @ map) @ basis.T
+    g = torch.Generator().manual_seed(2)
+    anchor = torch.randn(STEPS, ROWS, TOKENS, C, generator=g)
+    u = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    m_true = torch.tensor([[0.5, -1.0], [2.0, 0.0], [0.0, 1.5]]) @ u.T  # [C, C], rank 2
+    residuals = {s: anchor[s] @ m_true for s in (1, 2, 4, 5)}
+    maps = fit_correction(anchor, residuals, FULL, rank=2, anchor_history=1, ridge=0.0)
+    for s, res in residuals.items():
+        m, basis = maps[s]
+        assert m.shape == (2 * C, 2) and basis.shape == (C, 2)
+        a0 = 0 if s < 3 else 3
+        x = torch.cat([anchor[s], anchor[a0]], dim=-1)
+        torch.testing.assert_close((x @ m) @ basis.T, res, atol=1e-4, rtol=0)
+    # rank 1 cannot: the fit is then strictly worse than exact
+    m, basis = fit_correction(anchor, residuals, FULL, rank=1, anchor_history=0, ridge=0.0)[4]
+    assert float(((anchor[4] @ m) @ basis.T - residuals[4]).norm()) > 0.1 * float(residuals[4].norm())
+
+
+def test_correction_forecaster_adds_the_map_on_its_target_only(tmp_path):
+    table = LinearTable({"b1": {1: StepWeights((0,), torch.ones(1, 1, C))},
+                         "b2": {1: StepWeights((0, STEPS + 1), torch.ones(2, 1, C))}},
+                        num_steps=STEPS, full_steps=(0, 3), grouping="target", history=2)
+    m = torch.arange(2 * C * 1, dtype=torch.float32).reshape(2 * C, 1) / 10
+    basis = torch.tensor([[1.0], [0.0], [-1.0]])
+    path = str(tmp_path / "map.safetensors")
+    digest = save_correction(path, {1: (m, basis)}, target="b2", tokens=TOKENS, anchor_history=1)
+    correction = read_correction(path, digest)
+    assert correction.target == "b2" and correction.tokens == TOKENS and sorted(correction.maps) == [1]
+    f = AnchoredMapForecaster(table, "a", correction)
+    g = torch.Generator().manual_seed(3)
+    own0, a0, a1 = (torch.randn(ROWS, TOKENS, C, generator=g) for _ in range(3))
+    state = f.update(f.empty(), own0, 0.0)
+    anchor_state = f.update(f.empty(), a0, 0.0)
+    f.observe_anchor("a", 1.0, [a1], [anchor_state])
+    expected = own0 + a1 + (torch.cat([a1, a0], -1) @ m) @ basis.T  # weights 1 on own and fresh anchor, + map
+    torch.testing.assert_close(f.predict(state, 1.0, target="b2"), expected)
+    torch.testing.assert_close(f.predict(state, 1.0, target="b1"), own0)  # not the correction's target
+    with pytest.raises(CalibrationError, match="SHA-256"):
+        read_correction(path, "0" * 64)
+
+
+def test_correction_refusals(tmp_path):
+    anchor = torch.zeros(STEPS, ROWS, TOKENS, C)
+    with pytest.raises(ValueError, match="rank must be an int"):
+        fit_correction(anchor, {1: anchor[1]}, FULL, rank=0)
+    with pytest.raises(ValueError, match="rank 4 exceeds"):
+        fit_correction(anchor, {1: anchor[1]}, FULL, rank=4)
+    with pytest.raises(ValueError, match="correction must be the path"):
+        AnchoredMapForecast("a.safetensors", "")
+    plain = str(tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(1)}, plain)
+    with pytest.raises(CalibrationError, match="no 'anchor-correction' header"):
+        read_correction(plain)

@@ -79,15 +79,17 @@ def _check(features: Mapping[str, torch.Tensor], total: torch.Tensor, anchor: to
 
 def fit_joint(features: Mapping[str, torch.Tensor], total: torch.Tensor, anchor: torch.Tensor,
               full_steps: Sequence[int], *, history: int = 3, anchor_history: int = 1, ridge: float = 1e-6,
-              carrier: str, grouping: str = "target") -> tuple[LinearTable, dict[str, float]]:
+              carrier: str, grouping: str = "target", residuals: dict[int, torch.Tensor] | None = None
+              ) -> tuple[LinearTable, dict[str, float]]:
     """Fit every forecast step of ``full_steps`` (see the module docstring).
 
     ``features[target]``: each forecast block's residual ``[steps, rows, ..., C]`` (the regressors, at the full
     steps); ``total``: what the summed forecast must match at the forecast steps (same shape); ``anchor``: the anchor
     target's residual at every step (same shape; its fresh value at ``s`` and its value at the full steps are
-    regressors). ``ridge``: times the mean diagonal of each channel's Gram. Returns the table (every target's own
-    weights; the ``carrier``'s also the anchor weights and the bias) and the relative L2 error of the fitted sum on
-    these rows (``rel_error``, and ``rel_error_max`` over steps).
+    regressors). ``ridge``: times the mean diagonal of each channel's Gram. ``residuals``: a dict that receives,
+    per forecast step, ``total`` minus the fitted sum (float32, shaped like ``total[s]``). Returns the table (every
+    target's own weights; the ``carrier``'s also the anchor weights and the bias) and the relative L2 error of the
+    fitted sum on these rows (``rel_error``, and ``rel_error_max`` over steps).
     """
     full = _check(features, total, anchor, full_steps, history, anchor_history, carrier)
     n = total.shape[0]
@@ -108,6 +110,8 @@ def fit_joint(features: Mapping[str, torch.Tensor], total: torch.Tensor, anchor:
         w = torch.linalg.solve(gram, torch.einsum("ncp,nc->cp", x, y)[..., None])[..., 0]  # [C, p]
         fitted = torch.einsum("ncp,cp->nc", x, w)
         residual, energy = float((fitted - y).pow(2).sum()), float(y.pow(2).sum())
+        if residuals is not None:
+            residuals[s] = (y - fitted).float().reshape(total[s].shape)
         residual_total += residual
         energy_total += energy
         worst = max(worst, (residual / max(energy, 1e-300)) ** 0.5)
@@ -123,6 +127,65 @@ def fit_joint(features: Mapping[str, torch.Tensor], total: torch.Tensor, anchor:
             width = max(width, len(steps[name][s].anchors))
     table = LinearTable(steps=steps, num_steps=n, full_steps=full, grouping=grouping, history=width)
     return table, {"rel_error": (residual_total / max(energy_total, 1e-300)) ** 0.5, "rel_error_max": worst}
+
+
+def fit_correction(anchor: torch.Tensor, residuals: Mapping[int, torch.Tensor], full_steps: Sequence[int], *,
+                   rank: int, anchor_history: int = 1, ridge: float = 1e-4,
+                   output_basis: Mapping[int, torch.Tensor] | None = None
+                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Low-rank cross-channel maps from the anchor to what the per-channel fit missed (``forecast.anchored``'s
+    ``AnchoredMapForecast``): for each step of ``residuals`` (``[rows, ..., C]``, e.g. ``fit_joint``'s), ``x`` =
+    the anchor at the step and at its last ``anchor_history`` full steps (``[n, (1 + m) C]``), a basis ``[C, rank]``
+    (the columns of ``output_basis[s]`` first, orthonormalised, when given: the directions the output layer reads;
+    then the residual's principal directions outside them) and the ridge fit ``map`` of ``residual @ basis`` on
+    ``x`` (``ridge`` times the mean diagonal). Returns ``{step: (map [(1 + m) C, rank], basis [C, rank])}``; the
+    correction is ``(x @ map) @ basis.T``.
+
+    Example:
+        >>> maps = fit_correction(anchor, residuals, (0, 12, 21), rank=8)                 # doctest: +SKIP
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"fit_correction: rank must be an int >= 1, got {rank!r}")
+    full = tuple(int(a) for a in full_steps)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for s, res in residuals.items():
+        channels = res.shape[-1]
+        if rank > channels:
+            raise ValueError(f"fit_correction: rank {rank} exceeds the {channels} channels")
+        before = [a for a in full if a < s][::-1][:anchor_history]
+        x = torch.cat([anchor[a].reshape(-1, channels).double() for a in [s, *before]], dim=1)
+        r = res.reshape(-1, channels).double()
+        cov = r.T @ r
+        given = torch.zeros(channels, 0, dtype=torch.float64)
+        if output_basis is not None and s in output_basis:
+            given = torch.linalg.qr(output_basis[s].double()[:, :rank]).Q
+        rest = cov - given @ (given.T @ cov)
+        rest = rest - (rest @ given) @ given.T
+        extra = torch.linalg.eigh((rest + rest.T) / 2).eigenvectors[:, channels - (rank - given.shape[1]):]
+        basis = torch.linalg.qr(torch.cat([given, extra], dim=1)).Q if rank > given.shape[1] else given
+        g = x.T @ x
+        g = g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        out[int(s)] = (torch.linalg.solve(g, x.T @ (r @ basis)).float(), basis.float())
+    return out
+
+
+def save_correction(path: str, maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]], *, target: str, tokens: int,
+                    anchor_history: int) -> str:
+    """Write ``fit_correction``'s maps for ``target``'s tensors of ``tokens`` rows; returns the file's SHA-256."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..forecast.anchored import CORRECTION_KIND
+    from ..models.checkpoint import file_sha256
+
+    meta = {"kind": CORRECTION_KIND, "target": target, "tokens": int(tokens), "anchor_history": int(anchor_history),
+            "steps": sorted(int(s) for s in maps)}
+    tensors = {}
+    for s, (m, basis) in maps.items():
+        tensors[f"s{s}.map"], tensors[f"s{s}.basis"] = m.contiguous(), basis.contiguous()
+    save_file(tensors, path, {"correction": json.dumps(meta)})
+    return file_sha256(path)
 
 
 def save_joint(path: str, table: LinearTable, error: dict[str, float], model: nn.Module, *, name: str,
@@ -161,9 +224,10 @@ class BlockFeatures:
                 return
             residual = output[1] - kwargs["hidden_states"]
             self.rows.setdefault(i, {}).setdefault(self.index, []).append(residual.detach().to(self.dtype))
-            if i == 0:  # the first block's input (index -1): the hidden states the fresh anchor starts from
+            if i == 0:  # the first block's input (index -1) and its conditioning embedding (index -2)
                 self.rows.setdefault(-1, {}).setdefault(self.index, []).append(
                     kwargs["hidden_states"].detach().to(self.dtype))
+                self.rows.setdefault(-2, {}).setdefault(self.index, []).append(kwargs["temb"].detach().float())
         return hook
 
     def begin(self, num_steps: int | None = None) -> None:
@@ -178,8 +242,8 @@ class BlockFeatures:
             self.index = None
 
     def take(self) -> dict[int, dict[int, torch.Tensor]]:
-        """``{block index: {step: [rows, tokens, C]}}`` (index -1: the first block's input) for the steps each
-        block was called at, then forgets them."""
+        """``{block index: {step: [rows, tokens, C]}}`` (index -1: the first block's input; -2: its ``temb``) for
+        the steps each block was called at, then forgets them."""
         out = {i: {s: torch.cat(x) for s, x in per.items()} for i, per in self.rows.items()}
         self.rows = {}
         return out

@@ -175,3 +175,105 @@ def _build_anchored(config: AnchoredLinearForecast) -> AnchoredLinearForecaster:
         raise CalibrationError(f"calibration file {config.calibration}: its header names no anchor target "
                                f"(forecaster.anchor): not an anchored calibration; use LinearForecast")
     return AnchoredLinearForecaster(calibration.table_required(), anchor, calibration)
+
+
+#################################################################################
+#            A low-rank cross-channel correction from the anchor's change       #
+#################################################################################
+
+CORRECTION_KIND = "anchor-correction"
+
+
+@dataclass(frozen=True)
+class AnchoredMapForecast:
+    """The anchored forecaster plus a low-rank cross-channel map per forecast step: on one target (the file's
+    ``target``, the carrier of the anchor terms), on its tensors of ``tokens`` rows, the forecast gains
+    ``([A(s), A(a_0), ...] @ map_s) @ basis_s^T`` (``A(s)`` the anchor's fresh tensor of the same shape, ``A(a_m)``
+    its values at the newest full steps; ``map_s`` ``[(1 + m) C, r]``, ``basis_s`` ``[C, r]``). Per-channel weights
+    cannot mix channels; the first block's change moves the later blocks' output across channels, and a rank-``r``
+    map of it costs ``2 r C`` multiply-adds per token once per step (counted FLOPs).
+    ``calibration``: the anchored weights (``AnchoredLinearForecast``'s file); ``correction``: the safetensors file
+    of the maps (``calibration.anchor_joint.save_correction``); ``sha256``/``correction_sha256``: hex digests ('' for
+    unchecked).
+
+    Example:
+        >>> AnchoredMapForecast("joint.safetensors", "joint-map.safetensors").correction
+        'joint-map.safetensors'
+    """
+
+    calibration: str
+    correction: str
+    sha256: str = ""
+    correction_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        check_file_fields(self)
+        if not isinstance(self.correction, str) or not self.correction:
+            raise ValueError(f"AnchoredMapForecast.correction must be the path of a correction file, got "
+                             f"{self.correction!r}")
+        if not isinstance(self.correction_sha256, str):
+            raise ValueError(f"AnchoredMapForecast.correction_sha256 must be a hex digest str ('' for unchecked), "
+                             f"got {self.correction_sha256!r}")
+
+
+@dataclass(frozen=True)
+class AnchorCorrection:
+    """The maps of an ``AnchoredMapForecast``: ``maps[step] = (map [(1 + m) C, r], basis [C, r])`` for ``target``,
+    applied to its tensors with ``tokens`` rows (dimension -2), ``anchor_history`` m cached anchor values."""
+
+    target: str
+    tokens: int
+    anchor_history: int
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class AnchoredMapForecaster(AnchoredLinearForecaster):
+    """``AnchoredLinearForecaster`` plus ``AnchorCorrection`` on its target (see ``AnchoredMapForecast``)."""
+
+    def __init__(self, table: LinearTable, anchor: str, correction: AnchorCorrection, calibration: Any = None):
+        super().__init__(table, anchor, calibration)
+        self.correction = correction
+
+    def predict(self, state: FactorState, point: float, *, dtype: torch.dtype | None = None,
+                target: str | None = None) -> torch.Tensor:
+        output = super().predict(state, point, dtype=dtype, target=target)
+        c = self.correction
+        step = int(point)
+        if target != c.target or step not in c.maps or output.dim() < 2 or output.shape[-2] != c.tokens:
+            return output
+        assert self._fresh is not None
+        leaf = self._leaf(state.factors[0], target)
+        full = [a for a in self.table.full_steps if a < step][::-1][:c.anchor_history]
+        columns = [self._fresh[1][leaf]] + [self._column(self.table.num_steps + a, state, leaf, point, target)
+                                            for a in full]
+        m, basis = c.maps[step]
+        x = torch.cat([col.to(output.dtype) for col in columns], dim=-1)
+        return output + (x @ m.to(output.device, output.dtype)) @ basis.to(output.device, output.dtype).T
+
+
+def read_correction(path: str, sha256: str = "") -> AnchorCorrection:
+    """Read ``save_correction``'s file (``CalibrationError`` naming the path when it is not one, or its digest
+    differs from ``sha256``)."""
+    import json
+
+    from safetensors import safe_open
+
+    from ..models.checkpoint import file_sha256
+
+    if sha256 and file_sha256(path) != sha256:
+        raise CalibrationError(f"correction file {path}: SHA-256 differs from the config's {sha256[:12]}...")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("correction", "null") or "null")
+        if not isinstance(meta, dict) or meta.get("kind") != CORRECTION_KIND:
+            raise CalibrationError(f"correction file {path}: no '{CORRECTION_KIND}' header (save_correction writes "
+                                   f"one)")
+        maps = {int(s): (f.get_tensor(f"s{s}.map"), f.get_tensor(f"s{s}.basis")) for s in meta["steps"]}
+    return AnchorCorrection(str(meta["target"]), int(meta["tokens"]), int(meta["anchor_history"]), maps)
+
+
+@register_forecaster(AnchoredMapForecast)
+def _build_anchored_map(config: AnchoredMapForecast) -> AnchoredMapForecaster:
+    base = _build_anchored(AnchoredLinearForecast(config.calibration, config.sha256))
+    assert isinstance(base, AnchoredLinearForecaster)
+    correction = read_correction(config.correction, config.correction_sha256)
+    return AnchoredMapForecaster(base.table, base.anchor, correction, base.calibration)
