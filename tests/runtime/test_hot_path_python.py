@@ -45,8 +45,7 @@ def test_interval_decisions_are_planned_once_not_at_every_step(monkeypatch, num_
 #           A forecast step's Python: frames per target, fed observers          #
 #################################################################################
 
-PER_CALL = tuple(os.sep + os.path.join("taylorseer", "runtime", name) for name in ("engine.py", "targets.py",
-                                                                                    "state.py"))
+RUNTIME = os.sep + os.path.join("taylorseer", "runtime") + os.sep
 
 
 def _tiny_dit(layers: int):
@@ -59,45 +58,79 @@ def _tiny_dit(layers: int):
 _MODULES = taylorseer.TaylorSeerConfig(interval=6, warmup_steps=2, granularity="module", block_shortcuts=False)
 
 
-def _frames_per_target(layers: int, steps: int = 4) -> tuple[float, int]:
-    """Python frames of the engine, the target kinds and the state (the batched pass left out) per target call on
-    the forecast steps of a generation (module targets, no block shortcuts), and the number of targets."""
+def _frames_per_step(layers: int, steps: int = 4) -> tuple[Counter, Counter, int]:
+    """Python frames on the forecast steps of a generation (module targets, no block shortcuts), per step: those of
+    the target calls (each installed wrapper and everything it runs, the batched pass left out; no target computes
+    on these steps, so none of it is the model's), and those of the step context (``handle.step``: creating it,
+    entering, leaving, and everything they run); and the number of targets."""
     model, call = _tiny_dit(layers)
-    counts: Counter = Counter()
-    inside: list = []  # the batched pass's frame while it runs
+    calls: Counter = Counter()
+    context: Counter = Counter()
+    stack: list = []  # the outermost counted frame (a wrapper, or the batched pass to leave out) while it runs
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if event == "call" and code.co_filename.endswith(PER_CALL) and not inside:
-            counts[code.co_name] += 1
-            if code.co_name == "_prepare":
-                inside.append(frame)
-        elif event == "return" and inside and frame is inside[0]:
-            inside.clear()
+        if event == "call":
+            if stack:
+                if stack[0][1] is calls:
+                    calls[code.co_filename, code.co_name] += 1
+            elif code.co_filename.endswith(os.sep + "install.py") and RUNTIME in code.co_filename:
+                stack.append((frame, calls))
+                calls[code.co_filename, code.co_name] += 1
+            if code.co_name == "_prepare" and RUNTIME in code.co_filename:
+                calls[code.co_filename, code.co_name] -= 1
+                stack.insert(0, (frame, None))  # the batched pass: once per step, the forecaster's frames
+        elif event == "return" and stack and frame is stack[0][0]:
+            stack.pop(0)
+
+    def context_profile(frame, event, arg):
+        if event == "call":
+            context[frame.f_code.co_filename, frame.f_code.co_name] += 1
 
     with torch.no_grad(), taylorseer.apply(model, _MODULES) as handle:
         targets = len(handle.targets)
+        handle.begin(8)  # a first generation, as a sampler runs many: what is kept across generations is made
+        for i in range(8):
+            with handle.step(i):
+                call(900.0 - 100 * i)
         handle.begin(8)
         for i in range(2):
             with handle.step(i):
                 call(900.0 - 100 * i)
         for i in range(2, 2 + steps):
-            with handle.step(i) as computed:
-                assert not computed
-                sys.setprofile(profile)
-                call(900.0 - 100 * i)  # the model's own modules run too: only the runtime's frames are counted
-                sys.setprofile(None)
+            sys.setprofile(context_profile)
+            step = handle.step(i)
+            computed = step.__enter__()
+            sys.setprofile(profile)
+            call(900.0 - 100 * i)  # the model's own modules run too: only the wrappers' frames are counted
+            sys.setprofile(context_profile)
+            step.__exit__(None, None, None)
+            sys.setprofile(None)
+            assert not computed
         assert handle.stats.module_forecast == Counter({path: steps for path in [t.path for t in handle.targets]})
-    counts.pop("_prepare")  # once per step: the batched pass (its frames are the forecaster's)
-    return sum(counts.values()) / (targets * steps), targets
+    context.pop((sys.setprofile.__module__, "setprofile"), None)
+    return Counter({k: v / steps for k, v in calls.items()}), Counter({k: v / steps for k, v in context.items()}), \
+        targets
 
 
-def test_a_forecast_call_runs_two_runtime_frames_per_target():
-    # the engine's entry point and the target kind's forecast; before: a third (input_shapes) on every call
+def test_a_forecast_call_runs_two_python_frames_per_target():
+    # Each target call after the branch's first: the wrapper and its compile check (install.Forward.__call__,
+    # torch.compiler.is_dynamo_compiling), no engine frame. The first call also runs the engine's entry point and
+    # the kind's forecast. Before (1155ac7): five frames at every call (the wrapper, torch.compiler.is_compiling
+    # and the torch.jit.is_scripting it calls, Engine.call, OutputKind.forecast).
     for layers in (1, 4):
-        per_target, targets = _frames_per_target(layers)
+        calls, _, targets = _frames_per_step(layers)
         assert targets == 2 * layers
-        assert per_target == 2.0
+        assert sum(calls.values()) == 2 * targets + 2, calls
+
+
+def test_a_forecast_step_context_runs_at_most_fourteen_python_frames():
+    # handle.step(i) created, entered and left on a forecast step of a second generation: a plain class (contextlib's
+    # generator machinery before), one frozen StepInfo per (step, branch) kept across generations, the policy's
+    # no-op notify skipped, the observer told once per branch. The first forecast step after a full step also reads
+    # the finiteness flags (7 frames, 1.75 per step over these 4). Before (1155ac7): 27.5 frames per step here.
+    _, context, _ = _frames_per_step(1)
+    assert sum(context.values()) <= 14 + 1.75, context
 
 
 #################################################################################

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling  # what install.Forward reads: see there
+_compiler = torch.compiler
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time")
 
 
@@ -121,6 +123,7 @@ class CallSteps:
         self._warned = False
         self._warned_branches = False
         self._calls_at_first = 0  # model calls seen at step 0 of the generation (the layout check)
+        self.fresh = True  # nothing seen since the last restart: a restart changes nothing (told steps skip it)
 
     def _reset(self) -> None:
         self.index = -1
@@ -159,10 +162,12 @@ class CallSteps:
         """Told steps (``handle.begin`` / ``handle.step``) took over: the next untold call starts afresh."""
         self._reset()
         self._calls_at_first = 0
+        self.fresh = True
 
     @torch.compiler.disable
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         handle = self.handle
+        self.fresh = False
         if handle.engine.active:  # told steps (a handle.step context, a pipeline handle) have priority
             if handle.engine.controller.index == 0:
                 self._check_layout(args, kwargs)
@@ -285,9 +290,16 @@ class RootForward:
         self.steps, self.original, self.module = steps, original, module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.steps.saved is None:  # detached but left inside another wrapper's chain
+        steps = self.steps
+        if steps.saved is None:  # detached but left inside another wrapper's chain
             return self.original(*args, **kwargs)
-        self.steps.before(self.module, args, kwargs)
+        if not (_is_dynamo_compiling() or _compiler._is_compiling_flag):  # eager (nothing read while traced)
+            engine = steps.handle.engine
+            if engine.active and not steps.open and engine.controller.index != 0:
+                # Inside a told step past step 0 (no layout to check) that no call of ours opened: ``before`` and
+                # ``after`` would do nothing; skipped, as two ``torch.compiler.disable``d calls cost ~1 us.
+                return self.original(*args, **kwargs)
+        steps.before(self.module, args, kwargs)
         try:
             return self.original(*args, **kwargs)
         finally:

@@ -68,6 +68,7 @@ class Slot:
     entry: Any = None  # the factors of the open branch (bound at its start when it forecasts)
     live: bool = False  # forecast inside a traced graph (bound factors, weights, nothing to check on the host)
     weights: Any = None  # 1-D tensor: the forecast is sum_i weights[i] * factor_i (traced graphs)
+    fast: Any = None  # output kind, one tensor out: the recorded input shape its ready forecast is handed out for
     path: str = field(init=False)  # the target's (plain attributes: read on every call)
     mode: str = field(init=False)
     forecast: Any = field(init=False)  # the kind's eager forecast
@@ -92,6 +93,7 @@ class Engine:
         self.flops: FlopObserver | None = None
         self.counting = False  # read by wrappers: start a FLOP count before the original runs
         self.forecasting = False  # THE flag the wrappers read
+        self.hot = False  # eager forecasting branch, batched pass done, nothing measured: the wrappers' fast path
         self.active = False  # inside a told step
         self.removed = False  # the handle was removed: any wrapper still called passes straight through
         self.branch_open = False  # the opening slot of the current model call has run
@@ -163,6 +165,7 @@ class Engine:
         self.zeros.clear()
         self.probes.clear()
         self.ready = {}
+        self.hot = False
         self._plan, self._plan_key = (None, [], None), None  # the plan holds factor tensors: let them go
         for slot in self._slots:
             slot.entry, slot.live, slot.weights = None, False, None
@@ -174,6 +177,8 @@ class Engine:
             raise ValueError(f"step {index} was told twice (a second handle.step({index}) context) with automatic "
                              f"branches: put all model calls of a step in one handle.step context, where they are "
                              f"numbered as branches 0, 1, ..., or name each call's branch (handle.step(i, branch=...))")
+        if self.removed:  # a removed handle's wrappers pass straight through because it is never active again
+            raise RuntimeError("this taylorseer handle was removed; apply() again to get a new one")
         self.active = True
         self._first = None
         self.controller.open(index, point, branch)
@@ -185,28 +190,30 @@ class Engine:
             self.probes.reset()
         self._fallbacks = 0
         self.call_id += 1
-        self.branch_open = False
+        self.branch_open = self.hot = False
         self.ready = {}
         self.forecast_hits, self.computed_hits = [], []
-        checks = self.checks
-        if (checks.pending or checks.launched) and checks.needed(self.controller.branch) \
-                and not self.controller.probing:
+        checks, controller = self.checks, self.controller
+        if (checks.pending or checks.launched) and checks.needed(controller.branch) and not controller.probing:
             self._settle(checks.read(self)[0])
-        self.forecasting = self.controller.forecasting
-        if self.forecasting:
-            self._bind()
+        decision = controller.decision  # controller.forecasting, inline
+        self.forecasting = forecasting = decision is not None and not decision.compute and not controller.probing
+        if forecasting and (self.compiled or self._bound != (self.store.version, controller.branch)):
+            self._bind()  # (eager, the same store version and branch: bound already)
 
     def close(self) -> None:
         """The open step ends (its last branch closes)."""
         self._close_branch()
-        index, num_steps, branch = self.controller.index, self.controller.num_steps, self.controller.branch
-        self.controller.end_step()
-        self.active = self.forecasting = False
-        self.ready = {}
+        controller = self.controller
+        index, num_steps, branch = controller.index, controller.num_steps, controller.branch
+        controller.last_index, controller.index = index, None  # controller.end_step(), inline
+        self.active = self.forecasting = self.hot = False
+        if self.ready:
+            self.ready = {}
         if self.checks.pending:
             self.checks.launch()  # the step's finiteness checks start their way to the host
         if num_steps is not None and index == num_steps - 1:
-            if self.controller.auto_branch:
+            if controller.auto_branch:
                 self.clear(keep_static=True)  # the generation is over: nothing will read the factors again
             else:
                 self.free_branch(branch)  # a named branch's last step: nothing reads its factors again
@@ -225,15 +232,13 @@ class Engine:
     def _close_branch(self) -> None:
         if self.compiled and self.forecasting:  # forecasts inside a traced graph leave no trace on the host
             self.forecast_hits.extend(s.path for s in self.forecast_slots if s.live and s.seen != self.call_id)
-        self.observer.on_calls(self.computed_hits, self.forecast_hits)  # observers fed once per branch
-        self.forecast_hits, self.computed_hits = [], []
         store = self.store
         if store.version != self._bytes_told:  # the bytes change only with the factors
             self._bytes_told = store.version
             self.observer.on_bytes(store.nbytes, store.peak_nbytes)
         record = self.controller.close(self._fallbacks > 0)
-        if record is not None:
-            self.observer.on_decision(record)  # the first record of its step counts the step (told in order)
+        # Observers fed once per branch (the hit lists are theirs now: _start gives the next branch new ones).
+        self.observer.on_branch(self.computed_hits, self.forecast_hits, record)
 
     def _bind(self) -> None:
         """A forecasting branch: bind each slot's factors (and, for traced graphs, its weight tensor)."""
@@ -331,6 +336,9 @@ class Engine:
                 slots.append(s)
                 states.extend(entry.states)
                 counts.append(len(entry.states))
+                shape = entry.shape
+                s.fast = shape[0] if (s.mode == "output" and entry.spec is None and len(shape) == 1
+                                      and type(shape[0]) is torch.Size) else None
                 if dtypes is not None:
                     dtypes.extend(entry.dtypes)
             targets = None
@@ -344,6 +352,7 @@ class Engine:
         if plan is None:
             return
         predicted = plan.run(self.controller.point)
+        self.hot = not self.measure and self.flops is None  # install.Forward hands out the ready tensors
         if single is not None:
             self.ready = {index: [tensor] for index, tensor in zip(single, predicted)}
             return

@@ -75,6 +75,24 @@ def build_slots(model: nn.Module, targets: list[Target], probe_blocks: int) -> l
     return slots
 
 
+class StepContext:
+    """What ``handle.step(...)`` returns: a context manager (a plain class, not a generator: it is entered at every
+    step) that opens the step on entering (yielding True if it is computed in full) and closes it on leaving,
+    whatever happens inside."""
+
+    __slots__ = ("handle", "engine", "index", "timestep", "sigma", "branch")
+
+    def __init__(self, handle: CacheHandle, index: int, timestep: Any, sigma: Any, branch: Any):
+        self.handle, self.engine, self.index = handle, handle.engine, index
+        self.timestep, self.sigma, self.branch = timestep, sigma, branch
+
+    def __enter__(self) -> bool:
+        return self.handle._open_step(self.index, self.timestep, self.sigma, self.branch)
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.close()
+
+
 class CacheHandle:
     """Owns the forecasting state of one model; created by ``taylorseer.apply``. Use as a context manager."""
 
@@ -84,6 +102,7 @@ class CacheHandle:
                             f"parts_of), got {type(parts).__name__}")
         self.model = model
         self.parts = parts  # what the runtime reads
+        self._by_step = parts.abscissa == "step"  # the abscissa is the step index (read at every step)
         self.config = parts if given is None else given  # the config as the user gave it (repr, handle.config)
         self.targets = [t for t in targets if t.mode != "shortcut"]  # modules whose outputs are forecast/skipped
         self.shortcuts = [t for t in targets if t.mode == "shortcut"]  # blocks that may take their shortcut
@@ -206,22 +225,30 @@ class CacheHandle:
                              f"see handle.stats.decisions after a generation")
         return plan
 
-    @contextlib.contextmanager
     def step(
         self,
         index: int,
         timestep: float | torch.Tensor | None = None,
         sigma: float | torch.Tensor | None = None,
         branch: Any = None,
-    ) -> Iterator[bool]:
+    ) -> StepContext:
         """Context in which model calls belong to step ``index`` (0-based, in sampling order).
 
         ``timestep``/``sigma`` are needed when the config's abscissa is ``"timestep"``/``"sigma"`` (finite).
         Step 0 starts a new generation unless ``begin`` was just called. ``branch`` names the CFG branch of the
         calls inside; by default each model call in a step is the next branch. Yields True if the step (its
-        first branch) is decided to be computed in full.
+        first branch) is decided to be computed in full. The arguments are checked on entering the context.
+
+        Example:
+            >>> with handle.step(0, timestep=999) as full:   # doctest: +SKIP
+            ...     eps = model(x, timestep=999)
         """
-        self._check_alive()
+        return StepContext(self, index, timestep, sigma, branch)
+
+    def _open_step(self, index: int, timestep: Any, sigma: Any, branch: Any) -> bool:
+        """``handle.step``'s entry: check the arguments, open the step in the engine; True if computed in full."""
+        if self._removed:
+            self._check_alive()
         engine = self.engine
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"step index must be an int >= 0, got {index!r}")
@@ -238,14 +265,14 @@ class CacheHandle:
             self.begin(self._num_steps)
         elif last is None and not engine.controller.policies:
             self.begin(self._num_steps)
-        point = self._abscissa(index, timestep, sigma)
-        self.auto.restart()
+        point = float(index) if self._by_step else self._abscissa(index, timestep, sigma)
+        auto = self.auto
+        if not auto.fresh:
+            auto.restart()
         engine.open(index, point, branch)
         self._told_last = index
-        try:
-            yield bool(engine.controller.decision and engine.controller.decision.compute)
-        finally:
-            engine.close()
+        decision = engine.controller.decision
+        return bool(decision and decision.compute)
 
     @contextlib.contextmanager
     def count_flops(self) -> Iterator[CacheStats]:
@@ -264,6 +291,7 @@ class CacheHandle:
         with FlopCounterMode(display=False) as counter:
             self.engine.flops = FlopObserver(counter, self.engine.observer)
             self.engine.counting = True
+            self.engine.hot = False  # the wrappers' fast path counts nothing
             try:
                 yield self.stats
             finally:
@@ -280,6 +308,7 @@ class CacheHandle:
         if unknown:
             raise ValueError(f"probe paths {unknown} are not targets; targets are e.g. {sorted(known)[:4]}")
         self.engine.measure.update(paths)
+        self.engine.hot = False  # the wrappers' fast path measures nothing
 
     # ---------------------------------------------------------------------------------------------------
     # facts

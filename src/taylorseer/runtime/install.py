@@ -23,7 +23,11 @@ from torch import nn
 from ..adapters.registry import unwrap as unwrap  # defined with the adapters; importable here as before
 from .engine import Engine, Slot
 
-_is_compiling = torch.compiler.is_compiling  # True inside a graph dynamo traces (it knows this function)
+# ``torch.compiler.is_compiling()`` in one Python frame instead of two: dynamo folds ``is_dynamo_compiling`` to True
+# while it traces; non-strict export (no dynamo) sets the module flag ``_is_compiling_flag`` around its tracing.
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
+Tensor = torch.Tensor
 _INSTALLED: dict[int, Any] = {}  # id(module) -> owner, to refuse applying twice anywhere in one model
 
 
@@ -39,10 +43,29 @@ class Forward:
         self.engine, self.slot, self.original, self.module = engine, slot, original, module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        engine, slot = self.engine, self.slot
-        if engine.removed or not engine.active:  # removed but left in another wrapper's chain; or no told step
+        engine = self.engine
+        if not engine.active:  # no told step; or removed (never active again) but left in another wrapper's chain
             return self.original(*args, **kwargs)
-        if not _is_compiling():
+        slot = self.slot
+        if not (_is_dynamo_compiling() or _compiler._is_compiling_flag):  # eager
+            # A forecast call in an eager forecasting branch after its batched pass (``engine.hot``): the target's
+            # ready tensor, when the call is what ``engine.call`` and ``OutputKind.forecast`` would pass straight
+            # through (a target that is neither the branch's opening one nor already run in it; one tensor
+            # argument of the shape recorded, ``slot.fast``; keyword arguments left at None). Anything else, and
+            # a target without a ready forecast, takes ``engine.call``.
+            if engine.hot and slot.fast is not None and len(args) == 1 and not slot.opens \
+                    and slot.seen != engine.call_id:
+                x = args[0]
+                if type(x) is Tensor and x.shape == slot.fast:
+                    for value in kwargs.values():
+                        if value is not None:
+                            break
+                    else:
+                        predicted = engine.ready.pop(slot.index, None)
+                        if predicted is not None:
+                            slot.seen = engine.call_id
+                            engine.forecast_hits.append(slot.path)
+                            return predicted[0]
             return engine.call(slot, self.original, args, kwargs)
         # Traced: what follows becomes part of the compiled graph; host work is behind disabled calls.
         engine.compiled = True

@@ -103,12 +103,23 @@ class StatsObserver:
     def on_forecast(self, path: str) -> None:
         self.stats.module_forecast[path] += 1
 
-    def on_calls(self, computed: list[str], forecast: list[str]) -> None:
-        """The target calls of one branch (paths computed, paths forecast; lists the caller no longer changes):
-        counted once, when ``stats`` is next read."""
+    def on_branch(self, computed: list[str], forecast: list[str], record: dict[str, Any] | None) -> None:
+        """A (step, branch) closed: its target calls (paths computed, paths forecast; lists the caller no longer
+        changes), counted once, when ``stats`` is next read; and its decision ``record`` (None: none), appended to
+        ``decisions``, the first record of its step counted in ``steps_full`` / ``steps_forecast``."""
         self._calls += (computed, forecast)
         if len(self._calls) > 4096:  # a long generation whose stats nobody reads: count now, keep memory flat
             self._count()
+        if record is not None:
+            stats = self._stats
+            stats.decisions.append(record)
+            step = record["step"]
+            if step != self._last_step:  # the first record of its step counts the step (steps are told in order)
+                self._last_step = step
+                if record["compute"]:
+                    stats.steps_full += 1
+                else:
+                    stats.steps_forecast += 1
 
     def on_fallback(self, reason: str) -> None:
         self._stats.fallbacks[reason] += 1
@@ -122,20 +133,6 @@ class StatsObserver:
         stats.cache_bytes = nbytes
         if peak > stats.peak_cache_bytes:
             stats.peak_cache_bytes = peak
-
-    def on_decision(self, record: dict[str, Any], first_branch: bool | None = None) -> None:
-        """A (step, branch) closed with ``record``; ``first_branch`` (None: the first record of its step, as steps
-        are told in order) counts it in ``steps_full`` / ``steps_forecast``."""
-        stats = self._stats
-        stats.decisions.append(record)
-        if first_branch is None:
-            first_branch = record["step"] != self._last_step
-        self._last_step = record["step"]
-        if first_branch:
-            if record["compute"]:
-                stats.steps_full += 1
-            else:
-                stats.steps_forecast += 1
 
 
 class FlopObserver:

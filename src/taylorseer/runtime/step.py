@@ -92,6 +92,8 @@ class StepController:
         self.forced = False  # the runtime computed a target of a forecast branch in full (fallback)
         self._info: StepInfo | None = None
         self._current: Any = None  # the open branch's policy
+        self._infos: dict[tuple, StepInfo] = {}  # (index, num_steps, point, branch) -> its frozen StepInfo
+        self._notify = True  # the policies have a notify of their own (the base class's does nothing)
 
     # -- generation ------------------------------------------------------------------------------------
     def begin(self, num_steps: int | None) -> None:
@@ -110,6 +112,7 @@ class StepController:
             policy = build_policy(self.policy_config)
             policy.begin(self.num_steps)
             self.policies[branch] = policy
+            self._notify = type(policy).notify is not Policy.notify
         return self.policies[branch]
 
     # -- steps and branches ----------------------------------------------------------------------------
@@ -117,16 +120,14 @@ class StepController:
         """Step ``index`` at abscissa ``point`` opens with ``branch`` (None: numbered automatically from 0)."""
         self.index, self.point = index, point
         self.auto_branch = branch is None
-        return self._decide(0 if branch is None else branch)
-
-    def next_branch(self) -> Decision:
-        """The next automatically numbered branch of the open step (another model call of the same step)."""
-        return self._decide(self.branch + 1)
-
-    def _decide(self, branch: Any) -> Decision:
-        self.branch = branch
-        assert self.index is not None
-        self._info = StepInfo(self.index, self.num_steps, self.point, branch)  # one per (step, branch): frozen
+        self.branch = branch = 0 if branch is None else branch
+        key = (index, self.num_steps, point, branch)
+        info = self._infos.get(key)  # frozen, so shared: the same steps come back in every generation
+        if info is None:
+            if len(self._infos) >= 65536:  # a sampler whose abscissae never repeat: keep memory flat
+                self._infos.clear()
+            info = self._infos[key] = StepInfo(*key)
+        self._info = info
         policy = self.policies.get(branch)
         self._current = policy = policy if policy is not None else self._policy(branch)
         self.decision = policy.decide(self._info)
@@ -134,6 +135,13 @@ class StepController:
         self.observation = None
         self.forced = False
         return self.decision
+
+    def next_branch(self) -> Decision:
+        """The next automatically numbered branch of the open step (another model call of the same step)."""
+        assert self.index is not None
+        decision = self.open(self.index, self.point, self.branch + 1)
+        self.auto_branch = True
+        return decision
 
     def info(self) -> StepInfo:
         """The open (step, branch) as the policy was told it when the branch opened."""
@@ -160,7 +168,8 @@ class StepController:
         if self.index is None or self.decision is None:
             return None
         computed = computed or self.decision.compute
-        self._current.notify(self._info, computed)
+        if self._notify:
+            self._current.notify(self._info, computed)
         record: dict[str, Any] = {"step": self.index, "branch": self.branch, "compute": computed,
                                   "reason": self.decision.reason if not (computed and not self.decision.compute)
                                   else "fallback"}
