@@ -61,7 +61,7 @@ def update(
         else:
             raise ValueError(f"scheme must be one of ['reference', 'divided'], got {scheme!r}")
         previous = old[i] if old[i].dtype == feature.dtype else old[i].to(feature.dtype)
-        new.append((new[i] - previous) / spacing)
+        new.append(torch.sub(new[i], previous).div_(spacing))  # (new - previous) / spacing, bit for bit, in place
     if factor_dtype is not None:
         new = [f.to(factor_dtype) for f in new]
     return TaylorState(tuple(new), ((point,) + tuple(old_points))[: max_order + 1])
