@@ -230,7 +230,7 @@ def main() -> None:
         joint = save(path, table, error, best, f"{label}-r{args.rank}", search)
         basis = {}
         for s_ in residuals:
-            emb = model.norm_out.linear(model.norm_out.silu(cal[-2][s_][:, 0])).float()
+            emb = model.norm_out.linear(model.norm_out.silu(cal[-2][s_].reshape(-1, cal[-2].shape[-1]))).float()
             scale = emb.chunk(2, dim=1)[0].mean(0)
             pw = model.proj_out.weight.detach().float() * (1 + scale)[None, :]
             basis[s_] = (pw - pw.mean(1, keepdim=True)).T
