@@ -1,7 +1,8 @@
 """Install and remove: swap the forward of each target module (per instance), restore it exactly.
 
-The swapped-in forward is a small ``Forward`` object whose hot path reads one boolean and calls one engine
-entry point; all bookkeeping lives in the engine. A copy of a model with an applied handle (``copy.deepcopy``)
+The swapped-in forward is a small ``Forward`` object whose hot path reads a few plain flags and either returns the
+target's ready forecast (an eager forecast step, after the step's batched pass) or calls one engine entry point;
+all bookkeeping lives in the engine. A copy of a model with an applied handle (``copy.deepcopy``)
 is a plain model: each ``Forward`` copies itself as the module's own forward. Pickling one (``torch.save(model)``)
 is refused with a message saying to ``remove()`` first or save the ``state_dict``.
 
@@ -32,7 +33,8 @@ _INSTALLED: dict[int, Any] = {}  # id(module) -> owner, to refuse applying twice
 
 
 class Forward:
-    """A target's forward while installed. Eager: one call into the engine. Traced by ``torch.compile``: plain
+    """A target's forward while installed. Eager: the ready forecast of a plain forecast call, handed out here
+    (``engine.hot``, ``slot.fast``), or one call into the engine. Traced by ``torch.compile``: plain
     flags and bound tensors only, so a forecast step adds no graph break; dynamo guards on ``engine.active``,
     ``engine.forecasting``, ``engine.branch_open`` and the slot's ``live`` / ``opens`` (constant within a
     generation) and on the bound factors' shapes."""
