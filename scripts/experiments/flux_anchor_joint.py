@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import tempfile
 import time
 
 import torch
@@ -175,7 +176,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return psnr
 
-    tmp = os.path.dirname(os.path.abspath(args.out))
+    tmp = tempfile.mkdtemp(prefix="flux_anchor_joint_")  # candidates; the chosen fits go beside --out
     if args.baseline:
         cfg = anchored_config(args.baseline)
         evaluate(args.baseline, f"baseline {os.path.basename(args.baseline)}", cfg.policy.full_steps)
