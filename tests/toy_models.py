@@ -53,3 +53,16 @@ class Toy(nn.Module):
         for block in self.blocks:
             h = block(h, t)
         return self.out(h)
+
+
+def tiny_flux_reference():
+    """The FLUX-architecture reference at its tiny size ("Flux-FM-T-16"), random weights drawn N(0, 0.05) from seed
+    0 (the trained ones are not what these tests check), frozen: a ``FluxReference`` (transformer + class prompts)."""
+    from taylorseer.models.flux_pipeline import FluxReference
+    from taylorseer.models.flux_reference import ClassPrompts, build_flux_reference
+
+    torch.manual_seed(0)
+    model = build_flux_reference("Flux-FM-T-16")
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return FluxReference(model.requires_grad_(False), ClassPrompts("Flux-FM-T-16").requires_grad_(False))

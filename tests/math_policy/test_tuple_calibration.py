@@ -59,14 +59,9 @@ def test_recorder_keeps_a_tuple_output_as_one_feature_per_step():
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    from taylorseer.models.flux_pipeline import FluxReference
-    from taylorseer.models.flux_reference import ClassPrompts, build_flux_reference
+    from toy_models import tiny_flux_reference
 
-    torch.manual_seed(0)
-    model = build_flux_reference("Flux-FM-T-16")
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    return FluxReference(model.requires_grad_(False), ClassPrompts("Flux-FM-T-16").requires_grad_(False))
+    return tiny_flux_reference()
 
 
 @pytest.mark.parametrize("granularity", ["block", "module"])
