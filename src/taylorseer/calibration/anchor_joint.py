@@ -23,8 +23,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from ..forecast.linear import LinearTable, StepWeights
 from ..policy.schedule import FixedSchedule
 from .fit import forecast_steps
 from .io import new_header, save_calibration
+from .record import StepIndexListener
 
 
 def joint_indices(full_steps: Sequence[int], step: int, num_steps: int, history: int,
@@ -201,7 +201,7 @@ def save_joint(path: str, table: LinearTable, error: dict[str, float], model: nn
     return save_calibration(path, header, table)
 
 
-class BlockFeatures:
+class BlockFeatures(StepIndexListener):
     """A sampler listener that hooks the blocks of a FLUX-layout transformer (``transformer_blocks`` then
     ``single_transformer_blocks``, each called with ``hidden_states=`` and returning ``(encoder, hidden)``) and
     keeps each block's residual on the image tokens (``hidden_states`` out minus in) at every step it runs, both CFG
@@ -232,14 +232,6 @@ class BlockFeatures:
 
     def begin(self, num_steps: int | None = None) -> None:
         self.rows = {}
-
-    @contextlib.contextmanager
-    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> Iterator[None]:
-        self.index = index
-        try:
-            yield
-        finally:
-            self.index = None
 
     def take(self) -> dict[int, dict[int, torch.Tensor]]:
         """``{block index: {step: [rows, tokens, C]}}`` (index -1: the first block's input; -2: its ``temb``) for

@@ -120,7 +120,22 @@ class TrajectoryStats:
         return out
 
 
-class TrajectoryRecorder:
+class StepIndexListener:
+    """A sampler listener's ``step`` context: ``index`` is the open step's index inside it, None outside (the hooks
+    of a recorder read it to file what they see under its step)."""
+
+    index: int | None = None
+
+    @contextlib.contextmanager
+    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> Iterator[None]:
+        self.index = index
+        try:
+            yield
+        finally:
+            self.index = None
+
+
+class TrajectoryRecorder(StepIndexListener):
     """A sampler listener (``begin``/``step``) that hooks the target modules and keeps what they return per step.
 
     ``targets``: paths (their outputs are kept) or ``Target``s from the adapter: ``mode="output"`` keeps the output,
@@ -171,14 +186,6 @@ class TrajectoryRecorder:
     def begin(self, num_steps: int | None = None) -> None:
         self.num_steps = num_steps
         self._outputs = {p: {} for p in self.paths}
-
-    @contextlib.contextmanager
-    def step(self, index: int, timestep: Any = None, sigma: Any = None) -> Iterator[None]:
-        self.index = index
-        try:
-            yield
-        finally:
-            self.index = None
 
     def take(self) -> dict[str, torch.Tensor]:
         """The outputs of the generation just sampled, ``[num_steps, ...]`` per target path (``[len(steps), ...]``,
