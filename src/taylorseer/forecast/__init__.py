@@ -1,7 +1,7 @@
 """Pure forecast math: what a skipped step returns, one file per forecaster, a registry keyed by config type."""
 
 from .adams import AdamsForecast
-from .anchored import AnchoredLinearForecast
+from .anchored import AnchoredLinearForecast, AnchoredMapForecast
 from .base import FactorState, Forecaster, build_forecaster, register_forecaster, registered_forecasters
 from .corrector import CorrectorForecast
 from .hermite import HermiteForecast
@@ -14,4 +14,4 @@ __all__ = ["FactorState", "Forecaster", "build_forecaster", "register_forecaster
            "TaylorForecast", "TaylorState", "update", "forecast", "derivatives"]
 __all__ += ["AdamsForecast", "HermiteForecast", "CorrectorForecast"]
 __all__ += ["LinearForecast", "CalibrationError"]
-__all__ += ["SpectrumForecast", "AnchoredLinearForecast"]
+__all__ += ["SpectrumForecast", "AnchoredLinearForecast", "AnchoredMapForecast"]
