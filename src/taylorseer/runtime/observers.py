@@ -97,12 +97,6 @@ class StatsObserver:
         self._calls = []
         self._last_step = None
 
-    def on_computed(self, path: str) -> None:
-        self.stats.module_full[path] += 1
-
-    def on_forecast(self, path: str) -> None:
-        self.stats.module_forecast[path] += 1
-
     def on_branch(self, computed: list[str], forecast: list[str], record: dict[str, Any] | None) -> None:
         """A (step, branch) closed: its target calls (paths computed, paths forecast; lists the caller no longer
         changes), counted once, when ``stats`` is next read; and its decision ``record`` (None: none), appended to
