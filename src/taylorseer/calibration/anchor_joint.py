@@ -31,6 +31,7 @@ from torch import nn
 
 from ..forecast.linear import LinearTable, StepWeights
 from ..policy.schedule import FixedSchedule
+from .anchor_fit import anchored_indices
 from .fit import forecast_steps
 from .io import new_header, save_calibration
 from .record import StepIndexListener
@@ -46,8 +47,9 @@ def joint_indices(full_steps: Sequence[int], step: int, num_steps: int, history:
         >>> joint_indices((0, 4, 6), 8, 10, history=2, anchor_history=1)
         ((6, 4), (18, 16))
     """
-    own = tuple(reversed([s for s in full_steps if s < step][-history:]))
-    return own, (num_steps + step,) + tuple(num_steps + a for a in own[:anchor_history])
+    index = anchored_indices(full_steps, step, num_steps, history, anchor_history)
+    own = min(history, sum(1 for s in full_steps if s < step))
+    return index[:own], index[own:]
 
 
 def _check(features: Mapping[str, torch.Tensor], total: torch.Tensor, anchor: torch.Tensor,

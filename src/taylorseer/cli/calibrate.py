@@ -181,6 +181,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
     from ..calibration import FitOptions, calibrate
     from ..calibration.publish import publish, staging_path
+    from ..calibration.search import default_search
     from ..models.pretrained import load_reference
 
     torch.set_num_threads(args.threads)
@@ -195,7 +196,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     # --search fast|thorough (calibration.search.SEARCH_PLANS; none given: fast at output granularity, thorough at
     # module/block, search.default_search) fills what is not given; a thorough search of a FLUX or pipeline
     # calibration samples 10 search images (30 for the embedded DiT)
-    args.search = args.search or ("fast" if args.granularity == "output" else "thorough")
+    args.search = args.search or default_search(args.granularity)
     search_images = (args.search_images if args.search_images is not None
                      else 10 if args.search == "thorough" and args.model == "flux" else None)
     search = {"schedule": args.full_steps, "search_images": search_images, "max_evaluations": args.max_evals,
@@ -330,7 +331,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
                    "sampled on (0: refine on the trajectory proxy only, no model call; default: the --search plan's, "
                    "8 fast; thorough: 30 for the embedded model, 10 for a pipeline, whose generations cost more)")
     p.add_argument("--max-evals", type=positive_int, default=None, help="candidate schedules the refinement samples "
-                   "(default: the --search plan's, 24 fast, 200 thorough)")
+                   "(default: the --search plan's, 32 fast, 200 thorough)")
     p.add_argument("--radius", type=positive_int, default=None, help="largest shift of one full step per move "
                    "(default: the --search plan's, 3)")
     p.add_argument("--search-seed", type=nonnegative_int, default=0, help="seed of the refinement's move order")
