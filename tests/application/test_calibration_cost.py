@@ -287,3 +287,6 @@ def test_nearest_moves_reach_a_one_step_optimum_that_random_order_with_the_same_
     best, error, _ = refine_schedule(one_good_move, (0, 4, 8, 12), num_steps=20, radius=3, patience=6,
                                      moves="nearest")
     assert best == (0, 4, 8, 13) and error == 0.0
+    missed, _, _ = refine_schedule(one_good_move, (0, 4, 8, 12), num_steps=20, radius=3, patience=6,
+                                   moves="random", seed=1)  # this seed's order spends the patience elsewhere
+    assert missed != (0, 4, 8, 13)

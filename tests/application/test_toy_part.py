@@ -35,7 +35,6 @@ def test_the_toy_parts_are_typed_methods_of_their_own_family():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_bench_config_runs_the_toy_parts_and_the_report_shows_them(tmp_path, capsys):
     out = tmp_path / "bench" / "records.jsonl"
     code = main(["bench", "--steps", str(STEPS), "--images", "2", "--repeats", "1", "--methods", "full",

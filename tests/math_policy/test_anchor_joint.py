@@ -78,6 +78,9 @@ def test_joint_fit_predicts_a_sum_that_no_block_predicts_alone():
     anchor = torch.randn(STEPS, ROWS, TOKENS, C, generator=g)
     _, error = fit_joint(features, total, anchor, FULL, history=1, anchor_history=0, carrier="b1")
     assert error["rel_error"] < 1e-3
+    for name in features:  # one block's own history alone cannot reach the sum
+        _, alone = fit_joint({name: features[name]}, total, anchor, FULL, history=1, anchor_history=0, carrier=name)
+        assert alone["rel_error"] > 0.5, name
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -89,6 +92,7 @@ def test_joint_fit_predicts_a_sum_that_no_block_predicts_alone():
 ])
 def test_refusals_name_the_field(kwargs, match):
     features, anchor, total, *_ = _data()
+    kwargs = dict(kwargs)  # the parametrized dict is shared: leave it as it is
     full = kwargs.pop("full_steps", FULL)
     with pytest.raises(ValueError, match=match):
         fit_joint(features, total, anchor, full, **kwargs)
