@@ -477,3 +477,10 @@ def test_figures_share_colours_and_draw_fronts_and_keep_legends_off_the_axes():
     for line in series:
         assert list(line.get_xdata()) == sorted(line.get_xdata()) and line.get_color() == family_colour("taylorseer")
     plt.close("all")
+
+
+def test_plots_without_their_records_draw_nothing():
+    """No probe errors and no cache records (e.g. a peers-only run): no placeholder figure, so the report (whose
+    ``_save`` skips None) has no picture of it and no link to one."""
+    records = [_rec("full", "full", 50), _rec("euler-8", "fewer-steps", 8)]
+    assert plot_probe_errors(records) is None and plot_memory(records) is None

@@ -201,9 +201,10 @@ def _probe_curve(records: list[Record], interval: int, order: int) -> Record | N
     return candidates[0] if candidates else None
 
 
-def plot_probe_errors(records: list[Record]) -> Figure:
+def plot_probe_errors(records: list[Record]) -> Figure | None:
     """Per-step relative L2 forecast error of the probed module at one interval N: one panel per Taylor order
-    O >= 1, each against FORA (O=0) on the same schedule; log scale when every error is positive.
+    O >= 1, each against FORA (O=0) on the same schedule; log scale when every error is positive. None when no
+    record holds probe errors (the report then has no such picture).
 
     Example:
         >>> [ax.get_title() for ax in plot_probe_errors(records).axes]   # doctest: +SKIP
@@ -214,10 +215,10 @@ def plot_probe_errors(records: list[Record]) -> Figure:
     curves = {o: r for o, r in probed.items() if r is not None}
     fora = curves.pop(0, None)
     panels = list(curves.values()) or ([fora] if fora is not None else [])
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)) + 1, 4.4), sharey=True,
-                             squeeze=False, layout="constrained")
     if not panels:
-        return _empty(fig, axes[0, 0], "sampling step", "relative L2 forecast error", "no probe records")
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.4), sharey=True,
+                             squeeze=False, layout="constrained")
     legend = _Legend()
     for ax, rec in zip(axes[0], panels):
         for curve in ([fora] if fora is not None and rec is not fora else []) + [rec]:
@@ -239,23 +240,24 @@ def plot_probe_errors(records: list[Record]) -> Figure:
     return fig
 
 
-def plot_memory(records: list[Record]) -> Figure:
+def plot_memory(records: list[Record]) -> Figure | None:
     """Peak bytes of cached factors (MB = 1e6 bytes, whole CFG batch) vs Taylor order at one interval N: one
     line per granularity and scheme (TaylorSeer), FORA at O=0, each point labelled with its MB; log scale when
-    the values span more than 20x. Step abscissa, no last-step variants (they cache the same), no presets.
+    the values span more than 20x. Step abscissa, no last-step variants (they cache the same), no presets. None
+    when no record qualifies (the report then has no such picture).
 
     Example:
         >>> plot_memory(records).axes[0].get_xlabel()   # doctest: +SKIP
         'Taylor order O (0 = FORA)'
     """
-    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     interval = _chosen_interval(records, "peak_cache_bytes")
     recs = [r for r in _ok(records) if r.get("family") not in ("full", "fewer-steps", "preset")
             and _cfg(r, "interval") == interval and _cfg(r, "max_order") is not None
             and _cfg(r, "abscissa", "step") == "step" and not _cfg(r, "tail_steps", 0)
             and r.get("peak_cache_bytes")]
     if not recs:
-        return _empty(fig, ax, "Taylor order O (0 = FORA)", "peak cache (MB)", "no cache records")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     legend, noted = _Legend(), set()
     drawn: list[set[tuple[Any, float]]] = []  # the (order, MB) points of each series drawn so far
     styles = {"": "-", "reference": "--", "block": "-.", "output": ":"}
@@ -297,14 +299,6 @@ def plot_memory(records: list[Record]) -> Figure:
     legend.draw(fig, ncol=2)
     fig.suptitle(_title(f"Peak cache memory at N={interval}: {recs[0].get('num_images')} images, whole CFG batch",
                         60), fontsize=11)
-    return fig
-
-
-def _empty(fig: Figure, ax: Any, xlabel: str, ylabel: str, note: str) -> Figure:
-    """Label a figure that has no data and say so in the axes."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
     return fig
 
 
