@@ -62,8 +62,9 @@ def test_demo_rows_and_picture(tmp_path, tiny_dit):
 
 
 class _Clock:
-    """A stand-in for the ``time`` module in ``taylorseer.demo``: ``perf_counter`` reads a time that only the
-    recorded generations advance, by ``durations[label]`` (a list: one value per call, the last one repeated)."""
+    """A stand-in for the ``time`` module in ``taylorseer.eval.timing`` (which times the demo): ``perf_counter``
+    reads a time that only the recorded generations advance, by ``durations[label]`` (a list: one value per call,
+    the last one repeated)."""
 
     def __init__(self, durations):
         self.now, self.durations, self.calls = 0.0, durations, {}

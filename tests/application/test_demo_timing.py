@@ -19,8 +19,9 @@ def _methods():
 
 
 class _Clocks:
-    """Stand-in for ``time`` in ``taylorseer.demo``: wall and CPU clocks advanced only by the recorded generations,
-    each by its own list of durations per label (one value per call: warm-up, FLOPs pass, then the rounds)."""
+    """Stand-in for ``time`` in ``taylorseer.eval.timing`` (which times the demo): wall and CPU clocks advanced
+    only by the recorded generations, each by its own list of durations per label (one value per call: warm-up,
+    FLOPs pass, then the rounds)."""
 
     def __init__(self, wall, cpu):
         self.wall = self.cpu = 0.0
