@@ -13,6 +13,7 @@ method is counted once (``handle.count_flops``). Run it once per checkout:
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -113,8 +114,7 @@ def _breakdown(taylorseer, model, granularity: str, steps: int, batch: int = 32)
 
 
 def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
+    return statistics.median(values)
 
 
 if __name__ == "__main__":
