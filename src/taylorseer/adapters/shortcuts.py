@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..forecast.base import writable
+
 if TYPE_CHECKING:  # matched by class name at run time (find_shortcut), so no import of the block class there
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -33,7 +35,7 @@ class Shortcut:
     """A block class, the child modules whose forecasts it consumes, when it applies, and the function."""
 
     block_class: str
-    children: tuple[str, ...]
+    children: tuple[str, ...]  # their forecasts are handed to ``function`` as fresh tensors it may overwrite
     applies: Callable[[nn.Module], bool]
     function: Callable[..., Any]
     saved_flops: Callable[..., int] | None = None  # matmul FLOPs of the block it skips (beyond its forecast modules)
@@ -55,8 +57,12 @@ def _dit_block(block: BasicTransformerBlock, forecasts: dict[str, torch.Tensor],
         bias = linear.bias
         gate_msa = F.linear(emb, linear.weight[2 * d:3 * d], None if bias is None else bias[2 * d:3 * d])  # [B, D]
         gate_mlp = F.linear(emb, linear.weight[5 * d:6 * d], None if bias is None else bias[5 * d:6 * d])  # [B, D]
-    hidden_states = gate_msa.unsqueeze(1) * forecasts["attn1"] + hidden_states  # [B, L, D]
-    hidden_states = gate_mlp.unsqueeze(1) * forecasts["ff"] + hidden_states  # [B, L, D]
+    attn, ff, gate_msa, gate_mlp = forecasts["attn1"], forecasts["ff"], gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
+    # The forecasts are the shortcut's own fresh tensors: written in place where that gives the same bits.
+    if writable(attn, gate_msa, hidden_states) and writable(ff, gate_mlp, attn):
+        return ff.mul_(gate_mlp).add_(attn.mul_(gate_msa).add_(hidden_states))  # [B, L, D]
+    hidden_states = gate_msa * attn + hidden_states  # [B, L, D]
+    hidden_states = gate_mlp * ff + hidden_states  # [B, L, D]
     return hidden_states
 
 
