@@ -27,8 +27,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
-                        help="instead: per-step CPU time of one generation (batch 32, 3 rounds, medians) at module and "
-                             "block granularity against pure full compute, split into full and forecast steps")
+                        help="instead: per-step CPU time of one generation (batch 32, 3 rounds, medians) at module, "
+                             "block and output granularity against pure full compute, split into full and forecast "
+                             "steps")
     args = parser.parse_args()
     if args.src:
         sys.path.insert(0, args.src)
@@ -41,7 +42,7 @@ def main() -> None:
     taylorseer.tune_cpu_allocator()
     print(f"taylorseer from {taylorseer.__file__}")
     if args.breakdown:
-        for granularity in ("module", "block"):
+        for granularity in ("module", "block", "output"):
             _breakdown(taylorseer, load_reference(), granularity, args.steps)
         return
     model, labels = load_reference(), torch.arange(args.images) % 10
