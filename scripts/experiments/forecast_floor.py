@@ -32,6 +32,22 @@ from taylorseer.models.pretrained import load_reference
 from taylorseer.runtime import targets
 
 
+def timed_generation(model: torch.nn.Module, config: taylorseer.TaylorSeerConfig, x: torch.Tensor, y: torch.Tensor,
+                     points: list[float]) -> tuple[list[bool], list[float]]:
+    """One generation's model calls under ``config`` with told steps: the plan (True = full step) and each step's
+    thread CPU time in seconds."""
+    times = []
+    with taylorseer.apply(model, config) as handle:
+        plan = handle.plan(len(points))
+        handle.begin(len(points))
+        for i, point in enumerate(points):
+            start = time.thread_time()
+            with handle.step(i):
+                model(x, timestep=torch.full((x.shape[0],), float(point)), class_labels=y)
+            times.append(time.thread_time() - start)
+    return plan, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -66,15 +82,7 @@ def main() -> None:
         base.BatchPlan.run = free_run if free else real_run  # type: ignore[method-assign]
         targets.residual_leaves = free_residual if free else real_residual
         try:
-            times = []
-            with taylorseer.apply(model, config(granularity)) as handle:
-                plan = handle.plan(steps)
-                handle.begin(steps)
-                for i in range(steps):
-                    start = clock()
-                    with handle.step(i):
-                        call(i)
-                    times.append(clock() - start)
+            plan, times = timed_generation(model, config(granularity), x, y, points)
         finally:
             base.BatchPlan.run = real_run  # type: ignore[method-assign]
             targets.residual_leaves = real_residual
