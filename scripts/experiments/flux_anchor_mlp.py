@@ -16,6 +16,7 @@ batches, never on the test batch. Variants:
 
 - ``lin-K3M1``: the probe's ``pc-blocks+anchor`` (joint per-channel fit from every block's last 3 full-step residuals,
   ``A(s)``, ``A(a0)``, bias; ridge 1e-6), reproduced; ``lin-K2M2``: the shipped fit's structure.
+- ``lin-K3M1+IN``: ``lin-K3M1`` plus the first block's input ``IN(s)``, ``IN(a0)`` (linear, per channel).
 - ``nl-*``: the same per-channel closed-form ridge with nonlinear per-channel features added (cumulative groups).
 - ``map-*``: cross-channel closed-form ridge (the probe's ``full-map-noin``, then with nonlinear features).
 - ``mlp-*``: a bound, not a runtime candidate: an MLP shared over steps (the step as input), cross-channel, with a
@@ -112,6 +113,15 @@ def linear_feats(d: Data, history: int, anchor_history: int) -> Feats:
         before = d.before(s)
         own = [d.R[i][a].float() for i in d.blocks[1:] for a in before[:history]]
         return own + [d.A[s]] + [d.A[a] for a in before[:anchor_history]]
+    return f
+
+
+def input_feats(d: Data) -> Feats:
+    """The K=3, M=1 features plus the first block's input at ``s`` and at the last full step (linear)."""
+    base = linear_feats(d, 3, 1)
+
+    def f(s: int, rows: list[int]) -> list[torch.Tensor]:
+        return base(s, rows) + [d.IN[s], d.IN[d.before(s)[0]]]
     return f
 
 
@@ -329,7 +339,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="0,12,21,31,43")
     parser.add_argument("--cache", default="/work/runs/anchor3/rec128.pt")
     parser.add_argument("--variants", default="lin,lin128,nl,map,mlp",
-                        help="comma list of groups: lin, lin128, nl, nl128, map, mlp, mlp-plain, mlp128, mlp32")
+                        help="comma list of groups: lin, linin, lin128, nl, nl128, map, mlp, mlp-plain, mlp128, mlp32")
     parser.add_argument("--mlp-seconds", type=float, default=300)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--out", default="docs/results/flux/hybrid/mlp_bound.jsonl")
@@ -368,6 +378,8 @@ def main() -> None:
     if "lin" in groups:
         emit("lin-K3M1", 56, closed_form(d, linear_feats(d, 3, 1), fit56, 6, 7, lams, True))
         emit("lin-K2M2", 56, closed_form(d, linear_feats(d, 2, 2), fit56, 6, 7, lams, True))
+    if "linin" in groups:
+        emit("lin-K3M1+IN", 56, closed_form(d, input_feats(d), fit56, 6, 7, lams, True))
     if "lin128" in groups:
         emit("lin-K3M1", 120, closed_form(d, linear_feats(d, 3, 1), fit120, 6, 7, lams, True))
     if "nl" in groups or "nl128" in groups:
