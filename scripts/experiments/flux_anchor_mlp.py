@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_anchor_probe import record  # noqa: E402  (the probe's recorder: same images, seeds, layout)
+from flux_anchor_probe import cached_record  # noqa: E402  (the probe's recorder: same images, seeds, layout)
 
 from taylorseer.models.flux_pipeline import load_flux_reference  # noqa: E402
 
@@ -347,11 +347,7 @@ def main() -> None:
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)
     ref = load_flux_reference()
-    if os.path.exists(args.cache):
-        data = torch.load(args.cache)
-    else:
-        data = record(ref, args.images, args.seed, args.steps)
-        torch.save(data, args.cache)
+    data = cached_record(ref, args.cache, args.images, args.seed, args.steps)
     d = Data(data, ref.transformer, tuple(int(s) for s in args.schedule.split(",")))
     del data
     groups = args.variants.split(",")

@@ -113,6 +113,15 @@ def channelwise(xs: list[torch.Tensor], y: torch.Tensor, lam: float = 1e-6):
     return predict
 
 
+def cached_record(ref, path: str, images: int, seed: int, steps: int) -> dict:  # noqa: ANN001
+    """``record``'s features, loaded from ``path`` when it exists, else recorded and saved there."""
+    if os.path.exists(path):
+        return torch.load(path)
+    data = record(ref, images, seed, steps)
+    torch.save(data, path)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
@@ -126,11 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ref = load_flux_reference()
-    if os.path.exists(args.out):
-        data = torch.load(args.out)
-    else:
-        data = record(ref, args.images, args.seed, args.steps)
-        torch.save(data, args.out)
+    data = cached_record(ref, args.out, args.images, args.seed, args.steps)
     model = ref.transformer
     n_img = data["in0"].shape[1] // 2  # rows per step: cond calls then uncond calls of each batch
     full = tuple(int(s) for s in args.schedule.split(","))

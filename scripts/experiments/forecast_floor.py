@@ -32,6 +32,15 @@ from taylorseer.models.pretrained import load_reference
 from taylorseer.runtime import targets
 
 
+def setup(batch: int = 32, steps: int = 50) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[float]]:
+    """One torch thread, the tuned allocator, the embedded DiT, ``batch`` noise images (seed 0), labels and the
+    DDIM-50 timesteps: the inputs every experiment of this folder on the hot path times."""
+    torch.set_num_threads(1)
+    taylorseer.tune_cpu_allocator()
+    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return load_reference(), x, torch.arange(batch) % 11, [999.0 - 20 * i for i in range(steps)]
+
+
 def timed_generation(model: torch.nn.Module, config: taylorseer.TaylorSeerConfig, x: torch.Tensor, y: torch.Tensor,
                      points: list[float]) -> tuple[list[bool], list[float]]:
     """One generation's model calls under ``config`` with told steps: the plan (True = full step) and each step's
@@ -54,11 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    taylorseer.tune_cpu_allocator()
-    model, steps, batch = load_reference(), args.steps, args.batch
-    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y, points = torch.arange(batch) % 11, [999 - 20 * i for i in range(steps)]
+    steps, batch = args.steps, args.batch
+    model, x, y, points = setup(batch, steps)
     clock = time.thread_time
     real_run, real_residual = base.BatchPlan.run, targets.residual_leaves
 

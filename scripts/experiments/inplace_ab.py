@@ -13,22 +13,17 @@ import statistics
 import sys
 
 import torch
-from forecast_floor import timed_generation  # this folder (run as a script)
+from forecast_floor import setup, timed_generation  # this folder (run as a script)
 
 import taylorseer
 import taylorseer.adapters.shortcuts as shortcuts
 import taylorseer.runtime.state as state
-from taylorseer.models.pretrained import load_reference
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     grans = sys.argv[2].split(",") if len(sys.argv) > 2 else ["module", "block"]
-    torch.set_num_threads(1)
-    taylorseer.tune_cpu_allocator()
-    model, batch, steps = load_reference(), 32, 50
-    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y, points = torch.arange(batch) % 11, [999 - 20 * i for i in range(steps)]
+    model, x, y, points = setup()
     real_writable, real_norm = state.writable, torch._foreach_norm
 
     def old_norm(tensors, ord=2, dtype=None):  # noqa: A002, ANN001, ANN202
@@ -49,7 +44,7 @@ def main() -> None:
                     plan, times = timed_generation(model, config, x, y, points)
                     full = sum(t for t, computed in zip(times, plan) if computed)
                     fore = sum(t for t, computed in zip(times, plan) if not computed)
-                    res.setdefault((gran, name), []).append((full, fore, full + fore, steps - sum(plan)))
+                    res.setdefault((gran, name), []).append((full, fore, full + fore, len(plan) - sum(plan)))
     variant("new")
     for gran in grans:
         o, n = res[(gran, "old")], res[(gran, "new")]

@@ -16,12 +16,11 @@ import sys
 import time
 
 import torch
-from forecast_floor import timed_generation  # this folder (run as a script)
+from forecast_floor import setup, timed_generation  # this folder (run as a script)
 
 import taylorseer
 import taylorseer.forecast.taylor as taylor
 import taylorseer.runtime.engine as engine
-from taylorseer.models.pretrained import load_reference
 
 VARIANTS = ("real", "free-update", "no-record", "deferred")
 
@@ -29,11 +28,7 @@ VARIANTS = ("real", "free-update", "no-record", "deferred")
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     grans = sys.argv[2].split(",") if len(sys.argv) > 2 else ["module", "block"]
-    torch.set_num_threads(1)
-    taylorseer.tune_cpu_allocator()
-    model, batch, steps = load_reference(), 32, 50
-    x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y, points = torch.arange(batch) % 11, [999 - 20 * i for i in range(steps)]
+    model, x, y, points = setup()
     real_update, real_record = taylor.update, engine.Engine._record
 
     def free_update(state, feature, point, max_order, scheme="divided", keep_history=True,  # noqa: ANN001, ANN202
@@ -67,7 +62,7 @@ def main() -> None:
             pure = []
             for point in points:
                 start = time.thread_time()
-                model(x, timestep=torch.full((batch,), float(point)), class_labels=y)
+                model(x, timestep=torch.full((x.shape[0],), float(point)), class_labels=y)
                 pure.append(time.thread_time() - start)
             results.setdefault("pure", []).append(pure)
             for granularity in grans:
