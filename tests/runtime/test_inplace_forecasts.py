@@ -79,25 +79,36 @@ def test_shortcut_writes_into_the_forecasts(tiny_dit):
     assert torch.equal(fast, slow)
 
 
-def test_block_granularity_on_the_embedded_model_unchanged_by_in_place(monkeypatch):
-    """The residual add in place on every forecast step of a real generation: the images equal those of the
-    out-of-place add, to the bit."""
+@pytest.mark.parametrize("granularity, factor_dtype", [("block", None), ("block", "bfloat16"), ("module", None)])
+def test_generation_on_the_embedded_model_unchanged_by_in_place(monkeypatch, granularity, factor_dtype):
+    """The residual adds (block granularity, also with factors stored in bfloat16 and cast back) and the DiT
+    shortcut's gates and adds (module granularity) in place on every forecast step of a real generation: the images
+    equal those of the out-of-place expressions, to the bit."""
+    import taylorseer.adapters.shortcuts as shortcuts
     import taylorseer.runtime.state as state
     from taylorseer.forecast import base
     from taylorseer.models.pretrained import load_reference
     from taylorseer.models.sampler import sample
 
     model, labels = load_reference(), torch.tensor([0, 3, 7])
-    config = taylorseer.TaylorSeerConfig(interval=4, warmup_steps=2, max_order=2, granularity="block")
+    config = taylorseer.TaylorSeerConfig(interval=4, warmup_steps=2, max_order=2, granularity=granularity,
+                                         factor_dtype=factor_dtype)
     taken = []
-    monkeypatch.setattr(state, "writable", lambda *a: taken.append(base.writable(*a)) or taken[-1])
+
+    def counted(*tensors):
+        taken.append(base.writable(*tensors))
+        return taken[-1]
+
+    for owner in (state, shortcuts):
+        monkeypatch.setattr(owner, "writable", counted)
     with torch.no_grad():
         with taylorseer.apply(model, config) as handle:
             fast = sample(model, labels, num_steps=14, seed=2, listener=handle)
-        monkeypatch.setattr(state, "writable", lambda *a: False)
+        for owner in (state, shortcuts):
+            monkeypatch.setattr(owner, "writable", lambda *a: False)
         with taylorseer.apply(model, config) as handle:
             slow = sample(model, labels, num_steps=14, seed=2, listener=handle)
-    blocks = len(model.transformer_blocks)
+    checks = len(model.transformer_blocks) * (2 if granularity == "module" else 1)  # per forecast step, CFG batched
     assert handle.stats.steps_forecast > 0
-    assert taken == [True] * (handle.stats.steps_forecast * blocks)  # every forecast block, CFG batched
+    assert taken == [True] * (handle.stats.steps_forecast * checks)
     assert torch.equal(fast, slow)
