@@ -13,9 +13,9 @@ method is counted once (``handle.count_flops``). Run it once per checkout:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from statistics import median
 
 import torch
 
@@ -71,11 +71,11 @@ def main() -> None:
                         sample(model, labels, num_steps=args.steps, listener=handle)
                 cpu[name].append(time.process_time() - start_cpu)
                 wall[name].append(time.perf_counter() - start)
-    full_wall, full_cpu = _median(wall["full"]), _median(cpu["full"])
+    full_wall, full_cpu = median(wall["full"]), median(cpu["full"])
     for name in configs:
-        w, c = full_wall / _median(wall[name]), full_cpu / _median(cpu[name])
-        print(f"{name:30s} wall {_median(wall[name]):6.3f} s  speedup {w:5.2f}x  efficiency {w / flops[name]:.3f}   "
-              f"CPU {_median(cpu[name]):6.3f} s  speedup {c:5.2f}x  efficiency {c / flops[name]:.3f}   "
+        w, c = full_wall / median(wall[name]), full_cpu / median(cpu[name])
+        print(f"{name:30s} wall {median(wall[name]):6.3f} s  speedup {w:5.2f}x  efficiency {w / flops[name]:.3f}   "
+              f"CPU {median(cpu[name]):6.3f} s  speedup {c:5.2f}x  efficiency {c / flops[name]:.3f}   "
               f"FLOPs {flops[name]:5.2f}x")
 
 
@@ -103,7 +103,7 @@ def _breakdown(taylorseer, model, granularity: str, steps: int, batch: int = 32)
                     with handle.step(i):
                         model(x, timestep=torch.full((batch,), float(points[i])), class_labels=y)
                     method[i].append(clock() - start)
-    p, m = [_median(v) for v in pure], [_median(v) for v in method]
+    p, m = [median(v) for v in pure], [median(v) for v in method]
     full_p = sum(t for t, full in zip(p, plan) if full)
     full_m = sum(t for t, full in zip(m, plan) if full)
     fore_m = sum(t for t, full in zip(m, plan) if not full)
@@ -112,10 +112,6 @@ def _breakdown(taylorseer, model, granularity: str, steps: int, batch: int = 32)
           f"{full_m * 1e3:.0f} ms with the method (+{(full_m / full_p - 1) * 100:.1f} %); a forecast step "
           f"{fore_m / (steps - n_full) * 1e3:.2f} ms = {fore_m / (steps - n_full) / (full_p / n_full):.3f} of a full "
           f"step; CPU speedup {sum(p) / sum(m):.2f}x")
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 if __name__ == "__main__":
