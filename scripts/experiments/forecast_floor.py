@@ -32,19 +32,22 @@ from taylorseer.models.pretrained import load_reference
 from taylorseer.runtime import targets
 
 
-def setup(batch: int = 32, steps: int = 50) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[float]]:
-    """One torch thread, the tuned allocator, the embedded DiT, ``batch`` noise images (seed 0), labels and the
-    DDIM-50 timesteps: the inputs every experiment of this folder on the hot path times."""
+def setup(batch: int = 32, steps: int = 50, tune: bool = True) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor,
+                                                                         list[float]]:
+    """One torch thread, the tuned allocator (``tune=False``: glibc's defaults), the embedded DiT, ``batch`` noise
+    images (seed 0), labels and the DDIM-50 timesteps: the inputs every experiment of this folder on the hot path
+    times."""
     torch.set_num_threads(1)
-    taylorseer.tune_cpu_allocator()
+    if tune:
+        taylorseer.tune_cpu_allocator()
     x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     return load_reference(), x, torch.arange(batch) % 11, [999.0 - 20 * i for i in range(steps)]
 
 
 def timed_generation(model: torch.nn.Module, config: taylorseer.TaylorSeerConfig, x: torch.Tensor, y: torch.Tensor,
-                     points: list[float]) -> tuple[list[bool], list[float]]:
+                     points: list[float], outputs: list | None = None) -> tuple[list[bool], list[float]]:
     """One generation's model calls under ``config`` with told steps: the plan (True = full step) and each step's
-    thread CPU time in seconds."""
+    thread CPU time in seconds (the last step's model output appended to ``outputs`` when given)."""
     times = []
     with taylorseer.apply(model, config) as handle:
         plan = handle.plan(len(points))
@@ -52,8 +55,10 @@ def timed_generation(model: torch.nn.Module, config: taylorseer.TaylorSeerConfig
         for i, point in enumerate(points):
             start = time.thread_time()
             with handle.step(i):
-                model(x, timestep=torch.full((x.shape[0],), float(point)), class_labels=y)
+                out = model(x, timestep=torch.full((x.shape[0],), float(point)), class_labels=y)
             times.append(time.thread_time() - start)
+    if outputs is not None:
+        outputs.append(out.sample)
     return plan, times
 
 

@@ -17,14 +17,15 @@ import sys
 import time
 
 import torch
+from forecast_floor import setup, timed_generation  # this folder (run as a script)
 
 import taylorseer
 import taylorseer.forecast.taylor as taylor
 from taylorseer.forecast.base import FactorState
-from taylorseer.models.pretrained import load_reference
 from taylorseer.runtime.state import FactorStore
 
 RUNTIME_UPDATE = taylor.TaylorForecaster.update
+
 
 def recycling_update(self: taylor.TaylorForecaster, state: FactorState, feature: torch.Tensor, point: float, *,
                      keep_history: bool = True, factor_dtype: torch.dtype | None = None) -> FactorState:
@@ -46,13 +47,8 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     rounds = int(args[0]) if args else 9
     grans = args[1].split(",") if len(args) > 1 else ["module", "block"]
-    torch.set_num_threads(1)
-    if "--untuned" not in sys.argv:
-        taylorseer.tune_cpu_allocator()
-    model = load_reference()
-    x = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y, points = torch.arange(32) % 11, [999.0 - 20 * i for i in range(50)]
-    real_record, real_update = FactorStore.record, RUNTIME_UPDATE
+    model, x, y, points = setup(tune="--untuned" not in sys.argv)
+    real_record = FactorStore.record
     spent: list[float] = []
 
     def timed_record(self: FactorStore, *a: object, **k: object) -> object:
@@ -62,24 +58,22 @@ def main() -> None:
         finally:
             spent.append(time.thread_time() - start)
 
-    def generation(granularity: str, recycle: bool) -> torch.Tensor:
-        taylor.TaylorForecaster.update = recycling_update if recycle else real_update  # type: ignore[method-assign]
+    def generation(granularity: str, recycle: bool, outputs: list | None = None) -> None:
+        taylor.TaylorForecaster.update = recycling_update if recycle else RUNTIME_UPDATE  # type: ignore[method-assign]
         config = taylorseer.TaylorSeerConfig(interval=5, warmup_steps=2, max_order=2, granularity=granularity)
         try:
-            with taylorseer.apply(model, config) as handle:
-                handle.begin(len(points))
-                for i, point in enumerate(points):
-                    with handle.step(i):
-                        out = model(x, timestep=torch.full((32,), point), class_labels=y).sample
+            timed_generation(model, config, x, y, points, outputs)
         finally:
-            taylor.TaylorForecaster.update = real_update  # type: ignore[method-assign]
-        return out
+            taylor.TaylorForecaster.update = RUNTIME_UPDATE  # type: ignore[method-assign]
 
     FactorStore.record = timed_record  # type: ignore[method-assign]
     results: dict[tuple, list[float]] = {}
     with torch.no_grad():
         for granularity in grans:  # the same bits (the last step's model output)
-            assert torch.equal(generation(granularity, True), generation(granularity, False)), granularity
+            last: list[torch.Tensor] = []
+            generation(granularity, True, last)
+            generation(granularity, False, last)
+            assert torch.equal(*last), granularity
         for r in range(rounds):
             for granularity in grans:
                 for recycle in ((True, False) if r % 2 else (False, True)):
