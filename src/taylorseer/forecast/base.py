@@ -172,8 +172,9 @@ def writable(fresh: torch.Tensor, *others: torch.Tensor) -> bool:
 
     ``fresh.mul_(g).add_(h)`` then equals ``g * fresh + h`` to the bit (IEEE multiplication and addition are
     commutative) and skips two allocations; on the CPU, writing to memory just read is also faster than writing a new
-    tensor (in cache, 49 vs 104 us for one [32, 64, 128] float32 add, 1 thread; in a generation of the embedded DiT,
-    a block-granularity forecast step 4.38 -> 3.63 ms: docs/results/hot_path).
+    tensor (in cache, 25 vs 41 us for one [32, 64, 128] float32 add, 1 thread, AMD EPYC:
+    scripts/experiments/elementwise_micro.py; in a generation of the embedded DiT, a block-granularity forecast step
+    4.38 -> 3.63 ms on an Intel Xeon: docs/results/hot_path).
 
     Example:
         >>> writable(torch.zeros(2, 3), torch.ones(1, 3))
